@@ -1,0 +1,1 @@
+"""The sans-I/O election core. Never imports asyncio, socket, time, os, signal, subprocess or threading."""

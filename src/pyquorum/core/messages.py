@@ -1,0 +1,95 @@
+"""The protocol's messages: what one node says to another.
+
+Every message is a frozen, slotted dataclass. The sender's identity is NOT a field: it travels in the
+authenticated envelope (see ``pyquorum.codec``) and is handed to ``Node.step`` separately, so a message
+can never claim to come from someone else than the envelope that carried it.
+
+Every message carries ``term``: the sender's current term (protocol.md §2). ``Node.step`` compares it
+with the receiver's term before anything else (protocol.md §3.1).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True, slots=True)
+class Heartbeat:
+    """Sent by every node to every peer each ``heartbeat_interval`` (protocol.md §3.2).
+
+    ``master`` is true when the sender is the master of ``term``; then ``round`` numbers the
+    heartbeat round, and every node that accepts the master answers with a ``HeartbeatResponse``
+    for that round. A non-master's heartbeat only proves that it is alive (``round`` is 0).
+    """
+
+    term: int
+    master: bool
+    round: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class HeartbeatResponse:
+    """A follower's acknowledgement of the master's heartbeat ``round`` (protocol.md §3.5).
+
+    ``term`` is the responder's term: equal to the master's term for an acknowledgement, higher when
+    the responder has moved on (then the master steps down).
+    """
+
+    term: int
+    round: int
+
+
+@dataclass(frozen=True, slots=True)
+class PreVoteRequest:
+    """Would you vote for me in ``term`` (= my term + 1)? Changes no state anywhere (protocol.md §3.3)."""
+
+    term: int
+
+
+@dataclass(frozen=True, slots=True)
+class PreVoteResponse:
+    """Answer to ``PreVoteRequest``: ``term`` echoes the requested term; ``voter_term`` is the
+    voter's own current term."""
+
+    term: int
+    granted: bool
+    voter_term: int
+
+
+@dataclass(frozen=True, slots=True)
+class VoteRequest:
+    """Vote for me as master of ``term`` (protocol.md §3.4)."""
+
+    term: int
+
+
+@dataclass(frozen=True, slots=True)
+class VoteResponse:
+    """Answer to ``VoteRequest``. A grant is sent only after the vote has been persisted."""
+
+    term: int
+    granted: bool
+
+
+@dataclass(frozen=True, slots=True)
+class Resign:
+    """The master of ``term`` gives up its role after its script has been reaped (protocol.md §3.7).
+
+    ``successor`` is the node it suggests should campaign at once (empty string: none).
+    """
+
+    term: int
+    successor: str = ""
+
+
+Message = Heartbeat | HeartbeatResponse | PreVoteRequest | PreVoteResponse | VoteRequest | VoteResponse | Resign
+
+MESSAGE_TYPES: tuple[type[Message], ...] = (
+    Heartbeat,
+    HeartbeatResponse,
+    PreVoteRequest,
+    PreVoteResponse,
+    VoteRequest,
+    VoteResponse,
+    Resign,
+)

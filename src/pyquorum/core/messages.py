@@ -82,7 +82,9 @@ class Resign:
     successor: str = ""
 
 
-Message = Heartbeat | HeartbeatResponse | PreVoteRequest | PreVoteResponse | VoteRequest | VoteResponse | Resign
+Message = (
+    Heartbeat | HeartbeatResponse | PreVoteRequest | PreVoteResponse | VoteRequest | VoteResponse | Resign
+)
 
 MESSAGE_TYPES: tuple[type[Message], ...] = (
     Heartbeat,

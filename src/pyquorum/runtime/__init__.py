@@ -1,0 +1,1 @@
+"""The asyncio shell around the core: the only place with sockets, clocks, files and signals."""

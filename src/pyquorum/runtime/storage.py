@@ -1,0 +1,275 @@
+"""The node's durable state: term, vote and boot epoch, in one small file (protocol.md §2).
+
+A node must never forget a vote it gave or a term it saw: a node that restarts with an older term could
+vote twice in one term and let two masters win it. So ``save()`` returns only once the new state is on
+disk (temp file, fsync, rename over the old file, fsync of the directory), and the daemon calls it
+BEFORE it sends any message that depends on that state. A crash at any moment leaves either the old
+file or the new one, never a mix. A state file that cannot be read is an error the operator must look
+at, never a silent reset to term 0.
+
+The state directory holds (one directory per node; ``StateStore`` owns it):
+
+- ``state.json``  ``{"version": 1, "term": 7, "voted_for": "10.0.0.2:51621", "boot_epoch": 3}``
+- ``lock``        flock()ed by the running daemon, and holding its pid, so that two daemons never
+                  share one directory (and so one term and vote)
+- ``status.json`` the daemon's current state for ``pyquorum status`` and the demo, rewritten on every
+                  change by ``write_status`` (see ``STATUS_KEYS``); not needed for safety, not fsynced
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import tempfile
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
+from pathlib import Path
+from types import TracebackType
+from typing import Any, TypeGuard
+
+from pyquorum.core.errors import ConfigError, LocalProtocolError
+
+STATE_VERSION = 1
+STATE_FILE_NAME = "state.json"
+LOCK_FILE_NAME = "lock"
+STATUS_FILE_NAME = "status.json"
+
+# The status.json contract, written by the daemon on every state change and read by `pyquorum status`
+# and `pyquorum demo`:
+#   node               str    this node's canonical id, "127.0.0.1:51621"
+#   role               str    "master" | "candidate" | "slave"
+#   term               int    current term (the fencing token while master)
+#   master             str|None  the master this node follows (itself when master), None if unknown
+#   script_pid         int|None  pid of the running script (master only), None when none runs
+#   lease_remaining_s  float|None  seconds left before the script must be stopped (master), else None
+#   authenticated      bool   whether cluster traffic is signed (a key file is in use)
+#   updated_monotonic  float  time.monotonic() when written (CLOCK_MONOTONIC: same clock host-wide)
+#   pid                int    the daemon's pid
+STATUS_KEYS = (
+    "node",
+    "role",
+    "term",
+    "master",
+    "script_pid",
+    "lease_remaining_s",
+    "authenticated",
+    "updated_monotonic",
+    "pid",
+)
+
+
+@dataclass(frozen=True, slots=True)
+class PersistedState:
+    """What survives a restart. ``boot_epoch`` counts the daemon's starts (see ``bump_epoch``)."""
+
+    term: int = 0
+    voted_for: str | None = None
+    boot_epoch: int = 0
+
+
+class StateStore:
+    """The state directory of one node. Use it as ``with StateStore(state_dir) as store:`` (or call
+    ``acquire()`` / ``release()``): acquiring creates the directory (mode 0700) and locks it, so a
+    second daemon on the same directory gets a ``ConfigError``. Then ``bump_epoch()`` once, before
+    sending anything, and ``save()`` before sending any message that depends on a new term or vote.
+    """
+
+    def __init__(self, state_dir: Path) -> None:
+        self.state_dir = Path(state_dir)
+        self.state_file = self.state_dir / STATE_FILE_NAME
+        self.lock_file = self.state_dir / LOCK_FILE_NAME
+        self.status_file = self.state_dir / STATUS_FILE_NAME
+        self._lock_fd: int | None = None
+
+    @property
+    def locked(self) -> bool:
+        return self._lock_fd is not None
+
+    def acquire(self) -> None:
+        """Create the directory if needed and take its lock; raise ``ConfigError`` if another
+        process holds it or the directory cannot be used."""
+        if self._lock_fd is not None:
+            return
+        try:
+            self.state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+            fd = os.open(self.lock_file, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as exc:
+            raise ConfigError(
+                [
+                    f"state dir {self.state_dir} cannot be used: {exc.strerror or exc}; fix its "
+                    "permissions or use --state-dir"
+                ]
+            ) from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = _read_pid(fd)
+            os.close(fd)
+            who = f"pid {holder}" if holder else "another process"
+            raise ConfigError(
+                [
+                    f"state dir {self.state_dir} is in use by {who} (another pyquorum node?): "
+                    "stop it, or give this node its own --state-dir"
+                ]
+            ) from None
+        except OSError as exc:
+            os.close(fd)
+            raise ConfigError(
+                [f"cannot lock {self.lock_file}: {exc.strerror or exc}; use another --state-dir"]
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        self._lock_fd = fd
+        # A crash between mkstemp and rename leaves a temp file; we hold the lock, so it is stale.
+        for stale in self.state_dir.glob(f".{STATE_FILE_NAME}.*.tmp"):
+            with contextlib.suppress(OSError):
+                stale.unlink()
+
+    def release(self) -> None:
+        """Drop the lock (closing the file releases it). The lock file stays: removing it could let
+        a second daemon lock a new file while a third still holds the old one."""
+        if self._lock_fd is not None:
+            fd, self._lock_fd = self._lock_fd, None
+            os.close(fd)
+
+    def __enter__(self) -> StateStore:
+        self.acquire()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.release()
+
+    def load(self) -> PersistedState:
+        """The saved state; a fresh one (term 0, no vote, epoch 0) if there is no file yet. Raise
+        ``ConfigError`` if the file exists but cannot be read or trusted."""
+        try:
+            text = self.state_file.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            return PersistedState()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise self._corrupt(str(getattr(exc, "strerror", None) or exc)) from None
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise self._corrupt(f"not JSON: {exc}") from None
+        if not isinstance(data, dict):
+            raise self._corrupt("not a JSON object")
+        version = data.get("version")
+        if version != STATE_VERSION:
+            raise ConfigError(
+                [
+                    f"state file {self.state_file} has format version {version!r}, but this "
+                    f"pyquorum reads version {STATE_VERSION}: run the pyquorum version that wrote "
+                    "it, or see below for how to start afresh",
+                    *_start_afresh(self.state_file),
+                ]
+            )
+        term, voted_for, epoch = data.get("term"), data.get("voted_for"), data.get("boot_epoch")
+        if not _is_count(term):
+            raise self._corrupt(f"term {term!r} is not a non-negative integer")
+        if voted_for is not None and not isinstance(voted_for, str):
+            raise self._corrupt(f"voted_for {voted_for!r} is neither a node id nor null")
+        if not _is_count(epoch):
+            raise self._corrupt(f"boot_epoch {epoch!r} is not a non-negative integer")
+        return PersistedState(term=term, voted_for=voted_for, boot_epoch=epoch)
+
+    def save(self, state: PersistedState) -> None:
+        """Write ``state`` durably; when this returns, a crash cannot lose it. Needs the lock."""
+        if self._lock_fd is None:
+            raise LocalProtocolError("StateStore.save() without the lock: call acquire() first")
+        data = {
+            "version": STATE_VERSION,
+            "term": state.term,
+            "voted_for": state.voted_for,
+            "boot_epoch": state.boot_epoch,
+        }
+        _atomic_write(self.state_file, json.dumps(data) + "\n", durable=True, mode=0o600)
+
+    def bump_epoch(self) -> int:
+        """Count this start: load, add one to the boot epoch, save, and return the new epoch. Call
+        once at start-up, after ``acquire()`` and before sending anything."""
+        state = self.load()
+        epoch = state.boot_epoch + 1
+        self.save(replace(state, boot_epoch=epoch))
+        return epoch
+
+    def _corrupt(self, detail: str) -> ConfigError:
+        return ConfigError(
+            [
+                f"state file {self.state_file} is unreadable or corrupt ({detail}). It holds this "
+                "node's term and vote, and pyquorum will not guess them",
+                *_start_afresh(self.state_file),
+            ]
+        )
+
+
+def write_status(path: Path, status: Mapping[str, Any]) -> None:
+    """Replace the status file at ``path`` atomically (readers see the old or the new one, whole).
+    Not fsynced: after a crash it is stale anyway, and ``pid`` tells the reader so."""
+    _atomic_write(Path(path), json.dumps(dict(status), indent=2) + "\n", durable=False, mode=0o644)
+
+
+def read_status(path: Path) -> dict[str, Any] | None:
+    """The status a daemon last wrote at ``path``, or None if there is none. Raise ``ValueError``
+    if the file is not a JSON object."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return None
+    data = json.loads(text)
+    if not isinstance(data, dict):
+        raise ValueError(f"{path} is not a JSON object")
+    return data
+
+
+def _atomic_write(path: Path, text: str, *, durable: bool, mode: int) -> None:
+    # The temp file lives in the same directory, so os.replace() is a rename within one file system:
+    # atomic. Its name starts with a dot and ends in .tmp so acquire() can sweep leftovers.
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            if durable:
+                os.fsync(f.fileno())
+            os.fchmod(f.fileno(), mode)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    if durable:
+        # The rename is durable only once the directory entry is on disk.
+        dir_fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+
+
+def _is_count(value: object) -> TypeGuard[int]:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _read_pid(fd: int) -> int | None:
+    try:
+        text = os.pread(fd, 32, 0).decode("ascii", "replace").strip()
+    except OSError:
+        return None
+    return int(text) if text.isdigit() else None
+
+
+def _start_afresh(state_file: Path) -> list[str]:
+    return [
+        f"if it cannot be repaired, move it aside (mv {state_file} {state_file}.bad) and start "
+        "this node only when 'pyquorum status' on another server shows a master: the node then "
+        "adopts the current term, and the vote it forgot cannot be given twice in a term that "
+        "already has a master"
+    ]

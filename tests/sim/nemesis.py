@@ -119,8 +119,14 @@ def inject_random_fault(c: Cluster, rng: random.Random) -> None:
         c.net.duplicate = rng.choice((0.0, 0.1, 0.3))
         c.net.delay_min, c.net.delay_max = rng.choice(((0.0002, 0.002), (0.001, 0.02), (0.0, 0.05)))
         c.log(f"NEMESIS duplicate {c.net.duplicate} delay {c.net.delay_min}-{c.net.delay_max}")
-    elif op < 0.62:
+    elif op < 0.58:
         c.crash(_pick(c, rng), with_script=rng.random() < 0.5)
+    elif op < 0.62:
+        # kill -9 and an immediate restart (systemd Restart=always): tests the restart embargo
+        who = _pick(c, rng, prefer_master=0.2)
+        c.crash(who)
+        c.run_for(rng.uniform(0, e / 4))
+        c.restart(who)
     elif op < 0.74:
         down = [nd.idx for nd in c.nodes if nd.core is None]
         if down:

@@ -162,7 +162,6 @@ BROKEN_VARIANTS = frozenset(
         "lease_from_ack_time",  # lease counted from the ack's arrival, not the round's send (§4.2)
         "resign_before_stop",  # resigns before the script is reaped (§3.7)
         "no_quorum_check",  # master never steps down without acks (§4.3)
-        "no_stickiness_on_resign_term",  # accepts any Resign, of any term (§3.7)
     }
 )
 
@@ -474,10 +473,8 @@ class Node:
         self._send(sender, HeartbeatResponse(self.term, msg.round))
 
     def _on_resign(self, sender: str, msg: Resign, now: float) -> None:
-        if msg.term != self.term and "no_stickiness_on_resign_term" not in self.broken:
-            return
-        if self.master not in (sender, None) and "no_stickiness_on_resign_term" not in self.broken:
-            return
+        if msg.term != self.term or self.master not in (sender, None):
+            return  # a stale or duplicated Resign must not lift the current master's stickiness
         self.master = None
         self.last_master_heard = None
         self._emit(f"master resigned master={sender} term={msg.term} successor={msg.successor}")

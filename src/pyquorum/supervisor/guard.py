@@ -1,0 +1,459 @@
+"""pyquorum-guard: holds one script run's kill deadline, independently of the daemon.
+
+The daemon (``pyquorum.supervisor.ScriptSupervisor``) starts one guard per script run, by path and
+in its own session, so that the guard starts fast and no terminal signal reaches it::
+
+    python -I -S guard.py --report-fd N --stop-timeout G --kill-margin K --deadline D -- argv...
+
+Why a separate process (research/safety.md §6, Goals R5): a daemon that is SIGKILLed or frozen (SIGSTOP,
+swap, a long GC pause) cannot enforce its own lease, and its script would run on beside a new master.
+The guard is small, never blocks, and enforces the kill deadline on its own clock: ``time.monotonic()``
+(CLOCK_MONOTONIC) is one clock for every process on the host, and it keeps running while the daemon is
+stopped, so a deadline computed by the daemon means the same moment here.
+
+Rules (protocol.md §4.3), with kill deadline D, stop timeout G and kill margin K:
+
+- absent renewal, SIGTERM the script's process group at D - G - K and SIGKILL it at D - K;
+- a requested stop sends SIGTERM now and SIGKILL at min(now + G, D - K);
+- once SIGTERM has been sent, for whatever reason, renewals are ignored: the script is stopping;
+- when the script's main process exits, for whatever reason, what is left is SIGKILLed and reaped.
+
+Input, stdin, one command per line; deadlines are ``time.monotonic()`` values (``repr`` of a float):
+
+    renew <D>   move the kill deadline later (an earlier value is ignored)
+    stop <D>    stop now; D may move the deadline earlier, never later
+
+EOF on stdin (the daemon died, or closed the pipe) is ``stop`` with the current deadline; so is SIGTERM
+sent to the guard itself. SIGINT and SIGHUP are ignored: they are meant for the daemon.
+
+Output, on the report fd, one line each, in this order:
+
+    started <pid>                      the script was exec'd; its pid is also its process group id
+    exited <returncode> <reaped_at>    returncode as in subprocess (-N: killed by signal N); reaped_at
+                                       the monotonic time by which the group was dead and reaped
+or, instead of both:
+    error <message>                    nothing was started (no such program, deadline too close ...)
+
+The guard then exits 0 (2 on a command-line error). Lines that are not commands are reported on stderr
+and ignored.
+
+Containment. The script is exec'd without a shell, in a new session (its pid is its process group id),
+with stdin from /dev/null, the guard's stdout, stderr and environment, and PR_SET_PDEATHSIG=SIGKILL so
+that it dies when the guard dies. The guard is a child subreaper (PR_SET_CHILD_SUBREAPER): descendants
+that leave the process group (setsid, double fork) are reparented to the guard when their parent dies,
+so the final sweep finds, kills and reaps them too. Signals to the group are sent while the main process
+is not yet reaped, so its pid (the group id) cannot have been reused; processes are signalled by pid only
+while they are our unreaped children.
+
+Limits, honestly: if the guard itself is SIGKILLed, the script dies by PDEATHSIG and the daemon kills
+its process group, but a descendant that escaped the group (setsid) survives; a process in
+uninterruptible sleep (D state) cannot be reaped by anyone, and the guard waits for it. A paused host
+or VM runs nothing, the guard included: only fencing tokens cover that (safety.md R5).
+
+This file imports nothing from pyquorum and is never imported by the guard process itself; the daemon
+imports it only for ``group_alive``. Keep its imports few: every one delays the script's start.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import select
+import signal
+import sys
+import time
+
+_PR_SET_PDEATHSIG = 1
+_PR_SET_CHILD_SUBREAPER = 36
+# Meant for the daemon's terminal, never for the guard (its own session has no terminal anyway).
+_IGNORED = (signal.SIGINT, signal.SIGHUP)
+# Ignored dispositions survive exec: give the script the defaults it expects, including SIGPIPE and
+# SIGXFSZ, which CPython ignores at start-up (subprocess restore_signals does the same).
+_RESET_IN_CHILD = (*_IGNORED, signal.SIGTERM, signal.SIGCHLD, signal.SIGPIPE, signal.SIGXFSZ)
+_BLOCKED_AROUND_FORK = frozenset({*_IGNORED, signal.SIGTERM, signal.SIGCHLD})
+# How often the final sweep looks again when a SIGKILLed process is slow to die (D state).
+_SWEEP_RETRY_MS = 10
+_EXIT_USAGE = 2
+
+
+class _UsageError(Exception):
+    pass
+
+
+def _log(message: str) -> None:
+    with contextlib.suppress(OSError):
+        os.write(2, f"pyquorum-guard[{os.getpid()}]: {message}\n".encode(errors="replace"))
+
+
+def _report(fd: int, line: str) -> None:
+    # One short line (< PIPE_BUF): atomic. A dead daemon (EPIPE) cannot be told anything.
+    with contextlib.suppress(OSError):
+        os.write(fd, (" ".join(line.split()) + "\n").encode(errors="replace"))
+
+
+def _ms_until(at: float, now: float) -> int:
+    # poll() takes whole milliseconds: round up, so that we never wake before `at` and spin.
+    return max(0, int((at - now) * 1000.0) + 1)
+
+
+def _stat_fields(pid: str) -> tuple[str, int, int] | None:
+    """(state, ppid, pgrp) of a process from /proc/<pid>/stat, or None if it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            data = f.read()
+    except OSError:
+        return None
+    # "pid (comm) state ppid pgrp ...": comm may hold spaces and parentheses.
+    fields = data[data.rfind(b")") + 2 :].split()
+    return fields[0].decode(), int(fields[1]), int(fields[2])
+
+
+def _proc_pids() -> list[str]:
+    return [name for name in os.listdir("/proc") if name.isdigit()]
+
+
+def group_alive(pgid: int) -> bool:
+    """True while a process of group ``pgid`` is alive; zombies waiting to be reaped by some other
+    parent count as dead (they run nothing and hold no resources but a pid)."""
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    for pid in _proc_pids():
+        fields = _stat_fields(pid)
+        if fields is not None and fields[2] == pgid and fields[0] not in ("Z", "X"):
+            return True
+    return False
+
+
+def _children() -> list[int]:
+    """Our children, zombies included."""
+    me = os.getpid()
+    try:
+        # The guard has a single thread, whose tid is its pid.
+        with open(f"/proc/{me}/task/{me}/children", "rb") as f:
+            return [int(pid) for pid in f.read().split()]
+    except FileNotFoundError:  # a kernel without CONFIG_PROC_CHILDREN
+        pass
+    children = []
+    for pid in _proc_pids():
+        fields = _stat_fields(pid)
+        if fields is not None and fields[1] == me:
+            children.append(int(pid))
+    return children
+
+
+def _noop(signum: int, frame: object) -> None:
+    # The C-level handler writes the signal number to the wakeup fd; the poll loop acts on it.
+    pass
+
+
+class _Guard:
+    def __init__(self, report_fd: int, stop_timeout_s: float, kill_margin_s: float, deadline: float) -> None:
+        self.report_fd = report_fd
+        self.grace = stop_timeout_s
+        self.margin = kill_margin_s
+        self.deadline = deadline
+        self.pid = 0  # the script's main process, also its process group id
+        self.term_sent_at: float | None = None
+        self.kill_sent = False
+        self.pending = b""  # a partial command line from stdin
+        self.wake_r, wake_w = os.pipe()
+        os.set_blocking(self.wake_r, False)
+        os.set_blocking(wake_w, False)
+        signal.set_wakeup_fd(wake_w)
+        self.poller = select.poll()
+        self.poller.register(self.wake_r, select.POLLIN)
+        self.poller.register(0, select.POLLIN)
+
+    # ---- starting ---------------------------------------------------------------------------------
+
+    def spawn(self, argv: list[str]) -> str | None:
+        """Fork and exec the script; None on success, else why it did not start."""
+        import ctypes  # only here: ~7 ms of import, and the daemon never needs it
+
+        libc = ctypes.CDLL(None, use_errno=True)
+
+        def prctl(option: int, value: int) -> None:
+            zero = ctypes.c_ulong(0)
+            if libc.prctl(option, ctypes.c_ulong(value), zero, zero, zero) != 0:
+                err = ctypes.get_errno()
+                raise OSError(err, os.strerror(err))
+
+        try:
+            prctl(_PR_SET_CHILD_SUBREAPER, 1)
+        except OSError as e:
+            return f"cannot become a child subreaper: {e.strerror}"
+        devnull = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+        err_r, err_w = os.pipe()  # close-on-exec: EOF means the exec succeeded
+        guard_pid = os.getpid()
+        # Nothing may run our Python signal handlers in the child before it has reset them.
+        mask = signal.pthread_sigmask(signal.SIG_BLOCK, _BLOCKED_AROUND_FORK)
+        pid = os.fork()
+        if pid == 0:  # the child: never returns
+            try:
+                signal.set_wakeup_fd(-1)
+                for signum in _RESET_IN_CHILD:
+                    signal.signal(signum, signal.SIG_DFL)
+                os.setsid()
+                prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+                if os.getppid() != guard_pid:  # the guard died before prctl took effect
+                    os._exit(1)
+                os.dup2(devnull, 0)
+                signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+                os.execvp(argv[0], argv)
+            except BaseException as e:
+                reason = e.strerror if isinstance(e, OSError) and e.strerror else repr(e)
+                os.write(err_w, f"cannot execute {argv[0]!r}: {reason}".encode(errors="replace"))
+            finally:
+                os._exit(127)
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+        os.close(err_w)
+        os.close(devnull)
+        self.pid = pid
+        try:
+            return self._await_exec(err_r)
+        finally:
+            os.close(err_r)
+
+    def _await_exec(self, err_r: int) -> str | None:
+        # Read the child's exec error, if any; EOF means it exec'd. Bounded by the kill deadline.
+        poller = select.poll()
+        poller.register(err_r, select.POLLIN)
+        message = b""
+        while True:
+            limit = self.deadline - self.margin
+            now = time.monotonic()
+            if now >= limit or not poller.poll(_ms_until(limit, now)):
+                os.kill(self.pid, signal.SIGKILL)  # our unreaped child: its pid is still its own
+                os.waitpid(self.pid, 0)
+                return "the script did not start before its kill deadline"
+            chunk = os.read(err_r, 4096)
+            if not chunk:
+                break
+            message += chunk
+        if message:
+            os.waitpid(self.pid, 0)
+            return message.decode(errors="replace")
+        return None
+
+    # ---- running ----------------------------------------------------------------------------------
+
+    def run(self) -> tuple[int, float]:
+        """Enforce the rules until the script's main process exits; then kill and reap the rest.
+        Returns (returncode, reaped_at)."""
+        while True:
+            now = time.monotonic()
+            self._enforce(now)
+            if self._main_exited():
+                break
+            at = self._next_action_at()
+            timeout = -1 if at is None else _ms_until(at, now)
+            for fd, events in self.poller.poll(timeout):
+                if fd == self.wake_r:
+                    self._on_signals()
+                elif events & (select.POLLIN | select.POLLHUP | select.POLLERR | select.POLLNVAL):
+                    self._on_stdin(events)
+        return self._sweep()
+
+    def _next_action_at(self) -> float | None:
+        if self.kill_sent:
+            return None
+        if self.term_sent_at is None:
+            # protocol.md §4.3: absent renewal, SIGTERM at D - G - K
+            return self.deadline - self.grace - self.margin
+        return self._kill_at()
+
+    def _kill_at(self) -> float:
+        # protocol.md §4.3: SIGKILL at D - K, or G after the SIGTERM if that comes first
+        assert self.term_sent_at is not None
+        return min(self.term_sent_at + self.grace, self.deadline - self.margin)
+
+    def _enforce(self, now: float) -> None:
+        if self.term_sent_at is None and now >= self.deadline - self.grace - self.margin:
+            self._terminate(now)
+        if self.term_sent_at is not None and not self.kill_sent and now >= self._kill_at():
+            self.kill_sent = True
+            self._signal_all(signal.SIGKILL)
+
+    def _terminate(self, now: float) -> None:
+        if self.term_sent_at is None:
+            self.term_sent_at = now
+            self._signal_all(signal.SIGTERM)
+
+    def _stop(self, deadline: float) -> None:
+        self.deadline = min(self.deadline, deadline)
+        now = time.monotonic()
+        self._terminate(now)
+        self._enforce(now)
+
+    def _signal_all(self, signum: int) -> None:
+        # The group (pinned by our unreaped main process), and every child of ours: orphans that
+        # left the group were reparented to us, and an unreaped child's pid cannot be reused.
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.pid, signum)
+        for pid in _children():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signum)
+
+    def _main_exited(self) -> bool:
+        # WNOWAIT: leave it a zombie, so that its pid, our handle on the group, stays ours.
+        flags = os.WEXITED | os.WNOHANG | os.WNOWAIT
+        return os.waitid(os.P_PID, self.pid, flags) is not None
+
+    def _reap_others(self) -> bool:
+        """Reap every exited child except the main process; True if another child is left."""
+        left = False
+        for pid in _children():
+            if pid == self.pid:
+                continue
+            try:
+                done, _ = os.waitpid(pid, os.WNOHANG)
+            except ChildProcessError:
+                continue
+            left = left or done == 0
+        return left
+
+    def _on_signals(self) -> None:
+        try:
+            received = os.read(self.wake_r, 512)
+        except BlockingIOError:
+            return
+        if signal.SIGTERM in received:
+            self._stop(self.deadline)
+        if signal.SIGCHLD in received:
+            self._reap_others()  # orphans of the script, reparented to us, that have exited
+
+    def _on_stdin(self, events: int) -> None:
+        data = b""
+        if not events & select.POLLNVAL:
+            try:
+                data = os.read(0, 4096)
+            except OSError:
+                data = b""
+        if not data:  # EOF: the daemon died or gave up on us; stop at once
+            self.poller.unregister(0)
+            self._stop(self.deadline)
+            return
+        lines = (self.pending + data).split(b"\n")
+        self.pending = lines.pop()
+        for line in lines:
+            self._command(line.decode(errors="replace"))
+
+    def _command(self, line: str) -> None:
+        words = line.split()
+        try:
+            verb, value = words
+            deadline = float(value)
+        except ValueError:
+            verb, deadline = "", 0.0
+        if not math.isfinite(deadline):  # an infinite deadline would disable the guard
+            verb = ""
+        if verb == "renew":
+            if self.term_sent_at is None:
+                self.deadline = max(self.deadline, deadline)
+        elif verb == "stop":
+            self._stop(deadline)
+        else:
+            _log(f"ignoring a line that is not a command: {line!r}")
+
+    # ---- finishing --------------------------------------------------------------------------------
+
+    def _sweep(self) -> tuple[int, float]:
+        # The main process is an unreaped zombie: SIGKILL its group and every child, again, until
+        # it is our only child left; every group member is its descendant, and so ends as our child.
+        warned = False
+        started = time.monotonic()
+        while True:
+            self._signal_all(signal.SIGKILL)
+            if not self._reap_others():
+                break
+            with contextlib.suppress(KeyError):
+                self.poller.unregister(0)
+            self.poller.poll(_SWEEP_RETRY_MS)
+            self._drain_wakeups()
+            if not warned and time.monotonic() - started > 1.0:
+                warned = True
+                _log("a SIGKILLed process of the script has not died for 1 s; still waiting")
+        _, status = os.waitpid(self.pid, 0)
+        return os.waitstatus_to_exitcode(status), time.monotonic()
+
+    def _drain_wakeups(self) -> None:
+        with contextlib.suppress(BlockingIOError):
+            os.read(self.wake_r, 512)
+
+    def emergency_kill(self) -> None:
+        """Something went wrong inside the guard: leave nothing running."""
+        if self.pid:
+            with contextlib.suppress(ChildProcessError):
+                self._sweep()
+
+
+def _parse(args: list[str]) -> tuple[int, float, float, float, list[str]]:
+    # Hand-rolled: argparse alone costs more start-up time than the rest of the guard.
+    options: dict[str, str] = {}
+    names = ("--report-fd", "--stop-timeout", "--kill-margin", "--deadline")
+    i = 0
+    while i < len(args) and args[i] != "--":
+        if args[i] not in names or i + 1 >= len(args):
+            raise _UsageError(f"unexpected argument {args[i]!r}")
+        options[args[i]] = args[i + 1]
+        i += 2
+    argv = args[i + 1 :]
+    missing = [name for name in names if name not in options]
+    if missing:
+        raise _UsageError(f"missing {', '.join(missing)}")
+    if not argv:
+        raise _UsageError("no script given after --")
+    try:
+        report_fd = int(options["--report-fd"])
+        grace, margin, deadline = (
+            float(options[name]) for name in ("--stop-timeout", "--kill-margin", "--deadline")
+        )
+    except ValueError as e:
+        raise _UsageError(str(e)) from None
+    if not (all(map(math.isfinite, (grace, margin, deadline))) and grace >= 0 and margin >= 0):
+        raise _UsageError("--stop-timeout and --kill-margin must be >= 0, all three finite")
+    return report_fd, grace, margin, deadline, argv
+
+
+def main(args: list[str]) -> int:
+    try:
+        report_fd, grace, margin, deadline, argv = _parse(args)
+        os.set_inheritable(report_fd, False)  # the script must not hold our report pipe
+    except (_UsageError, OSError) as e:
+        _log(f"usage: guard.py --report-fd N --stop-timeout G --kill-margin K --deadline D -- argv...: {e}")
+        return _EXIT_USAGE
+    for signum in _IGNORED:
+        signal.signal(signum, signal.SIG_IGN)
+    guard = _Guard(report_fd, grace, margin, deadline)
+    signal.signal(signal.SIGTERM, _noop)
+    signal.signal(signal.SIGCHLD, _noop)
+    left = deadline - time.monotonic()
+    if left <= grace + margin:
+        # protocol.md §4.3: SIGTERM would be due already; a script must not start without a lease.
+        _report(
+            report_fd,
+            f"error the kill deadline is {left:.3f}s away, not more than stop "
+            f"timeout + kill margin ({grace + margin:.3f}s): not starting",
+        )
+        return 0
+    try:
+        problem = guard.spawn(argv)
+        if problem is not None:
+            _report(report_fd, f"error {problem}")
+            return 0
+        _report(report_fd, f"started {guard.pid}")
+        returncode, reaped_at = guard.run()
+    except BaseException:
+        guard.emergency_kill()
+        raise
+    _report(report_fd, f"exited {returncode} {reaped_at!r}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -207,6 +207,8 @@ class Node:
         self.last_master_heard: float | None = None
         self.attempt_at: float | None = None
         self.quiet_until = now
+        # (master, term) that resigned: its heartbeats of that term, reordered behind the Resign, are void
+        self.resigned: tuple[str, int] | None = None
         # campaign
         self.grants: set[str] = set()
         self.campaign_ends_at = 0.0
@@ -453,6 +455,8 @@ class Node:
             if sender == self.master and msg.term == self.term:
                 self.master = None  # it stepped down; stickiness still runs from last_master_heard
             return
+        if self.resigned == (sender, msg.term):
+            return  # protocol.md §3.7: a heartbeat overtaken by its master's Resign
         if msg.term < self.term:
             # protocol.md §3.5: a stale master learns our term and steps down
             self._send(sender, HeartbeatResponse(self.term, msg.round))
@@ -477,6 +481,7 @@ class Node:
             return  # a stale or duplicated Resign must not lift the current master's stickiness
         self.master = None
         self.last_master_heard = None
+        self.resigned = (sender, msg.term)
         self._emit(f"master resigned master={sender} term={msg.term} successor={msg.successor}")
         if self.role is Role.SLAVE and not self.leaving:
             alive = [m for m in self._alive(now) if m != sender]

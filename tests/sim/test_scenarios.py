@@ -1,0 +1,205 @@
+"""Scenario tests that read like stories (after etcd-io/raft's raft_test.go).
+
+Every step runs on the simulator, whose invariants (one master per term, no overlapping scripts,
+leases backed by real acknowledgements...) are checked after every event; the asserts here add the
+expected outcome of each story.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from pyquorum.core.lease import Timing
+from pyquorum.core.node import Role
+from tests.sim.measure import DEFAULT, TUNED, crash_failover, handover
+from tests.sim.sim import Cluster
+
+A, B, C, D, E5 = (f"127.0.0.{i}:51621" for i in range(1, 6))
+
+
+def settled(n: int = 3, timing: Timing | None = None, seed: int = 1) -> Cluster:
+    c = Cluster(n, timing, seed=seed)
+    c.run_for(3 * c.timing.election_timeout_s)
+    return c
+
+
+def test_lowest_address_is_elected_first() -> None:
+    """Reference: protocol.md §3.3 (the lowest live address proposes first)."""
+    for seed in range(5):
+        c = settled(5, seed=seed)
+        assert c.master() == A
+        assert c.running_script() == A
+
+
+def test_crashed_master_is_replaced_by_next_lowest() -> None:
+    """Reference: protocol.md §3.3, §5.1."""
+    c = settled()
+    c.crash(A, with_script=True)
+    c.run_for(DEFAULT.failover_bound_s())
+    assert c.master() == B
+    assert c.running_script() == B
+
+
+def test_isolated_master_stops_script_before_new_master_starts() -> None:
+    """Reference: protocol.md §4.2-4.3 (the kill deadline precedes any new master's start)."""
+    c = settled()
+    c.isolate(A)
+    c.run_for(3.0)
+    assert c.master() == B
+    old, new = c.runs[0], c.runs[-1]
+    assert old.node == 0 and old.end is not None
+    assert new.node == 1 and new.start > old.end
+    c.heal()
+    c.run_for(2.0)
+    assert c.master() == B  # no pre-emption when A comes back (protocol.md §3.3)
+    assert c.nodes[0].core is not None and c.nodes[0].core.role is Role.SLAVE
+
+
+def test_minority_never_has_a_master() -> None:
+    """Reference: protocol.md §2 (majority), §4.3."""
+    c = settled(5)
+    c.partition([0, 1], [2, 3, 4])
+    for _ in range(40):
+        c.run_for(0.25)
+        for idx in (0, 1):
+            core = c.nodes[idx].core
+            assert core is not None
+            if c.now > 1.5 + 3.0:  # after A's lease has lapsed
+                assert core.role is not Role.MASTER
+    assert c.master() == C
+
+
+def test_rejoining_node_does_not_depose_or_inflate_terms() -> None:
+    """Reference: protocol.md §3.3 (pre-vote): a node cut off for long comes back harmlessly."""
+    c = settled(3)
+    master_core = c.nodes[0].core
+    assert master_core is not None
+    term = master_core.term
+    c.isolate(C)
+    c.run_for(20.0)
+    c.heal()
+    c.run_for(5.0)
+    assert c.master() == A
+    assert all(n.core is not None and n.core.term == term for n in c.nodes)
+
+
+def test_lower_address_joining_later_does_not_take_over() -> None:
+    """Reference: protocol.md §3.3 (no pre-emption)."""
+    c = Cluster(3, seed=3)
+    c.crash(A)
+    c.run_for(5.0)
+    assert c.master() == B
+    c.restart(A)
+    c.run_for(10.0)
+    assert c.master() == B
+
+
+def test_one_way_link_does_not_block_the_election() -> None:
+    """A can send but receive nothing: it cannot win, so B's slot comes. Reference: protocol.md §3.3."""
+    c = Cluster(3, seed=4)
+    c.cut_links([(1, 0), (2, 0)], both=False)
+    c.run_for(5.0)
+    assert c.master() == B
+    assert c.running_script() == B
+
+
+def test_two_nodes_need_both() -> None:
+    """Reference: protocol.md §2: a majority of 2 is 2."""
+    c = settled(2)
+    assert c.master() == A
+    c.crash(B)
+    c.run_for(5.0)
+    assert c.master() is None
+    assert c.running_script() is None
+    c.restart(B)
+    c.run_for(5.0)
+    assert c.master() is not None
+
+
+def test_single_node_elects_itself() -> None:
+    c = settled(1)
+    assert c.master() == A and c.running_script() == A
+
+
+def test_paused_master_is_stopped_by_its_guard_before_a_new_master_starts() -> None:
+    """SIGSTOP of the master's daemon: the guard kills by the deadline. Reference: protocol.md §4.4."""
+    c = settled()
+    c.pause(A, 5.0)
+    c.run_for(3.0)
+    assert c.running_script() == B
+    assert c.runs[0].end is not None and c.runs[0].end < c.runs[-1].start
+    c.run_for(4.0)  # A resumes, learns the new term, becomes a slave
+    core = c.nodes[0].core
+    assert core is not None and core.role is Role.SLAVE and core.master == B
+
+
+def test_restarted_node_grants_no_vote_for_one_election_timeout() -> None:
+    """Reference: protocol.md §3.6 (restart embargo)."""
+    c = settled()
+    c.crash(B)
+    c.restart(B)
+    core = c.nodes[1].core
+    assert core is not None
+    assert core._sticky(c.nodes[1].local(c.now)) == "restart embargo"
+    c.run_for(DEFAULT.election_timeout_s * 1.05)
+    assert core._sticky(c.nodes[1].local(c.now)) == "live master"  # it follows A again
+
+
+def test_start_delay_makes_room_for_a_long_stop_timeout() -> None:
+    """Reference: protocol.md §4.2: D adds to L_kill, so G can exceed E."""
+    t = Timing(stop_timeout_s=2.0, start_delay_s=2.0)
+    assert not t.validate()
+    c = settled(3, t)
+    c.run_for(t.start_delay_s + 1)
+    assert c.running_script() == A
+    c.isolate(A)
+    c.run_for(8.0)
+    assert c.running_script() == B
+    assert c.runs[-1].start - c.runs[0].end >= 0  # type: ignore[operator]
+
+
+def test_fencing_tokens_strictly_increase_across_masters() -> None:
+    """Reference: protocol.md §3.8."""
+    c = settled(5)
+    for _ in range(3):
+        victim = c.master()
+        assert victim is not None
+        c.crash(victim, with_script=True)
+        c.run_for(3.0)
+        c.restart(victim)
+    tokens = [r.token for r in c.runs]
+    assert tokens == sorted(tokens) and len(set(tokens)) == len(tokens) == 4
+
+
+def test_planned_handover_is_immediate() -> None:
+    """Reference: protocol.md §3.7: Resign after the script is reaped lets the next node go at once."""
+    c = settled()
+    c.shutdown(A)
+    c.script_crash(A, restart_after=None)  # the script exits on SIGTERM at once
+    stopped = c.now
+    c.run_for(0.2)
+    assert c.running_script() == B
+    assert c.runs[-1].start - stopped < 0.1
+
+
+def test_script_that_keeps_running_past_sigterm_delays_handover_not_safety() -> None:
+    """The script ignores SIGTERM: the master waits for SIGKILL before it resigns."""
+    c = settled()
+    c.shutdown(A)
+    c.run_for(DEFAULT.stop_timeout_s)
+    assert c.running_script() == A
+    c.run_for(0.2)
+    assert c.running_script() == B
+
+
+@pytest.mark.parametrize(("timing", "median_max", "p99_max"), [(DEFAULT, 2.0, 3.0), (TUNED, 0.5, 0.5)])
+def test_crash_failover_time_in_simulation(timing: Timing, median_max: float, p99_max: float) -> None:
+    """Reference: protocol.md §5.1. Simulated time, so this is deterministic, not a benchmark."""
+    stats = crash_failover(timing, trials=60)
+    assert stats.max_s <= timing.failover_bound_s()
+    assert stats.median_s <= median_max and stats.p99_s <= p99_max
+
+
+def test_handover_time_in_simulation() -> None:
+    stats = handover(DEFAULT, trials=30)
+    assert stats.median_s < 0.1

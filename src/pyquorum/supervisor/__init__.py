@@ -312,6 +312,8 @@ class ScriptSupervisor:
         except asyncio.CancelledError:
             # The loop is going away without aclose(): the guard reads EOF and stops the script.
             self._close_stdin(run)
+            if self._run is run:
+                self._run = None
             raise
         except Exception as e:  # a bug of ours: still end the run, and say so
             self._log.exception("event=supervisor_error pid=%s", run.pid)
@@ -323,10 +325,14 @@ class ScriptSupervisor:
             if transport is not None:
                 transport.close()
             self._close_stdin(run)
+        try:
+            # start() settles this as it returns or raises; until then the run is still its own.
+            begun = await run.settled
+        finally:
             if self._run is run:
                 self._run = None
         try:
-            if await run.settled:
+            if begun:
                 self._log.info(
                     "event=script_exited pid=%s returncode=%s requested=%s error=%r",
                     run.pid,

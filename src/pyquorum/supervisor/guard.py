@@ -291,11 +291,15 @@ class _Guard:
         self._enforce(now)
 
     def _signal_all(self, signum: int) -> None:
-        # The group (pinned by our unreaped main process), and every child of ours: orphans that
-        # left the group were reparented to us, and an unreaped child's pid cannot be reused.
+        # The group (pinned by our unreaped main process), then each child of ours outside it:
+        # orphans that left the group were reparented to us, and an unreaped child's pid cannot
+        # be reused. Once each: a second SIGTERM means "hurry" to many programs.
         with contextlib.suppress(ProcessLookupError):
             os.killpg(self.pid, signum)
         for pid in _children():
+            fields = _stat_fields(str(pid))
+            if pid == self.pid or fields is None or fields[2] == self.pid:
+                continue
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signum)
 

@@ -1,0 +1,646 @@
+"""The script supervisor and its guard, with real processes.
+
+Reference: protocol.md §4.3 (the kill deadline: absent renewal SIGTERM at D - G - K, SIGKILL at D - K,
+reaped by D; a requested stop SIGKILLs at min(now + G, D - K)) and §6 (supervision: a frozen or dead
+daemon, a dead guard, the whole process group).
+
+Every process a test creates carries a tag in its environment; the ``tag`` fixture SIGKILLs whatever
+still carries it when the test ends, pass or fail, and each test's helper processes are reaped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import select
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from contextlib import asynccontextmanager, suppress
+from pathlib import Path
+
+import pytest
+
+from pyquorum.supervisor import GUARD_PATH, ScriptExit, ScriptStartError, ScriptSupervisor
+
+G = 0.2  # stop_timeout_s: small, so that the file runs quickly
+K = 0.025  # kill_margin_s: the production default (core/lease.py DEFAULT_KILL_MARGIN_S)
+TAG_VAR = "PYQUORUM_TEST_TAG"
+SRC = str(Path(__file__).resolve().parents[2] / "src")
+LOG = logging.getLogger("test_supervisor")
+
+
+def ignores_term(ready: Path) -> list[str]:
+    """A script that ignores SIGTERM (and so does its sleep); it creates ``ready`` once it does."""
+    return ["sh", "-c", f"trap '' TERM; : > {ready}; exec sleep 100"]
+
+
+def wait_for_file(path: Path, timeout: float = 5.0) -> None:
+    give_up = time.monotonic() + timeout
+    while not path.exists():
+        assert time.monotonic() < give_up, f"{path} never appeared"
+        time.sleep(0.002)
+
+
+# Records the monotonic time of each SIGTERM in the file argv[1], and otherwise ignores it.
+TERM_RECORDER = [
+    sys.executable,
+    "-c",
+    "import signal, sys, time\n"
+    "def on_term(signum, frame):\n"
+    "    with open(sys.argv[1], 'a') as f:\n"
+    "        f.write(repr(time.monotonic()) + '\\n')\n"
+    "signal.signal(signal.SIGTERM, on_term)\n"
+    "while True:\n"
+    "    time.sleep(100)\n",
+]
+# The 'daemon': starts one run, prints {"pid", "guard_pid"}, then renews every argv[3] s (0: never).
+# Arguments: argv (JSON), lifetime_s, renew_every_s, stop_timeout_s, kill_margin_s.
+DAEMON = """
+import asyncio, json, logging, os, sys, time
+from pyquorum.supervisor import ScriptSupervisor
+
+argv = json.loads(sys.argv[1])
+lifetime_s, renew_every_s, grace_s, margin_s = map(float, sys.argv[2:6])
+
+async def main():
+    sup = ScriptSupervisor(argv, stop_timeout_s=grace_s, kill_margin_s=margin_s,
+                           on_exit=lambda e: None, logger=logging.getLogger("daemon"))
+    await sup.start(time.monotonic() + lifetime_s, dict(os.environ))
+    print(json.dumps({"pid": sup.pid, "guard_pid": sup.guard_pid}), flush=True)
+    while True:
+        await asyncio.sleep(renew_every_s or 100)
+        sup.renew(time.monotonic() + lifetime_s)
+
+asyncio.run(main())
+"""
+
+
+# ---- processes: finding, waiting, cleaning up -----------------------------------------------------
+
+
+def _state(pid: int) -> str | None:
+    try:
+        data = Path(f"/proc/{pid}/stat").read_bytes()
+    except OSError:
+        return None
+    return data[data.rfind(b")") + 2 :].split()[0].decode()
+
+
+def alive(pid: int) -> bool:
+    """Running (or stopped): not gone, not a zombie waiting for its parent."""
+    return _state(pid) not in (None, "Z", "X")
+
+
+def tagged(tag: str) -> list[int]:
+    """Live processes that carry ``tag`` in their environment."""
+    needle = f"{TAG_VAR}={tag}".encode()
+    found = []
+    for name in os.listdir("/proc"):
+        if not name.isdigit() or int(name) == os.getpid():
+            continue
+        try:
+            environ = Path(f"/proc/{name}/environ").read_bytes()
+        except OSError:
+            continue
+        if needle in environ.split(b"\0") and alive(int(name)):
+            found.append(int(name))
+    return found
+
+
+@pytest.fixture
+def tag() -> Iterator[str]:
+    value = uuid.uuid4().hex
+    yield value
+    for _ in range(100):
+        pids = tagged(value)
+        if not pids:
+            return
+        for pid in pids:
+            with suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        time.sleep(0.01)
+
+
+@pytest.fixture
+def spawn(tag: str) -> Iterator[Callable[..., subprocess.Popen[bytes]]]:
+    """Start a tagged helper process of the test's own; killed and reaped at the end."""
+    procs: list[subprocess.Popen[bytes]] = []
+
+    def start(args: list[str], **kwargs: object) -> subprocess.Popen[bytes]:
+        env = {"PATH": os.environ["PATH"], TAG_VAR: tag, "PYTHONPATH": SRC}
+        proc = subprocess.Popen(args, env=env, start_new_session=True, **kwargs)  # type: ignore[call-overload]
+        procs.append(proc)
+        return proc  # type: ignore[no-any-return]
+
+    yield start
+    for proc in procs:
+        proc.kill()
+        proc.wait()
+        if proc.stdout is not None:
+            proc.stdout.close()
+        if proc.stdin is not None:
+            proc.stdin.close()
+
+
+def wait_dead(pid: int, timeout: float) -> float:
+    """Block until ``pid`` has exited; the monotonic time at which that was seen."""
+    fd = os.pidfd_open(pid)
+    try:
+        ready, _, _ = select.select([fd], [], [], timeout)
+        seen = time.monotonic()
+    finally:
+        os.close(fd)
+    assert ready, f"pid {pid} still alive after {timeout}s"
+    return seen
+
+
+def read_pids(path: Path, count: int, timeout: float = 5.0) -> list[int]:
+    """Pids a script wrote to ``path``, one a line, once there are ``count`` of them."""
+    give_up = time.monotonic() + timeout
+    while time.monotonic() < give_up:
+        if path.exists():
+            lines = path.read_text().split()
+            if len(lines) >= count:
+                return [int(line) for line in lines]
+        time.sleep(0.005)
+    raise AssertionError(f"{path} never had {count} pids")
+
+
+def read_json_line(proc: subprocess.Popen[bytes], timeout: float = 5.0) -> dict[str, int]:
+    assert proc.stdout is not None
+    ready, _, _ = select.select([proc.stdout], [], [], timeout)
+    assert ready, "the helper daemon printed nothing"
+    line = proc.stdout.readline()
+    assert line, "the helper daemon exited without starting its script"
+    return json.loads(line)  # type: ignore[no-any-return]
+
+
+# ---- the supervisor in the test's own event loop --------------------------------------------------
+
+
+class Harness:
+    def __init__(self, argv: list[str], tag: str, stop_timeout_s: float) -> None:
+        self.env = {"PATH": os.environ["PATH"], TAG_VAR: tag}
+        self.exits: list[ScriptExit] = []
+        self.exited = asyncio.Event()
+        self.sup = ScriptSupervisor(
+            argv,
+            stop_timeout_s=stop_timeout_s,
+            kill_margin_s=K,
+            on_exit=self._on_exit,
+            logger=LOG,
+        )
+
+    def _on_exit(self, exit: ScriptExit) -> None:
+        assert not self.sup.running, "on_exit must come after the run is over"
+        self.exits.append(exit)
+        self.exited.set()
+
+    async def start(self, lifetime_s: float) -> float:
+        """Start with the kill deadline ``lifetime_s`` from now; returns the deadline."""
+        deadline = time.monotonic() + lifetime_s
+        await self.sup.start(deadline, self.env)
+        assert self.sup.running
+        assert self.sup.pid is not None
+        return deadline
+
+    async def exit(self, timeout: float = 5.0) -> ScriptExit:
+        await asyncio.wait_for(self.exited.wait(), timeout)
+        await asyncio.sleep(0.05)  # a second on_exit would show up here
+        assert len(self.exits) == 1
+        assert not self.sup.running
+        assert self.sup.pid is None
+        assert self.sup.deadline is None
+        return self.exits[0]
+
+
+@asynccontextmanager
+async def harness(argv: list[str], tag: str, *, stop_timeout_s: float = G) -> AsyncIterator[Harness]:
+    h = Harness(argv, tag, stop_timeout_s)
+    try:
+        yield h
+    finally:
+        await h.sup.aclose(timeout=2.0)
+
+
+def run(scenario: Callable[[], Awaitable[None]], timeout: float = 10.0) -> None:
+    async def bounded() -> None:
+        await asyncio.wait_for(scenario(), timeout)
+
+    asyncio.run(bounded())
+
+
+# ---- start and exit -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("script", "returncode"),
+    [("exit 0", 0), ("exit 3", 3), ("kill -USR1 $$", -signal.SIGUSR1)],
+)
+def test_supervisor_reports_the_scripts_exit(tag: str, script: str, returncode: int) -> None:
+    """A script that ends by itself is reported once, with its status. Reference: protocol.md §6."""
+
+    async def scenario() -> None:
+        async with harness(["sh", "-c", script], tag) as h:
+            deadline = await h.start(5.0)
+            ended = await h.exit()
+            assert ended == ScriptExit(returncode, ended.reaped_at, None, requested=False)
+            assert ended.reaped_at <= deadline
+
+    run(scenario)
+
+
+def test_supervisor_gives_exactly_the_environment_and_devnull_stdin(tag: str, tmp_path: Path) -> None:
+    """The script sees the environment given to start(), nothing of the daemon's, and stdin at EOF.
+    Reference: protocol.md §6."""
+    out = tmp_path / "env"
+
+    async def scenario() -> None:
+        async with harness(["sh", "-c", f"env > {out}; cat"], tag) as h:
+            h.env["PYQUORUM_TOKEN"] = "42"
+            await h.start(5.0)
+            assert (await h.exit()).returncode == 0  # cat read EOF from /dev/null
+
+    run(scenario)
+    lines = out.read_text().splitlines()
+    assert "PYQUORUM_TOKEN=42" in lines
+    assert f"{TAG_VAR}={tag}" in lines
+    assert not any(line.startswith("PYTEST_CURRENT_TEST=") for line in lines)
+
+
+@pytest.mark.parametrize("problem", ["missing", "not executable", "directory"])
+def test_supervisor_start_fails_clearly_when_the_script_cannot_run(
+    tag: str, tmp_path: Path, problem: str
+) -> None:
+    """A script that cannot be exec'd is a ScriptStartError naming it, with nothing left running and
+    no on_exit. Reference: protocol.md §6."""
+    path = tmp_path / "script"
+    if problem == "not executable":
+        path.write_text("#!/bin/sh\nsleep 100\n")
+        path.chmod(0o644)
+    elif problem == "directory":
+        path.mkdir()
+    reason = "No such file or directory" if problem == "missing" else "Permission denied"
+
+    async def scenario() -> None:
+        async with harness([str(path)], tag) as h:
+            with pytest.raises(ScriptStartError, match=reason) as raised:
+                await h.start(5.0)
+            assert str(path) in str(raised.value)
+            assert not h.sup.running
+            await asyncio.sleep(0.05)
+            assert h.exits == []
+
+    run(scenario)
+    assert tagged(tag) == []
+
+
+def test_supervisor_refuses_a_deadline_with_no_time_to_run(tag: str) -> None:
+    """A kill deadline closer than G + K would have SIGTERM due at once: nothing is started.
+    Reference: protocol.md §4.3."""
+
+    async def scenario() -> None:
+        async with harness(["sleep", "100"], tag) as h:
+            with pytest.raises(ScriptStartError, match="not starting"):
+                await h.start(G + K / 2)
+            assert not h.sup.running
+
+    run(scenario)
+    assert tagged(tag) == []
+
+
+# ---- stopping -------------------------------------------------------------------------------------
+
+
+def test_supervisor_stop_sends_sigterm_which_the_script_honours(tag: str) -> None:
+    """stop() sends SIGTERM at once; a script that obeys is gone long before the grace ends.
+    Reference: protocol.md §4.3."""
+
+    async def scenario() -> None:
+        async with harness(["sleep", "100"], tag, stop_timeout_s=2.0) as h:
+            deadline = await h.start(5.0)
+            asked = time.monotonic()
+            h.sup.stop(deadline)
+            h.sup.stop(deadline)  # idempotent
+            ended = await h.exit()
+            assert ended.returncode == -signal.SIGTERM
+            assert ended.requested
+            assert ended.error is None
+            assert ended.reaped_at - asked < 0.1
+
+    run(scenario)
+
+
+def test_supervisor_sigkills_a_script_that_ignores_sigterm_after_the_grace(tag: str, tmp_path: Path) -> None:
+    """A script that ignores SIGTERM is SIGKILLed G after the stop and reaped before the deadline.
+    Reference: protocol.md §4.3."""
+    ready = tmp_path / "ready"
+
+    async def scenario() -> None:
+        async with harness(ignores_term(ready), tag) as h:
+            deadline = await h.start(5.0)
+            wait_for_file(ready)
+            asked = time.monotonic()
+            h.sup.stop(deadline)
+            ended = await h.exit()
+            assert ended.returncode == -signal.SIGKILL
+            assert ended.requested
+            assert asked + G <= ended.reaped_at <= asked + G + K
+            assert ended.reaped_at <= deadline
+
+    run(scenario)
+
+
+def test_supervisor_stop_with_an_earlier_deadline_kills_by_that_deadline(tag: str, tmp_path: Path) -> None:
+    """A requested stop SIGKILLs at min(now + G, D - K): when D - K comes first, the script is
+    reaped by D, not G after the stop. Reference: protocol.md §4.3."""
+    ready = tmp_path / "ready"
+
+    async def scenario() -> None:
+        async with harness(ignores_term(ready), tag, stop_timeout_s=0.5) as h:
+            await h.start(5.0)
+            wait_for_file(ready)
+            earlier = time.monotonic() + 0.2
+            h.sup.stop(earlier)
+            assert h.sup.deadline == earlier
+            h.sup.renew(earlier + 10)  # renewals after a stop change nothing
+            assert h.sup.deadline == earlier
+            ended = await h.exit()
+            assert ended.returncode == -signal.SIGKILL
+            assert earlier - K <= ended.reaped_at <= earlier
+
+    run(scenario)
+
+
+def test_supervisor_aclose_stops_and_waits_for_on_exit(tag: str, tmp_path: Path) -> None:
+    """aclose() is a requested stop that returns once the script is reaped and reported.
+    Reference: protocol.md §6."""
+    ready = tmp_path / "ready"
+
+    async def scenario() -> None:
+        async with harness(ignores_term(ready), tag) as h:
+            await h.start(5.0)
+            wait_for_file(ready)
+            began = time.monotonic()
+            await h.sup.aclose(timeout=2.0)
+            assert len(h.exits) == 1
+            assert h.exits[0].requested
+            assert h.exits[0].returncode == -signal.SIGKILL
+            assert time.monotonic() - began < G + 0.2
+            await h.sup.aclose()  # nothing running: returns at once
+            h.sup.renew(time.monotonic() + 10)  # ignored when not running
+            h.sup.stop(time.monotonic())
+
+    run(scenario)
+
+
+# ---- the kill deadline ----------------------------------------------------------------------------
+
+
+def test_supervisor_without_renewal_terminates_then_kills_before_the_deadline(
+    tag: str, tmp_path: Path
+) -> None:
+    """No renewal: SIGTERM at D - G - K, SIGKILL at D - K, reaped by D. Reference: protocol.md §4.3."""
+    terms = tmp_path / "terms"
+
+    async def scenario() -> None:
+        async with harness([*TERM_RECORDER, str(terms)], tag) as h:
+            deadline = await h.start(0.6)
+            ended = await h.exit()
+            assert ended.returncode == -signal.SIGKILL
+            assert not ended.requested
+            assert deadline - K <= ended.reaped_at <= deadline
+            (term_at,) = map(float, terms.read_text().split())
+            assert deadline - G - K <= term_at <= deadline - G - K + 0.05
+
+    run(scenario)
+
+
+def test_supervisor_renewals_keep_the_script_alive_past_the_first_deadline(tag: str) -> None:
+    """Each renewal moves the deadline later; when they stop, the script is gone by the last
+    deadline. Reference: protocol.md §4.3."""
+
+    async def scenario() -> None:
+        async with harness(["sleep", "100"], tag) as h:
+            first = await h.start(0.6)
+            pid = h.sup.pid
+            assert pid is not None
+            last = first
+            while time.monotonic() < first + 0.4:
+                await asyncio.sleep(0.05)
+                last = time.monotonic() + 0.6
+                h.sup.renew(last)
+                h.sup.renew(last - 1.0)  # an earlier deadline is ignored
+                assert h.sup.deadline == last
+            assert alive(pid)
+            assert h.exits == []
+            ended = await h.exit()
+            assert ended.returncode == -signal.SIGTERM  # sleep obeys the SIGTERM at D - G - K
+            assert not ended.requested
+            assert last - G - K <= ended.reaped_at <= last
+
+    run(scenario)
+
+
+# ---- the process group ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("script", "count", "stop"),
+    [
+        # children in the script's process group, the script stopped
+        ("sleep 100 & echo $! > {f}; sleep 100 & echo $! >> {f}; wait", 2, True),
+        # the script exits by itself and leaves its children behind
+        ("sleep 100 & echo $! > {f}; sleep 100 & echo $! >> {f}; exit 0", 2, False),
+        # a child that left the group (setsid) and outlived its parent, the script stopped
+        ("setsid sleep 100 & echo $! > {f}; wait", 1, True),
+        # a double fork: the daemonised grandchild in a session of its own
+        ("(setsid sleep 100 & echo $! > {f}); exit 0", 1, False),
+    ],
+)
+def test_supervisor_kills_the_whole_process_group(
+    tag: str, tmp_path: Path, script: str, count: int, stop: bool
+) -> None:
+    """Nothing the script started outlives it: its group, and, through the guard being a child
+    subreaper, descendants that left the group. Reference: protocol.md §6."""
+    pids_file = tmp_path / "pids"
+
+    async def scenario() -> None:
+        async with harness(["sh", "-c", script.format(f=pids_file)], tag) as h:
+            deadline = await h.start(5.0)
+            children = read_pids(pids_file, count)
+            if stop:
+                assert all(alive(pid) for pid in children)
+                h.sup.stop(deadline)
+            ended = await h.exit()
+            assert ended.error is None
+            assert [pid for pid in children if alive(pid)] == []
+
+    run(scenario)
+    assert tagged(tag) == []
+
+
+# ---- a dead or frozen daemon, a dead guard --------------------------------------------------------
+
+
+def test_guard_stops_the_script_when_the_daemon_dies(
+    tag: str, spawn: Callable[..., subprocess.Popen[bytes]], tmp_path: Path
+) -> None:
+    """The daemon is SIGKILLed: the guard reads EOF and stops the script at once, so a script that
+    ignores SIGTERM is dead within G + K. Reference: protocol.md §6."""
+    ready = tmp_path / "ready"
+    daemon = spawn(
+        [sys.executable, "-c", DAEMON, json.dumps(ignores_term(ready)), "5.0", "0", repr(G), repr(K)],
+        stdout=subprocess.PIPE,
+    )
+    started = read_json_line(daemon)
+    wait_for_file(ready)
+    assert alive(started["pid"])
+    killed_at = time.monotonic()
+    daemon.kill()
+    dead_at = wait_dead(started["pid"], timeout=2.0)
+    assert G <= dead_at - killed_at <= G + K
+    wait_dead(started["guard_pid"], timeout=1.0)
+    assert tagged(tag) == []
+
+
+def test_guard_kills_by_the_deadline_while_the_daemon_is_frozen(
+    tag: str, spawn: Callable[..., subprocess.Popen[bytes]], tmp_path: Path
+) -> None:
+    """The daemon is SIGSTOPped while renewing every 50 ms: renewals stop, and the guard kills the
+    script by the last deadline it was given, on its own clock. Reference: protocol.md §4.3, §6."""
+    lifetime_s, every_s = 0.5, 0.05
+    daemon = spawn(
+        [
+            sys.executable,
+            "-c",
+            DAEMON,
+            json.dumps(ignores_term(tmp_path / "ready")),
+            repr(lifetime_s),
+            repr(every_s),
+            repr(G),
+            repr(K),
+        ],
+        stdout=subprocess.PIPE,
+    )
+    started = read_json_line(daemon)
+    time.sleep(lifetime_s + 0.1)  # past the first deadline: the renewals work
+    assert alive(started["pid"])
+    os.kill(daemon.pid, signal.SIGSTOP)
+    frozen_at = time.monotonic()
+    dead_at = wait_dead(started["pid"], timeout=2.0)
+    # Every deadline the daemon pushed was computed before the freeze: the last is at most
+    # frozen_at + lifetime_s, and the script must be gone by then.
+    assert dead_at <= frozen_at + lifetime_s
+    wait_dead(started["guard_pid"], timeout=1.0)  # left a zombie: its parent is frozen
+    assert alive(daemon.pid)  # still frozen: the guard did this alone
+    assert tagged(tag) == [daemon.pid]
+
+
+def test_supervisor_kills_the_group_when_the_guard_is_killed(tag: str, tmp_path: Path) -> None:
+    """The guard is SIGKILLed: the script dies of PR_SET_PDEATHSIG, the supervisor SIGKILLs the
+    rest of its group and reports the exit, once. Reference: protocol.md §6."""
+    pids_file = tmp_path / "pids"
+
+    async def scenario() -> None:
+        script = f"sleep 100 & echo $! > {pids_file}; wait"
+        async with harness(["sh", "-c", script], tag) as h:
+            await h.start(5.0)
+            (child,) = read_pids(pids_file, 1)
+            pid, guard_pid = h.sup.pid, h.sup.guard_pid
+            assert pid is not None
+            assert guard_pid is not None
+            os.kill(guard_pid, signal.SIGKILL)
+            ended = await h.exit()
+            assert ended.returncode is None
+            assert ended.error is not None
+            assert "guard exited unexpectedly (killed by signal 9)" in ended.error
+            assert not ended.requested
+            assert not alive(pid)
+            assert not alive(child)
+
+    run(scenario)
+    assert tagged(tag) == []
+
+
+def test_guard_ignores_sigint_and_sighup_and_stops_on_sigterm(tag: str) -> None:
+    """Terminal signals meant for the daemon do not reach the script; SIGTERM to the guard stops
+    the script, then the guard reports and exits. Reference: protocol.md §6."""
+
+    async def scenario() -> None:
+        async with harness(["sleep", "100"], tag) as h:
+            await h.start(5.0)
+            guard_pid, pid = h.sup.guard_pid, h.sup.pid
+            assert guard_pid is not None
+            assert pid is not None
+            os.kill(guard_pid, signal.SIGINT)
+            os.kill(guard_pid, signal.SIGHUP)
+            await asyncio.sleep(0.1)
+            assert alive(guard_pid)
+            assert alive(pid)
+            os.kill(guard_pid, signal.SIGTERM)
+            ended = await h.exit()
+            assert ended.returncode == -signal.SIGTERM
+            assert ended.error is None
+            assert not ended.requested
+
+    run(scenario)
+
+
+# ---- the guard's line protocol --------------------------------------------------------------------
+
+
+def test_guard_line_protocol(tag: str, spawn: Callable[..., subprocess.Popen[bytes]]) -> None:
+    """guard.py driven directly: started, bad lines ignored (an infinite deadline too), a stop
+    honoured, exited, exit status 0. Reference: protocol.md §4.3."""
+    report_r, report_w = os.pipe()
+    deadline = time.monotonic() + 2.0
+    guard = spawn(
+        [
+            sys.executable,
+            "-I",
+            "-S",
+            GUARD_PATH,
+            "--report-fd",
+            str(report_w),
+            "--stop-timeout",
+            repr(G),
+            "--kill-margin",
+            repr(K),
+            "--deadline",
+            repr(deadline),
+            "--",
+            "sleep",
+            "100",
+        ],
+        stdin=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        pass_fds=(report_w,),
+    )
+    os.close(report_w)
+    with os.fdopen(report_r, "rb") as report:
+        verb, pid = report.readline().split()
+        assert verb == b"started"
+        assert guard.stdin is not None
+        guard.stdin.write(b"bogus\nrenew soon\nrenew inf\nrenew nan\nrenew 1 2\n")
+        guard.stdin.flush()
+        time.sleep(0.2)
+        assert alive(int(pid))
+        stop_at = time.monotonic()
+        guard.stdin.write(f"stop {deadline + 100!r}\n".encode())  # never moves the deadline later
+        guard.stdin.flush()
+        verb, returncode, reaped_at = report.readline().split()
+        assert (verb, int(returncode)) == (b"exited", -signal.SIGTERM)
+        assert stop_at <= float(reaped_at) <= stop_at + 0.1
+        assert report.readline() == b""
+    assert guard.wait(timeout=2.0) == 0
+    assert guard.stderr is not None
+    complaints = guard.stderr.read().decode()
+    guard.stderr.close()
+    assert complaints.count("ignoring a line that is not a command") == 5

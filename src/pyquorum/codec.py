@@ -1,0 +1,505 @@
+"""Bytes <-> messages: the wire format, its authentication, and its size limits.
+
+What this module owns
+---------------------
+The exact bytes of a datagram (docs/security.md §4). It is pure: no sockets, no clocks, no
+randomness. ``Codec.encode`` turns a message and its envelope fields into bytes;
+``Codec.decode`` turns *any* bytes into ``(Envelope, message)`` or raises ``DatagramError``, a
+``RemoteProtocolError`` whose ``reason`` says why in one machine-usable word. Nothing else ever
+escapes ``decode``: the fuzz tests feed it arbitrary and mutated datagrams to hold it to that.
+
+What it must not know
+---------------------
+Whether a datagram is fresh: that is ``pyquorum.replay.ReplayGuard``'s job, which the caller runs on
+the returned ``Envelope`` before handing the message to ``Node.step``. Whether a datagram from
+another cluster (``env.cluster_fp != codec.cluster_fp``) matters: it still decodes, and the caller
+only counts a ``ClusterInfo`` from it.
+
+Wire format, version 1 (all integers big-endian)
+-----------------------------------------------
+::
+
+    magic         2   b"PQ"
+    version       u8  1
+    key_id        u8  0 = unauthenticated, 1-255 = the HMAC key that signed it
+    cluster_fp    8   cluster_fingerprint(members, timing)
+    sender        u8 length + ASCII canonical node id (a member)
+    receiver      u8 length + ASCII canonical node id (a member, and us)
+    sender_epoch  u64 the sender's boot counter, >= 1, strictly increasing across its restarts
+    seq           u64 per (sender, sender_epoch), increasing
+    echo_epoch    u64 the receiver's epoch as last seen by the sender, 0 = unknown
+    msg_type      u8  see MSG_TYPE below
+    payload       fixed and strict per type (terms and rounds u64 < 2**63, booleans 0 or 1)
+    trailer       key_id != 0: 32-byte HMAC-SHA256(key, every byte before it)
+                  key_id == 0: 4-byte CRC-32 of every byte before it
+
+Decisions beyond the first sketch, and why:
+
+* ``receiver`` is in the header and must be our own id. Without it a datagram that A sent to B
+  could be replayed to C, whose epoch may well equal B's (boot counters are small integers): a
+  ``VoteResponse(granted=True)`` that A gave B would then count as a vote for C, two masters in one
+  term. So ``Codec`` knows its ``local`` id and ``encode`` takes the ``receiver``, not the sender.
+* Unauthenticated datagrams carry a CRC-32. The UDP checksum is 16 bits and may be absent in IPv4;
+  one flipped bit in ``VoteResponse.granted`` would be a vote nobody gave. CRC-32 detects every
+  error confined to 32 consecutive bits. It is integrity against accidents only, not attackers.
+* Decoding order (docs/security.md §3): size, then magic and version, then the key id and the
+  trailer are checked (``hmac.compare_digest``) BEFORE any other byte is interpreted, then strict
+  parsing. A forged datagram therefore costs one HMAC and reaches no parser.
+* ``max_datagram`` defaults to 1200 bytes: IPv6 guarantees 1280-byte packets (RFC 8200 §5), minus
+  40 (IPv6) and 8 (UDP) headers leaves 1232; QUIC (RFC 9000 §14) picked the same 1200. No datagram
+  we send is fragmented. The runtime should receive into a larger buffer so that an oversized
+  datagram is seen as "too-large" rather than silently truncated.
+
+Limits: the MAC key is shared by the whole cluster, so any key holder can claim any member's id;
+authentication means "a holder of the cluster key", not "that node" (docs/security.md §2).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import struct
+import zlib
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Final
+
+from pyquorum.core.address import NodeAddress
+from pyquorum.core.errors import LocalProtocolError, RemoteProtocolError
+from pyquorum.core.messages import (
+    Heartbeat,
+    HeartbeatResponse,
+    Message,
+    PreVoteRequest,
+    PreVoteResponse,
+    Resign,
+    VoteRequest,
+    VoteResponse,
+)
+from pyquorum.keys import KeyRing
+
+__all__ = [
+    "DEFAULT_MAX_DATAGRAM",
+    "MAGIC",
+    "REASONS",
+    "VERSION",
+    "ClusterInfo",
+    "Codec",
+    "DatagramError",
+    "Envelope",
+    "cluster_fingerprint",
+]
+
+MAGIC: Final = b"PQ"
+VERSION: Final = 1
+DEFAULT_MAX_DATAGRAM: Final = 1200  # see the module docstring: RFC 8200 §5, RFC 9000 §14
+MAC_SIZE: Final = 32
+CRC_SIZE: Final = 4
+FP_SIZE: Final = 8
+MAX_TERM: Final = 2**63 - 1  # terms and rounds above this are "term inflation" (security.md §3)
+MAX_U64: Final = 2**64 - 1
+MAX_ID_LEN: Final = 255
+
+REASONS: Final = frozenset(
+    {
+        "too-large",
+        "truncated",
+        "bad-magic",
+        "bad-version",
+        "unauthenticated",
+        "unexpected-mac",
+        "unknown-key",
+        "bad-mac",
+        "bad-checksum",
+        "unknown-sender",
+        "wrong-receiver",
+        "bad-type",
+        "bad-field",
+        "trailing-bytes",
+    }
+)
+"""Every ``DatagramError.reason``; the runtime counts rejects per reason."""
+
+
+class DatagramError(RemoteProtocolError):
+    """A datagram ``Codec.decode`` refuses. Drop it, count ``reason``, log it rate-limited.
+
+    ``reason`` is one word of ``REASONS``; ``detail`` is a short sentence for a debug log. Neither
+    contains raw attacker bytes: ids are shown with ``repr`` and only after they were found printable.
+    """
+
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+        self.detail = detail
+
+
+@dataclass(frozen=True, slots=True)
+class Envelope:
+    """Who sent a datagram, to whom, and the fields ``ReplayGuard.check`` needs.
+
+    ``key_id`` is the key that verified it (0: unauthenticated cluster); a peer still signing with
+    a retired key shows up here during a rotation (security.md §6).
+    """
+
+    sender: str
+    receiver: str
+    cluster_fp: bytes
+    key_id: int
+    sender_epoch: int
+    seq: int
+    echo_epoch: int
+
+
+@dataclass(frozen=True, slots=True)
+class ClusterInfo:
+    """Runtime-level message (never given to the core): "this is the cluster I believe in".
+
+    A node sends it, rate-limited, to a peer whose datagrams carry a different ``cluster_fp``, so
+    both sides can log both membership lists and timing texts (docs/security.md §5). Never answer a
+    ``ClusterInfo`` with a ``ClusterInfo``: answer protocol messages only, or two nodes ping-pong.
+    ``members`` are canonical node ids, no duplicates; about 20 IPv6 ids fit in 1200 bytes, and
+    ``encode`` raises ``LocalProtocolError`` when the message does not fit.
+    """
+
+    members: tuple[str, ...]
+    timing: str
+
+
+def cluster_fingerprint(members: Iterable[str], timing_text: str) -> bytes:
+    """The 8-byte identity of a cluster configuration: SHA-256 over the sorted, de-duplicated
+    members and the timing text, each length-prefixed so that no two configurations collide by
+    concatenation. Nodes that disagree on either never count each other's votes."""
+    h = hashlib.sha256(b"pyquorum cluster v1\0")
+    ids = sorted(set(members))
+    h.update(struct.pack(">I", len(ids)))
+    for node in ids:
+        raw = node.encode("utf-8")
+        h.update(struct.pack(">I", len(raw)) + raw)
+    raw = timing_text.encode("utf-8")
+    h.update(struct.pack(">I", len(raw)) + raw)
+    return h.digest()[:FP_SIZE]
+
+
+# msg_type numbers are part of the wire format: never renumber, only add.
+MSG_TYPE: Final[dict[type[Message] | type[ClusterInfo], int]] = {
+    Heartbeat: 1,
+    HeartbeatResponse: 2,
+    PreVoteRequest: 3,
+    PreVoteResponse: 4,
+    VoteRequest: 5,
+    VoteResponse: 6,
+    Resign: 7,
+    ClusterInfo: 64,  # runtime-level messages live at 64 and above
+}
+
+_PREFIX = struct.Struct(">2sBB8s")  # magic, version, key_id, cluster_fp
+_EPOCHS = struct.Struct(">QQQB")  # sender_epoch, seq, echo_epoch, msg_type
+_U64 = struct.Struct(">Q")
+_U16 = struct.Struct(">H")
+_CRC = struct.Struct(">I")
+_MIN_BODY = _PREFIX.size + 1 + 1 + _EPOCHS.size  # with empty ids: no valid datagram is shorter
+
+
+def _is_canonical_id(text: str) -> bool:
+    if not text.isascii() or not text.isprintable() or not 0 < len(text) <= MAX_ID_LEN:
+        return False
+    try:
+        return str(NodeAddress.parse(text)) == text
+    except ValueError:
+        return False
+
+
+class _Reader:
+    # A cursor over the body; every overrun is "truncated", every strict check "bad-field".
+
+    __slots__ = ("data", "pos")
+
+    def __init__(self, data: bytes, pos: int) -> None:
+        self.data = data
+        self.pos = pos
+
+    def take(self, n: int, what: str) -> bytes:
+        end = self.pos + n
+        if end > len(self.data):
+            raise DatagramError("truncated", f"datagram ends inside {what}")
+        chunk = self.data[self.pos : end]
+        self.pos = end
+        return chunk
+
+    def u8(self, what: str) -> int:
+        return self.take(1, what)[0]
+
+    def u16(self, what: str) -> int:
+        value: int = _U16.unpack(self.take(2, what))[0]
+        return value
+
+    def u64(self, what: str) -> int:
+        value: int = _U64.unpack(self.take(8, what))[0]
+        return value
+
+    def term(self, what: str) -> int:
+        # security.md §3: a term or round >= 2**63 is term inflation, never legitimate
+        value = self.u64(what)
+        if value > MAX_TERM:
+            raise DatagramError("bad-field", f"{what} {value} is not below 2**63")
+        return value
+
+    def flag(self, what: str) -> bool:
+        value = self.u8(what)
+        if value > 1:
+            raise DatagramError("bad-field", f"{what} is {value}, not 0 or 1")
+        return value == 1
+
+    def text(self, what: str, length: int, *, ascii_only: bool) -> str:
+        raw = self.take(length, what)
+        try:
+            value = raw.decode("ascii" if ascii_only else "utf-8")
+        except UnicodeDecodeError:
+            raise DatagramError("bad-field", f"{what} is not valid text") from None
+        if not value.isprintable():
+            raise DatagramError("bad-field", f"{what} contains unprintable characters")
+        return value
+
+    def node_id(self, what: str) -> str:
+        length = self.u8(what)
+        if length == 0:
+            raise DatagramError("bad-field", f"{what} is empty")
+        return self.text(what, length, ascii_only=True)
+
+
+class Codec:
+    """Encodes and decodes the datagrams of one node (``local``) of one cluster.
+
+    Build one per process life, and a new one when the key file is reloaded. ``keyring=None``
+    means an unauthenticated cluster: datagrams carry key_id 0 and a CRC-32, and a signed datagram
+    is refused ("unexpected-mac"). With a keyring, every datagram is signed with its sending key and
+    only datagrams signed with one of its keys are accepted.
+    """
+
+    __slots__ = ("_max_datagram", "cluster_fp", "keyring", "local", "members")
+
+    def __init__(
+        self,
+        *,
+        local: str,
+        cluster_fp: bytes,
+        members: frozenset[str],
+        keyring: KeyRing | None,
+        max_datagram: int = DEFAULT_MAX_DATAGRAM,
+    ) -> None:
+        if len(cluster_fp) != FP_SIZE:
+            raise ValueError(f"cluster_fp must be {FP_SIZE} bytes, got {len(cluster_fp)}")
+        for node in members:
+            if not _is_canonical_id(node):
+                raise ValueError(f"member {node!r} is not a canonical node id")
+        if local not in members:
+            raise ValueError(f"local node {local!r} is not a member")
+        if not 256 <= max_datagram <= 65507:  # 65507: the largest IPv4 UDP payload
+            raise ValueError(f"max_datagram {max_datagram} is outside 256-65507")
+        self.local = local
+        self.cluster_fp = bytes(cluster_fp)
+        self.members = frozenset(members)
+        self.keyring = keyring
+        self._max_datagram = max_datagram
+
+    @property
+    def max_datagram(self) -> int:
+        return self._max_datagram
+
+    # -- encoding ----------------------------------------------------------------------------
+
+    def encode(
+        self,
+        msg: Message | ClusterInfo,
+        *,
+        receiver: str,
+        sender_epoch: int,
+        seq: int,
+        echo_epoch: int,
+    ) -> bytes:
+        """The datagram that carries ``msg`` from ``self.local`` to ``receiver``.
+
+        ``echo_epoch`` is ``guard.peer_epoch(receiver)``; ``seq`` must grow with every datagram
+        this process sends (one counter for all peers is fine). Send the bytes to the configured
+        address of ``receiver``, never to the source address of a datagram being answered (that
+        would make us a reflector for spoofed packets). Raises ``LocalProtocolError`` when a field
+        is out of range or the result would exceed ``max_datagram``: that is our own bug.
+        """
+        if receiver not in self.members or receiver == self.local:
+            raise LocalProtocolError(f"cannot send to {receiver!r}: not a peer member")
+        if not 1 <= sender_epoch <= MAX_U64:
+            raise LocalProtocolError(f"sender_epoch {sender_epoch} is outside 1..2**64-1")
+        for name, value in (("seq", seq), ("echo_epoch", echo_epoch)):
+            if not 0 <= value <= MAX_U64:
+                raise LocalProtocolError(f"{name} {value} is outside 0..2**64-1")
+        msg_type = MSG_TYPE.get(type(msg))
+        if msg_type is None:
+            raise LocalProtocolError(f"cannot encode {type(msg).__name__}")
+        key_id = 0 if self.keyring is None else self.keyring.send_key_id
+        local, remote = self.local.encode("ascii"), receiver.encode("ascii")
+        parts = [
+            _PREFIX.pack(MAGIC, VERSION, key_id, self.cluster_fp),
+            bytes((len(local),)),
+            local,
+            bytes((len(remote),)),
+            remote,
+            _EPOCHS.pack(sender_epoch, seq, echo_epoch, msg_type),
+            self._encode_payload(msg),
+        ]
+        body = b"".join(parts)
+        if self.keyring is None:
+            datagram = body + _CRC.pack(zlib.crc32(body))
+        else:
+            key = self.keyring.keys[key_id]
+            datagram = body + hmac.digest(key, body, "sha256")
+        if len(datagram) > self._max_datagram:
+            raise LocalProtocolError(
+                f"{type(msg).__name__} is {len(datagram)} bytes, above max_datagram {self._max_datagram}"
+            )
+        return datagram
+
+    def _encode_payload(self, msg: Message | ClusterInfo) -> bytes:
+        if isinstance(msg, Heartbeat):
+            return _term(msg.term) + _flag(msg.master) + _term(msg.round)
+        if isinstance(msg, HeartbeatResponse):
+            return _term(msg.term) + _term(msg.round)
+        if isinstance(msg, (PreVoteRequest, VoteRequest)):
+            return _term(msg.term)
+        if isinstance(msg, PreVoteResponse):
+            return _term(msg.term) + _flag(msg.granted) + _term(msg.voter_term)
+        if isinstance(msg, VoteResponse):
+            return _term(msg.term) + _flag(msg.granted)
+        if isinstance(msg, Resign):
+            if msg.successor and msg.successor not in self.members:
+                raise LocalProtocolError(f"successor {msg.successor!r} is not a member")
+            raw = msg.successor.encode("ascii")
+            return _term(msg.term) + bytes((len(raw),)) + raw
+        # ClusterInfo
+        if not 1 <= len(msg.members) <= 255 or len(set(msg.members)) != len(msg.members):
+            raise LocalProtocolError("ClusterInfo needs 1-255 distinct members")
+        out = [bytes((len(msg.members),))]
+        for node in msg.members:
+            if not _is_canonical_id(node):
+                raise LocalProtocolError(f"ClusterInfo member {node!r} is not a canonical id")
+            out.append(bytes((len(node),)) + node.encode("ascii"))
+        timing = msg.timing.encode("utf-8")
+        if not msg.timing.isprintable() or len(timing) > 0xFFFF:
+            raise LocalProtocolError("ClusterInfo timing must be printable and < 64 KiB")
+        out.append(_U16.pack(len(timing)) + timing)
+        return b"".join(out)
+
+    # -- decoding ----------------------------------------------------------------------------
+
+    def decode(self, data: bytes) -> tuple[Envelope, Message | ClusterInfo]:
+        """Verify and parse one datagram. Raises ``DatagramError`` (a ``RemoteProtocolError``)
+        and nothing else, whatever ``data`` holds.
+
+        Next, the caller checks ``env.cluster_fp == self.cluster_fp`` (a mismatch: count a
+        ``ClusterInfo``, drop anything else), then ``ReplayGuard.check(env)``, and only then hands
+        the message to ``Node.step(env.sender, msg, now)``.
+        """
+        # security.md §3: size first, then magic and version, then the trailer, then parsing
+        size = len(data)
+        if size > self._max_datagram:
+            raise DatagramError("too-large", f"{size} bytes, limit {self._max_datagram}")
+        if size < _PREFIX.size:
+            raise DatagramError("truncated", f"{size} bytes is shorter than any header")
+        magic, version, key_id, cluster_fp = _PREFIX.unpack_from(data)
+        if magic != MAGIC:
+            raise DatagramError("bad-magic", "not a pyquorum datagram")
+        if version != VERSION:
+            raise DatagramError("bad-version", f"version {version}, we speak {VERSION}")
+        body = self._verify_trailer(data, key_id)
+
+        r = _Reader(body, _PREFIX.size)
+        sender = r.node_id("sender")
+        if sender not in self.members:
+            raise DatagramError("unknown-sender", f"sender {sender!r} is not a member")
+        receiver = r.node_id("receiver")
+        if receiver != self.local:
+            raise DatagramError("wrong-receiver", f"addressed to {receiver!r}, not to us")
+        if sender == receiver:
+            raise DatagramError("bad-field", "a node does not send to itself")
+        sender_epoch, seq, echo_epoch, msg_type = _EPOCHS.unpack(r.take(_EPOCHS.size, "header"))
+        if sender_epoch == 0:
+            raise DatagramError("bad-field", "sender_epoch is 0")
+        msg = self._decode_payload(r, msg_type)
+        if r.pos != len(body):
+            raise DatagramError("trailing-bytes", f"{len(body) - r.pos} bytes after the payload")
+        env = Envelope(sender, receiver, cluster_fp, key_id, sender_epoch, seq, echo_epoch)
+        return env, msg
+
+    def _verify_trailer(self, data: bytes, key_id: int) -> bytes:
+        # Returns the authenticated body (the datagram without its trailer).
+        if self.keyring is None:
+            if key_id != 0:
+                raise DatagramError("unexpected-mac", "peer uses a key, we don't (no --key-file)")
+            if len(data) < _MIN_BODY + CRC_SIZE:
+                raise DatagramError("truncated", f"{len(data)} bytes is too short")
+            body, trailer = data[:-CRC_SIZE], data[-CRC_SIZE:]
+            if _CRC.unpack(trailer)[0] != zlib.crc32(body):
+                raise DatagramError("bad-checksum", "CRC-32 mismatch: corrupted in transit")
+            return body
+        if key_id == 0:
+            raise DatagramError("unauthenticated", "peer sends without a key, we require one")
+        key = self.keyring.keys.get(key_id)
+        if key is None:
+            raise DatagramError("unknown-key", f"signed with key id {key_id}, not in our key file")
+        if len(data) < _MIN_BODY + MAC_SIZE:
+            raise DatagramError("truncated", f"{len(data)} bytes is too short")
+        body, mac = data[:-MAC_SIZE], data[-MAC_SIZE:]
+        if not hmac.compare_digest(mac, hmac.digest(key, body, "sha256")):
+            raise DatagramError("bad-mac", f"HMAC with key id {key_id} does not verify")
+        return body
+
+    def _decode_payload(self, r: _Reader, msg_type: int) -> Message | ClusterInfo:
+        if msg_type == 1:
+            return Heartbeat(term=r.term("term"), master=r.flag("master"), round=r.term("round"))
+        if msg_type == 2:
+            return HeartbeatResponse(term=r.term("term"), round=r.term("round"))
+        if msg_type == 3:
+            return PreVoteRequest(term=r.term("term"))
+        if msg_type == 4:
+            return PreVoteResponse(
+                term=r.term("term"), granted=r.flag("granted"), voter_term=r.term("voter_term")
+            )
+        if msg_type == 5:
+            return VoteRequest(term=r.term("term"))
+        if msg_type == 6:
+            return VoteResponse(term=r.term("term"), granted=r.flag("granted"))
+        if msg_type == 7:
+            term = r.term("term")
+            successor = r.text("successor", r.u8("successor"), ascii_only=True)
+            if successor and successor not in self.members:
+                raise DatagramError("bad-field", f"successor {successor!r} is not a member")
+            return Resign(term=term, successor=successor)
+        if msg_type == 64:
+            return self._decode_cluster_info(r)
+        raise DatagramError("bad-type", f"unknown message type {msg_type}")
+
+    @staticmethod
+    def _decode_cluster_info(r: _Reader) -> ClusterInfo:
+        count = r.u8("member count")
+        if count == 0:
+            raise DatagramError("bad-field", "ClusterInfo lists no members")
+        members: list[str] = []
+        for _ in range(count):
+            node = r.node_id("ClusterInfo member")
+            if not _is_canonical_id(node):
+                raise DatagramError("bad-field", f"ClusterInfo member {node!r} is not canonical")
+            if node in members:
+                raise DatagramError("bad-field", f"ClusterInfo member {node!r} is repeated")
+            members.append(node)
+        timing = r.text("timing", r.u16("timing length"), ascii_only=False)
+        return ClusterInfo(members=tuple(members), timing=timing)
+
+
+def _term(value: int) -> bytes:
+    if not 0 <= value <= MAX_TERM:
+        raise LocalProtocolError(f"term or round {value} is outside 0..2**63-1")
+    return _U64.pack(value)
+
+
+def _flag(value: bool) -> bytes:
+    return b"\x01" if value else b"\x00"

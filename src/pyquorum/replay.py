@@ -1,0 +1,133 @@
+"""Replay protection: is a decoded datagram fresh? (docs/security.md §5)
+
+What this module owns
+---------------------
+One decision per datagram that ``Codec.decode`` accepted: hand it to the core, or drop it as
+stale, replayed or addressed to an earlier life of ours. It is pure: no clocks, no randomness. The
+freshness proof is two numbers every node already has, not time:
+
+* ``epoch``: a node's boot counter, persisted (fsync) before its first datagram and strictly
+  greater at every start. Every datagram carries the sender's epoch, and
+* ``echo_epoch``: the receiver's epoch as the sender last saw it, i.e. ``peer_epoch(receiver)``.
+
+Rules, for every decoded datagram from ``sender``:
+
+1. learn: ``max_epoch[sender] = max(max_epoch[sender], env.sender_epoch)``, even when the datagram
+   is then rejected (so a restarted peer is recognised at its first datagram);
+2. ``env.sender_epoch < max_epoch[sender]``: "stale-epoch" (sent by an earlier life of the sender);
+3. ``env.echo_epoch != my_epoch``: "bad-echo" (sent to an earlier life of ours, or before the
+   sender had heard from us at all);
+4. ``seq`` must be newer than ``highest - window`` ("too-old") and not seen before ("replayed"),
+   tracked by a sliding bitmap per sender, as IPsec (RFC 4303 §3.4.3) and DTLS (RFC 9147 §4.5.1).
+
+What that buys: a captured datagram replays at most never (rule 4) within the epochs it was sent
+in; after the sender restarts its old datagrams are stale (rule 2); after the receiver restarts
+they echo its old epoch (rule 3). Reordering within ``window`` sequence numbers is harmless.
+
+The first-contact handshake
+---------------------------
+Nobody knows anybody's epoch at start-up, so the first datagram in each direction is rejected
+("bad-echo", echo 0), but it teaches the receiver the sender's epoch. The receiver's next datagram
+echoes it and is accepted, and so is every datagram after that in both directions::
+
+    A (epoch 7) -> B  Heartbeat  echo=0   B: learns A=7, rejects "bad-echo"
+    B (epoch 3) -> A  Heartbeat  echo=7   A: learns B=3, accepts
+    A (epoch 7) -> B  Heartbeat  echo=3   B: accepts
+
+Since every node sends every peer a heartbeat each ``heartbeat_interval``, a start or restart costs
+at most one heartbeat round of messages, well inside the election timeout. The same handshake
+repeats with the restarted node after any restart.
+
+ClusterInfo bypasses the echo check
+-----------------------------------
+A node whose cluster fingerprint differs from ours is not in our protocol: the caller does not feed
+it to the core, so its epoch handshake with us never completes. The caller therefore checks
+``ClusterInfo`` with ``check_echo=False``. The only thing that weakens is that a captured
+``ClusterInfo`` can be replayed into a later life of ours once; its effect is one rate-limited log
+line. Rules 1, 2 and 4 still apply.
+
+Limits
+------
+Memory is one small record per sender; ``Codec.decode`` has already rejected senders that are not
+members, so it is bounded by the membership. Without a cluster key anyone can forge epochs and
+sequence numbers: the guard then only protects against accidents (duplicated or delayed datagrams,
+restarts), not against an attacker. A node whose persisted epoch is lost restarts with an epoch its
+peers find stale, and they reject it until they restart too: the runtime must persist the epoch
+like the term, never reset it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Final
+
+from pyquorum.codec import Envelope
+
+__all__ = ["DEFAULT_WINDOW", "ReplayGuard"]
+
+DEFAULT_WINDOW: Final = 1024
+"""Sequence numbers tracked per sender. RFC 4303 requires >= 32 and recommends 64, for one flow;
+our senders share one counter among all peers, so a receiver sees a gap of N-1 per datagram. 1024
+bits (128 bytes per peer) tolerates any reordering a LAN or a retransmitting path produces."""
+
+
+@dataclass(slots=True)
+class _PeerState:
+    epoch: int
+    highest: int = -1  # the highest accepted seq in this epoch; -1: none yet
+    seen: int = 0  # bit i set: seq ``highest - i`` was accepted
+
+
+class ReplayGuard:
+    """Per-process replay state. One per process life: ``my_epoch`` is this life's epoch."""
+
+    __slots__ = ("_peers", "my_epoch", "window")
+
+    def __init__(self, my_epoch: int, window: int = DEFAULT_WINDOW) -> None:
+        if my_epoch < 1:
+            raise ValueError(f"my_epoch must be >= 1 (0 means unknown on the wire), got {my_epoch}")
+        if not 1 <= window <= 1 << 16:
+            raise ValueError(f"window must be 1-65536, got {window}")
+        self.my_epoch = my_epoch
+        self.window = window
+        self._peers: dict[str, _PeerState] = {}
+
+    def check(self, env: Envelope, *, check_echo: bool = True) -> str | None:
+        """Decide on one decoded datagram: ``None`` means fresh, hand it to the core; otherwise
+        the reason to drop it ("stale-epoch", "bad-echo", "too-old", "replayed"), to be counted.
+
+        Call it only after ``Codec.decode`` succeeded (its sender is a member; with a key, the MAC
+        verified) and, for protocol messages, after checking ``env.cluster_fp``. Pass
+        ``check_echo=False`` only for ``ClusterInfo`` (see the module docstring). A datagram is
+        recorded as seen only when accepted.
+        """
+        peer = self._peers.get(env.sender)
+        # rule 1: learn the sender's newest epoch from every datagram, accepted or not
+        if peer is None or env.sender_epoch > peer.epoch:
+            peer = _PeerState(epoch=env.sender_epoch)
+            self._peers[env.sender] = peer
+        if env.sender_epoch < peer.epoch:
+            return "stale-epoch"  # rule 2
+        if check_echo and env.echo_epoch != self.my_epoch:
+            return "bad-echo"  # rule 3
+        # rule 4: the sliding window
+        seq = env.seq
+        if seq > peer.highest:
+            shift = seq - peer.highest
+            peer.seen = ((peer.seen << shift) | 1) & ((1 << self.window) - 1) if shift < self.window else 1
+            peer.highest = seq
+            return None
+        offset = peer.highest - seq
+        if offset >= self.window:
+            return "too-old"
+        bit = 1 << offset
+        if peer.seen & bit:
+            return "replayed"
+        peer.seen |= bit
+        return None
+
+    def peer_epoch(self, sender: str) -> int:
+        """The epoch to put in ``echo_epoch`` of the next datagram to ``sender``; 0 before any
+        datagram from it was decoded."""
+        peer = self._peers.get(sender)
+        return 0 if peer is None else peer.epoch

@@ -7,7 +7,6 @@ import statistics
 from dataclasses import dataclass
 
 from pyquorum.core.lease import Timing
-
 from tests.sim.sim import Cluster
 
 DEFAULT = Timing()

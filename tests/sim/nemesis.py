@@ -15,7 +15,6 @@ from dataclasses import dataclass
 
 from pyquorum.core.lease import MIN_ROUNDS_BEFORE_STOP, Timing
 from pyquorum.core.node import Role
-
 from tests.sim.sim import Cluster
 
 NODE_COUNTS = (1, 2, 3, 4, 5, 7)

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import heapq
 import random
+import typing
 from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -238,15 +239,14 @@ class Cluster:
                 node.core.tick(node.local(self.now))
                 self._after(node)
             elif kind == _DELIVER:
-                src, msg = payload  # type: ignore[misc]
+                src, msg = typing.cast("tuple[int, Message]", payload)
                 if node.paused:
                     node.inbox.append((src, msg))
                     continue
                 node.core.step(self.names[src], msg, node.local(self.now))
                 self._after(node)
-            elif kind == _RESUME:
-                if node.paused and payload == node.paused_until:
-                    self._resume(node)
+            elif kind == _RESUME and node.paused and payload == node.paused_until:
+                self._resume(node)
         self.now = max(self.now, t)
 
     def run_for(self, seconds: float) -> None:
@@ -323,7 +323,9 @@ class Cluster:
         if self.last_token is not None:
             token, who = self.last_token
             if act.token < token or (act.token == token and who != node.idx):
-                self.fail(f"fencing token {act.token} on {node.name} after token {token} on {self.names[who]}")
+                self.fail(
+                    f"fencing token {act.token} on {node.name} after token {token} on {self.names[who]}"
+                )
         self.last_token = (act.token, node.idx)
         run = ScriptRun(node.idx, act.token, self.now)
         self.runs.append(run)
@@ -342,8 +344,10 @@ class Cluster:
         # protocol.md §4.3: a master steps down while its script still has the whole grace left,
         # unless the daemon was paused past that moment (then only the guard's deadline holds).
         recently_paused = self.now - node.last_resume < t.lease_kill_s * 2 or node.paused
-        if act.kill_deadline - t_local < grace - 1e-6 and not recently_paused and not act.reason.startswith(
-            ("shutdown", "resign")
+        if (
+            act.kill_deadline - t_local < grace - 1e-6
+            and not recently_paused
+            and not act.reason.startswith(("shutdown", "resign"))
         ):
             self.fail(
                 f"{node.name} stepped down too late: {act.kill_deadline - t_local:.4f}s left before its kill "

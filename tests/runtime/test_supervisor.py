@@ -557,11 +557,14 @@ def test_supervisor_kills_the_group_when_the_guard_is_killed(tag: str, tmp_path:
             assert pid is not None
             assert guard_pid is not None
             os.kill(guard_pid, signal.SIGKILL)
+            wait_dead(guard_pid, timeout=1.0)
+            h.sup.renew(time.monotonic() + 10)  # EPIPE: neither raises nor blocks
+            h.sup.stop(time.monotonic() + 1)
             ended = await h.exit()
             assert ended.returncode is None
             assert ended.error is not None
             assert "guard exited unexpectedly (killed by signal 9)" in ended.error
-            assert not ended.requested
+            assert ended.requested  # the stop() above
             assert not alive(pid)
             assert not alive(child)
 
@@ -589,6 +592,51 @@ def test_guard_ignores_sigint_and_sighup_and_stops_on_sigterm(tag: str) -> None:
             assert ended.returncode == -signal.SIGTERM
             assert ended.error is None
             assert not ended.requested
+
+    run(scenario)
+
+
+def test_script_dies_with_its_guard_while_the_daemon_is_frozen(
+    tag: str, spawn: Callable[..., subprocess.Popen[bytes]]
+) -> None:
+    """Daemon frozen and guard SIGKILLed: nothing is left to kill the script but PR_SET_PDEATHSIG,
+    and it does at once. Reference: protocol.md §6."""
+    daemon = spawn(
+        [sys.executable, "-c", DAEMON, json.dumps(["sleep", "100"]), "5.0", "0", repr(G), repr(K)],
+        stdout=subprocess.PIPE,
+    )
+    started = read_json_line(daemon)
+    os.kill(daemon.pid, signal.SIGSTOP)
+    killed_at = time.monotonic()
+    os.kill(started["guard_pid"], signal.SIGKILL)
+    assert wait_dead(started["pid"], timeout=1.0) - killed_at < 0.05
+    assert tagged(tag) == [daemon.pid]
+
+
+def test_supervisor_never_blocks_on_a_guard_that_does_not_read(tag: str) -> None:
+    """A stopped guard stops reading: renewals that no longer fit are dropped (the guard keeps the
+    earlier deadline), and a stop that does not fit closes the pipe, which the guard reads as
+    "stop now" once it runs again. Reference: protocol.md §4.3, §6."""
+
+    async def scenario() -> None:
+        async with harness(["sleep", "100"], tag) as h:
+            deadline = await h.start(5.0)
+            guard_pid = h.sup.guard_pid
+            assert guard_pid is not None
+            os.kill(guard_pid, signal.SIGSTOP)
+            began = time.monotonic()
+            for i in range(1, 5001):  # ~150 kB: more than a pipe holds
+                h.sup.renew(deadline + i * 0.001)
+            asked = time.monotonic()
+            assert asked - began < 0.5
+            assert h.sup.deadline is not None
+            assert deadline < h.sup.deadline < deadline + 5.0  # only what fitted was sent
+            h.sup.stop(h.sup.deadline)
+            os.kill(guard_pid, signal.SIGCONT)
+            ended = await h.exit()
+            assert ended.returncode == -signal.SIGTERM
+            assert ended.requested
+            assert ended.reaped_at - asked < 0.5
 
     run(scenario)
 

@@ -95,6 +95,7 @@ class _Run:
     pid: int | None = None
     requested: bool = False
     start_error: str | None = None
+    dropped_renewals: int = 0
     exited: tuple[int, float] | None = None
     watcher: asyncio.Task[None] | None = field(default=None, repr=False)
 
@@ -287,7 +288,9 @@ class ScriptSupervisor:
                 self._log.warning("event=guard_not_reading action=close_pipe pid=%s", run.pid)
                 self._close_stdin(run)  # the guard reads EOF as "stop now"
             else:
-                self._log.warning("event=guard_not_reading action=drop_renewal pid=%s", run.pid)
+                run.dropped_renewals += 1
+                if run.dropped_renewals == 1:  # once per run: this repeats at every renewal
+                    self._log.warning("event=guard_not_reading action=drop_renewal pid=%s", run.pid)
         except OSError as e:  # EPIPE: the guard is gone, and the watcher will report it
             self._log.debug("event=guard_write_failed pid=%s error=%r", run.pid, e)
         return False

@@ -86,21 +86,24 @@ class Config:
         return tuple(sort_nodes({str(self.me), *(str(p) for p in self.peers)}))
 
     @property
-    def cluster_text(self) -> str:
-        """What every node of one cluster must agree on: the members and the timing. The codec
-        hashes it into the fingerprint each message carries; a node that receives another
-        fingerprint counts nothing from that sender. Stable across versions of Python."""
+    def timing_text(self) -> str:
+        """The timing every node must share, as stable text: ``cluster_fingerprint(members,
+        timing_text)`` in the codec hashes it, and a ``ClusterInfo`` shows it to the other side."""
         t = self.timing
         return (
-            "pyquorum-cluster-v1\n"
-            f"members={','.join(self.members)}\n"
-            f"heartbeat_interval_s={_fmt(t.heartbeat_interval_s)}\n"
-            f"election_timeout_s={_fmt(t.election_timeout_s)}\n"
-            f"stop_timeout_s={_fmt(t.stop_timeout_s)}\n"
-            f"start_delay_s={_fmt(t.start_delay_s)}\n"
-            f"drift_bound={_fmt(t.drift_bound)}\n"
-            f"kill_margin_s={_fmt(t.kill_margin_s)}\n"
+            f"heartbeat_interval_s={_fmt(t.heartbeat_interval_s)} "
+            f"election_timeout_s={_fmt(t.election_timeout_s)} "
+            f"stop_timeout_s={_fmt(t.stop_timeout_s)} "
+            f"start_delay_s={_fmt(t.start_delay_s)} "
+            f"drift_bound={_fmt(t.drift_bound)} "
+            f"kill_margin_s={_fmt(t.kill_margin_s)}"
         )
+
+    @property
+    def cluster_text(self) -> str:
+        """What every node of one cluster must agree on, for logs and comparisons: the members and
+        the timing. A node that receives another cluster's fingerprint counts nothing from it."""
+        return f"members={','.join(self.members)} {self.timing_text}"
 
     def peer_name(self, index: int) -> str:
         """How the operator wrote peer ``index``, with its resolved address if that differs."""

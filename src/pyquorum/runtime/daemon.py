@@ -1,0 +1,596 @@
+"""The asyncio shell around the election core: one UDP socket, a ticker, the script supervisor.
+
+What this module owns
+---------------------
+Sockets, the monotonic clock, the state directory, signals, the script's supervisor and the logs. Every
+protocol decision is the core's (``pyquorum.core.node``); this module carries out its ``Ready`` in the
+order the core's docstring prescribes: persist (fsync), send, act on the script, log, ``advance()``.
+
+Whose fault is it
+-----------------
+A datagram that does not decode, is stale, replayed, from another cluster or from a stranger is a
+peer's fault: it is dropped, counted per reason (``status.json`` shows the counters) and logged at a
+rate limit, never a crash. A broken invariant of the core is ours: it stops the script and the daemon.
+
+Time
+----
+``time.monotonic()`` is CLOCK_MONOTONIC on Linux: it never jumps and keeps running while the process
+is stopped, which is what the lease arithmetic needs (protocol.md §3.2). The guard process that holds
+the script's kill deadline reads the same clock.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import logging
+import os
+import random
+import signal
+import socket
+import time
+from collections import Counter
+from dataclasses import dataclass
+from typing import Any
+
+from pyquorum import __version__
+from pyquorum.codec import ClusterInfo, Codec, DatagramError, cluster_fingerprint
+from pyquorum.config import Config
+from pyquorum.core.errors import ConfigError, RemoteProtocolError
+from pyquorum.core.messages import Message
+from pyquorum.core.node import HardState, Node, Ready, Role, StartScript
+from pyquorum.keys import KeyRing, load_keyring
+from pyquorum.replay import ReplayGuard
+from pyquorum.runtime.storage import PersistedState, StateStore, write_status
+from pyquorum.supervisor import ScriptExit, ScriptStartError, ScriptSupervisor
+
+log = logging.getLogger("pyquorum")
+
+# Receive into a buffer larger than any datagram we accept, so an oversized one is seen and counted
+# as "too-large" instead of being silently truncated into something that might parse.
+RECV_BUFFER = 65535
+# At most one log line per reason per this many seconds for rejected datagrams (an attacker must not
+# be able to fill the disk); the counters in status.json are exact.
+REJECT_LOG_INTERVAL_S = 10.0
+# How long a planned shutdown may take beyond the script's own stop grace before we give up waiting.
+SHUTDOWN_SLACK_S = 2.0
+
+
+class _RateLimiter:
+    """At most one event per key per interval; counts what it suppressed."""
+
+    def __init__(self, interval_s: float) -> None:
+        self.interval_s = interval_s
+        self._last: dict[str, float] = {}
+        self._suppressed: Counter[str] = Counter()
+
+    def allow(self, key: str, now: float) -> int | None:
+        """None if suppressed; else how many were suppressed since the last allowed one."""
+        last = self._last.get(key)
+        if last is not None and now - last < self.interval_s:
+            self._suppressed[key] += 1
+            return None
+        self._last[key] = now
+        return self._suppressed.pop(key, 0)
+
+
+@dataclass
+class _ScriptRun:
+    token: int
+    started_at: float
+    task: asyncio.Task[None]
+    stop_deadline: float | None = None
+
+
+class _Protocol(asyncio.DatagramProtocol):
+    def __init__(self, daemon: Daemon) -> None:
+        self.daemon = daemon
+
+    def datagram_received(self, data: bytes, addr: tuple[Any, ...]) -> None:
+        self.daemon.on_datagram(data, addr)
+
+    def error_received(self, exc: Exception) -> None:
+        # ICMP port unreachable from a peer that is down: normal, and not worth more than debug
+        log.debug("event=socket_error error=%s", exc)
+
+
+class Daemon:
+    """One pyquorum node. ``await Daemon(config).main()`` runs it until a signal stops it."""
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.me = config.node_id
+        self.members = tuple(config.members)
+        self.timing = config.timing
+        self.store = StateStore(config.state_dir)
+        self.rejected: Counter[str] = Counter()
+        self.received = 0
+        self.sent = 0
+        self._reject_log = _RateLimiter(REJECT_LOG_INTERVAL_S)
+        self._info_sent = _RateLimiter(REJECT_LOG_INTERVAL_S)
+        self._seq = 0
+        self._wake = asyncio.Event()
+        self._finished = asyncio.Event()
+        self._run: _ScriptRun | None = None
+        self._failures: list[float] = []
+        self._consecutive_failures = 0
+        self._signals = 0
+        self._last_status: tuple[object, ...] | None = None
+        self._addr: dict[str, tuple[str, int]] = {}
+        self._by_addr: dict[tuple[str, int], str] = {}
+        for addr in config.peers:
+            self._addr[str(addr)] = (str(addr.ip), addr.port)
+            self._by_addr[(str(addr.ip), addr.port)] = str(addr)
+        self.epoch = 0
+        self.keyring: KeyRing | None = None
+        self.codec: Codec
+        self.guard: ReplayGuard
+        self.node: Node
+        self.transport: asyncio.DatagramTransport | None = None
+        self.supervisor: ScriptSupervisor | None = None
+        self._fatal: BaseException | None = None
+
+    # ------------------------------------------------------------------ start-up
+
+    def _open_state(self) -> PersistedState:
+        self.store.acquire()
+        state = self.store.load()
+        self.epoch = self.store.bump_epoch()
+        return state
+
+    def _load_keys(self) -> KeyRing | None:
+        return load_keyring(self.config.key_file) if self.config.key_file else None
+
+    def _make_codec(self) -> Codec:
+        fp = cluster_fingerprint(self.members, self.config.cluster_text)
+        return Codec(local=self.me, cluster_fp=fp, members=frozenset(self.members), keyring=self.keyring)
+
+    async def _open_socket(self) -> None:
+        loop = asyncio.get_running_loop()
+        ip = self.config.me.ip
+        family = socket.AF_INET6 if ip.version == 6 else socket.AF_INET
+        try:
+            transport, _ = await loop.create_datagram_endpoint(
+                lambda: _Protocol(self), local_addr=(str(ip), self.config.me.port), family=family
+            )
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                raise ConfigError(
+                    [f"UDP port {self.me} is already in use (another pyquorum node?): stop it or use -p"]
+                ) from None
+            if exc.errno == errno.EADDRNOTAVAIL:
+                raise ConfigError([f"-b {ip} is not an address of this host"]) from None
+            raise ConfigError([f"cannot bind UDP {self.me}: {exc.strerror or exc}"]) from None
+        self.transport = transport
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
+
+    async def main(self) -> int:
+        """Run until SIGTERM/SIGINT (exit 0 after a clean handover) or a fatal error."""
+        state = self._open_state()
+        try:
+            self.keyring = self._load_keys()
+            self.codec = self._make_codec()
+            self.guard = ReplayGuard(self.epoch)
+            await self._open_socket()
+            now = time.monotonic()
+            self.node = Node(
+                self.me,
+                self.members,
+                self.timing,
+                now=now,
+                rng=random.Random(int.from_bytes(os.urandom(8), "big")),
+                hard_state=HardState(state.term, state.voted_for),
+            )
+            if self.config.script:
+                self.supervisor = ScriptSupervisor(
+                    [self.config.script],
+                    stop_timeout_s=self.timing.stop_timeout_s,
+                    kill_margin_s=self.timing.kill_margin_s,
+                    on_exit=self._on_script_exit,
+                    logger=logging.getLogger("pyquorum.script"),
+                )
+            self._install_signals()
+            log.info(
+                "event=started version=%s node=%s members=%s term=%d boot_epoch=%d authenticated=%s "
+                "script=%s %s",
+                __version__,
+                self.me,
+                ",".join(self.members),
+                state.term,
+                self.epoch,
+                "yes" if self.keyring else "NO",
+                self.config.script or "-",
+                self.timing.describe(),
+            )
+            if self.keyring is None:
+                log.warning(
+                    "cluster traffic is UNAUTHENTICATED: anyone who can send UDP to %s can disrupt "
+                    "elections; create a key with 'pyquorum keygen' and use --key-file",
+                    self.me,
+                )
+            self._write_status(force=True)
+            ticker = asyncio.create_task(self._ticker())
+            try:
+                await self._finished.wait()
+            finally:
+                ticker.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await ticker
+        finally:
+            await self._cleanup()
+        if self._fatal is not None:
+            log.critical("event=fatal error=%r: stopped the script and the daemon", self._fatal)
+            return 1
+        return 0
+
+    async def _cleanup(self) -> None:
+        if self.supervisor is not None:
+            await self.supervisor.aclose(timeout=self.timing.stop_timeout_s + 1.0)
+        if self._run is not None:
+            self._run.task.cancel()
+        if self.transport is not None:
+            self.transport.close()
+        with contextlib.suppress(Exception):
+            self._write_status(force=True, role="stopped")
+        self.store.release()
+
+    # ------------------------------------------------------------------ signals
+
+    def _install_signals(self) -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self._on_stop_signal, sig)
+        loop.add_signal_handler(signal.SIGHUP, self._on_reload)
+
+    def _on_stop_signal(self, sig: signal.Signals) -> None:
+        self._signals += 1
+        if self._signals > 1:
+            # uvicorn's rule: a second signal forces the exit; the guard still stops the script
+            log.warning("event=forced_exit signal=%s: not waiting for a handover", sig.name)
+            self._finished.set()
+            return
+        log.info(
+            "event=shutdown_requested signal=%s term=%d role=%s",
+            sig.name,
+            self.node.term,
+            self.node.role.value,
+        )
+        self.node.shutdown(time.monotonic())
+        self._process()
+        loop = asyncio.get_running_loop()
+        limit = self.timing.stop_timeout_s + self.timing.kill_margin_s + SHUTDOWN_SLACK_S
+        loop.call_later(limit, self._shutdown_overdue)
+
+    def _shutdown_overdue(self) -> None:
+        if not self._finished.is_set():
+            log.error("event=shutdown_overdue: the script did not stop in time; exiting anyway")
+            self._finished.set()
+
+    def _on_reload(self) -> None:
+        """SIGHUP: re-read the key file (docs/security.md: key rotation)."""
+        try:
+            keyring = self._load_keys()
+        except ConfigError as exc:
+            log.error("event=reload_failed keeping the old keys: %s", "; ".join(exc.problems))
+            return
+        self.keyring = keyring
+        self.codec = self._make_codec()
+        log.warning("event=keys_reloaded keys=%s", "none" if keyring is None else len(keyring.keys))
+
+    # ------------------------------------------------------------------ the core's inputs
+
+    async def _ticker(self) -> None:
+        h = self.timing.heartbeat_interval_s
+        while True:
+            delay = self.node.next_wakeup() - time.monotonic()
+            if delay > 0:
+                self._wake.clear()
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(self._wake.wait(), min(delay, h))
+            self.node.tick(time.monotonic())
+            self._process()
+
+    def on_datagram(self, data: bytes, addr: tuple[Any, ...]) -> None:
+        self.received += 1
+        try:
+            self._on_datagram(data, addr)
+        except RemoteProtocolError as exc:
+            self._reject(getattr(exc, "reason", "bad-datagram"), str(exc), addr)
+
+    def _on_datagram(self, data: bytes, addr: tuple[Any, ...]) -> None:
+        env, msg = self.codec.decode(data)
+        source = (addr[0], addr[1])
+        if self.keyring is None and self._addr.get(env.sender) != source:
+            # unauthenticated: the source address is all we have to tie a datagram to a member
+            raise DatagramError("wrong-source", f"claims to be {env.sender!r}")
+        if env.cluster_fp != self.codec.cluster_fp:
+            self._cluster_mismatch(env.sender, msg)
+            return
+        if isinstance(msg, ClusterInfo):
+            return  # same fingerprint: nothing to report
+        why = self.guard.check(env)
+        if why is not None:
+            self._reject(why, f"from {env.sender} epoch={env.sender_epoch} seq={env.seq}", addr)
+            return
+        self.node.step(env.sender, msg, time.monotonic())
+        self._process()
+
+    def _reject(self, reason: str, detail: str, addr: tuple[Any, ...]) -> None:
+        self.rejected[reason] += 1
+        suppressed = self._reject_log.allow(reason, time.monotonic())
+        if suppressed is not None:
+            log.log(
+                logging.DEBUG if reason in _ROUTINE_REJECTS else logging.WARNING,
+                "event=datagram_rejected reason=%s source=%s detail=%s count=%d suppressed_since_last=%d",
+                reason,
+                addr[0] if addr else "?",
+                detail[:200],
+                self.rejected[reason],
+                suppressed,
+            )
+        self._write_status()
+
+    def _cluster_mismatch(self, sender: str, msg: Message | ClusterInfo) -> None:
+        self.rejected["cluster-mismatch"] += 1
+        now = time.monotonic()
+        if isinstance(msg, ClusterInfo):
+            if self._reject_log.allow(f"info:{sender}", now) is not None:
+                log.error(
+                    "event=cluster_mismatch peer=%s theirs: members=%s timing=[%s] ours: members=%s "
+                    "timing=[%s]: every node must be given the same servers and timing options",
+                    sender,
+                    ",".join(msg.members),
+                    msg.timing,
+                    ",".join(self.members),
+                    self._timing_text(),
+                )
+            return
+        if self._reject_log.allow(f"mismatch:{sender}", now) is not None:
+            log.error(
+                "event=cluster_mismatch peer=%s sent a different cluster fingerprint; ours: members=%s "
+                "timing=[%s] (its own list follows when it gets ours)",
+                sender,
+                ",".join(self.members),
+                self._timing_text(),
+            )
+        if self._info_sent.allow(sender, now) is not None:
+            self._send(sender, ClusterInfo(self.members, self._timing_text()))
+
+    def _timing_text(self) -> str:
+        lines = self.config.cluster_text.splitlines()
+        return " ".join(line for line in lines if "=" in line and not line.startswith("members="))
+
+    # ------------------------------------------------------------------ the core's outputs
+
+    def _process(self) -> None:
+        """Carry out the core's Ready: persist, send, script, log, advance (core/node.py)."""
+        if self._fatal is not None:
+            return
+        try:
+            rd = self.node.ready()
+            if rd.empty() and not rd.finished:
+                self.node.advance(rd)
+                return
+            self._carry_out(rd)
+            self.node.advance(rd)
+        except Exception as exc:  # our own bug or an unwritable disk: fail safe
+            log.exception("event=internal_error")
+            self._fatal = exc
+            self._finished.set()
+            return
+        if rd.finished:
+            self._finished.set()
+        self._wake.set()
+
+    def _carry_out(self, rd: Ready) -> None:
+        if rd.hard_state is not None:
+            # protocol.md §3.4: durable BEFORE any message of this Ready leaves
+            self.store.save(PersistedState(rd.hard_state.term, rd.hard_state.voted_for, self.epoch))
+        for dest, msg in rd.messages:
+            self._send(dest, msg)
+        for action in rd.script:
+            if isinstance(action, StartScript):
+                self._start_script(action)
+            else:
+                self._stop_script(action.kill_deadline, action.reason)
+        if rd.kill_deadline is not None and self.supervisor is not None:
+            self.supervisor.renew(rd.kill_deadline)
+        for ev in rd.events:
+            level = logging.WARNING if _is_alarm(ev.text) else logging.INFO
+            log.log(level, "%s", ev.text)
+        self._write_status()
+
+    def _send(self, dest: str, msg: Message | ClusterInfo) -> None:
+        if self.transport is None:
+            return
+        self._seq += 1
+        data = self.codec.encode(
+            msg,
+            receiver=dest,
+            sender_epoch=self.epoch,
+            seq=self._seq,
+            echo_epoch=self.guard.peer_epoch(dest),
+        )
+        self.sent += 1
+        self.transport.sendto(data, self._addr[dest])
+
+    # ------------------------------------------------------------------ the script
+
+    def _script_env(self, token: int) -> dict[str, str]:
+        env = dict(os.environ)
+        env["PYQUORUM_TERM"] = str(token)
+        env["PYQUORUM_NODE"] = self.me
+        env["PYQUORUM_CLUSTER"] = ",".join(self.members)
+        return env
+
+    def _start_script(self, action: StartScript) -> None:
+        if self.supervisor is None:
+            # no script configured: the core's bookkeeping still needs a "stopped" eventually,
+            # which comes when it asks us to stop
+            return
+        now = time.monotonic()
+        task = asyncio.get_running_loop().create_task(self._start(action))
+        self._run = _ScriptRun(action.token, now, task)
+
+    async def _start(self, action: StartScript) -> None:
+        assert self.supervisor is not None
+        try:
+            await self.supervisor.start(action.kill_deadline, self._script_env(action.token))
+        except ScriptStartError as exc:
+            log.error("event=script_start_failed term=%d error=%s", action.token, exc)
+            self._run = None
+            self._script_failed(time.monotonic(), f"could not start: {exc}")
+            return
+        run = self._run
+        if run is not None and run.stop_deadline is not None:
+            self.supervisor.stop(run.stop_deadline)
+        self._write_status(force=True)
+
+    def _stop_script(self, deadline: float, reason: str) -> None:
+        if self.supervisor is None:
+            # Nothing runs: report the (virtual) script reaped, but after this Ready is carried out,
+            # since what the core says in reply belongs to the next Ready.
+            asyncio.get_running_loop().call_soon(self._virtual_script_stopped)
+            return
+        run = self._run
+        if run is not None and not run.task.done():
+            run.stop_deadline = deadline  # still starting: stop as soon as it has started
+        self.supervisor.stop(deadline)
+
+    def _virtual_script_stopped(self) -> None:
+        self.node.script_stopped(time.monotonic())
+        self._process()
+
+    def _on_script_exit(self, exit_: ScriptExit) -> None:
+        now = time.monotonic()
+        run, self._run = self._run, None
+        ran_for = now - run.started_at if run is not None else 0.0
+        requested = exit_.requested or (run is not None and run.stop_deadline is not None)
+        if requested or self.node.role is not Role.MASTER or self.node.leaving:
+            log.info(
+                "event=script_stopped term=%s returncode=%s ran_for=%.3fs",
+                run.token if run else "?",
+                exit_.returncode,
+                ran_for,
+            )
+            self.node.script_stopped(now)
+            self._process()
+            return
+        if exit_.returncode == 0 and self.config.restart == "on-failure":
+            log.warning(
+                "event=script_exited term=%d returncode=0 ran_for=%.3fs: not restarted (--restart "
+                "on-failure); this node stays master",
+                self.node.term,
+                ran_for,
+            )
+            self.node.script_stopped(now, restart_after=None)
+            self._process()
+            return
+        what = f"returncode={exit_.returncode}" + (f" error={exit_.error}" if exit_.error else "")
+        if ran_for > self.config.failure_window_s:
+            self._consecutive_failures = 0
+        self._script_failed(now, f"exited {what} after {ran_for:.3f}s")
+
+    def _script_failed(self, now: float, what: str) -> None:
+        cfg = self.config
+        self._failures = [t for t in self._failures if now - t < cfg.failure_window_s] + [now]
+        self._consecutive_failures += 1
+        if cfg.restart == "never":
+            log.warning(
+                "event=script_exited term=%d %s: not restarted (--restart never)", self.node.term, what
+            )
+            self.node.script_stopped(now, restart_after=None)
+        elif len(self._failures) >= cfg.max_failures:
+            log.error(
+                "event=script_failing term=%d %s: %d failures in %.0fs, resigning so another node can try",
+                self.node.term,
+                what,
+                len(self._failures),
+                cfg.failure_window_s,
+            )
+            self._failures.clear()
+            self._consecutive_failures = 0
+            self.node.script_stopped(now, restart_after=None)
+            self.node.resign(now, "script keeps failing")
+        else:
+            backoff = min(
+                cfg.restart_backoff_max_s, cfg.restart_backoff_s * 2 ** (self._consecutive_failures - 1)
+            )
+            log.warning(
+                "event=script_exited term=%d %s: restarting in %.1fs (failure %d of %d allowed in %.0fs)",
+                self.node.term,
+                what,
+                backoff,
+                len(self._failures),
+                cfg.max_failures,
+                cfg.failure_window_s,
+            )
+            self.node.script_stopped(now, restart_after=backoff)
+        self._process()
+
+    # ------------------------------------------------------------------ status
+
+    def _write_status(self, *, force: bool = False, role: str | None = None) -> None:
+        st = self.node.status() if hasattr(self, "node") else None
+        pid = self.supervisor.pid if self.supervisor is not None else None
+        key = (
+            role,
+            st.role if st else None,
+            st.term if st else None,
+            st.master if st else None,
+            pid,
+            sum(self.rejected.values()) // 100,
+        )
+        if not force and key == self._last_status:
+            return
+        self._last_status = key
+        now = time.monotonic()
+        lease = None if st is None or st.lease_deadline is None else round(st.lease_deadline - now, 3)
+        status: dict[str, Any] = {
+            "node": self.me,
+            "role": role or (st.role.value if st else "starting"),
+            "term": st.term if st else 0,
+            "master": st.master if st else None,
+            "script_pid": pid,
+            "lease_remaining_s": lease,
+            "authenticated": self.keyring is not None,
+            "updated_monotonic": now,
+            "pid": os.getpid(),
+            "members": list(self.members),
+            "received": self.received,
+            "sent": self.sent,
+            "rejected": dict(self.rejected),
+        }
+        try:
+            write_status(self.store.status_file, status)
+        except OSError as exc:
+            log.debug("event=status_write_failed error=%s", exc)
+
+
+def _is_alarm(text: str) -> bool:
+    """Events an operator should see at the default level: losing mastership against our will."""
+    if text.startswith("became slave"):
+        return "reason=resigned" not in text
+    return text.startswith(("election failed", "ignored master"))
+
+
+# Rejections that happen in a healthy cluster (first contact before the epoch handshake, a peer's
+# restart, duplicated datagrams): counted, logged at debug level only.
+_ROUTINE_REJECTS = frozenset({"bad-echo", "stale-epoch", "replayed", "too-old"})
+
+
+def run(config: Config) -> int:
+    """Run one node until it is stopped. Returns the process exit code (0 clean, 1 fatal, 2 config)."""
+    for peer in config.peers:
+        if peer.ip.version != config.me.ip.version:
+            raise ConfigError(
+                [
+                    f"peer {peer} is IPv{peer.ip.version} but -b {config.me.ip} is "
+                    f"IPv{config.me.ip.version}: all members must use the same IP version"
+                ]
+            )
+    return asyncio.run(Daemon(config).main())

@@ -325,7 +325,9 @@ class Node:
         self._ready = Ready()
 
     def next_wakeup(self) -> float:
-        """The latest time at which ``tick`` must be called next."""
+        """The latest time at which ``tick`` must be called next (infinity once finished)."""
+        if self.finished:
+            return float("inf")
         t = self.next_heartbeat_at
         if self.role is Role.MASTER:
             t = min(t, self._stop_at())

@@ -287,10 +287,10 @@ class Daemon:
         h = self.timing.heartbeat_interval_s
         while True:
             delay = self.node.next_wakeup() - time.monotonic()
-            if delay > 0:
-                self._wake.clear()
-                with contextlib.suppress(asyncio.TimeoutError):
-                    await asyncio.wait_for(self._wake.wait(), min(delay, h))
+            self._wake.clear()
+            # always yield, even when a tick is overdue: the loop must never starve
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), max(0.0, min(delay, h)))
             self.node.tick(time.monotonic())
             self._process()
 

@@ -28,9 +28,14 @@ pipe, which the guard reads as "stop now". A dead guard (EPIPE) is noticed by th
 
 Limits. A descendant that leaves the process group (setsid, double fork) is still found by the guard
 (a child subreaper) but not by the supervisor: if the guard itself is SIGKILLed, such a process
-survives. Use systemd's KillMode=control-group as the backstop (safety.md §6). Processes are signalled
-by pid only while they cannot have been reaped, except that one group kill after a guard's death (the
-group's members have a new parent by then; a reused group id within those milliseconds is improbable).
+survives. Use systemd's KillMode=control-group as the backstop (safety.md §6); cgroups are not used
+here. A stopped guard (someone SIGSTOPs it: it is in a session of its own, so a stop meant for the
+daemon's group does not reach it) or a paused host enforces nothing: fencing tokens cover that.
+A set-user-ID script that the daemon's user may not signal cannot be stopped. Processes are
+signalled by pid only while they cannot have been reaped, except the group kill after a guard's
+death (the group's members have a new parent by then; a reused group id within those milliseconds
+is improbable). After a guard's death ``ScriptExit.reaped_at`` is when no member was left alive;
+zombies are their new parent's to reap.
 """
 
 from __future__ import annotations

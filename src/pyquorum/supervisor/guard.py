@@ -46,9 +46,11 @@ is not yet reaped, so its pid (the group id) cannot have been reused; processes 
 while they are our unreaped children.
 
 Limits, honestly: if the guard itself is SIGKILLed, the script dies by PDEATHSIG and the daemon kills
-its process group, but a descendant that escaped the group (setsid) survives; a process in
-uninterruptible sleep (D state) cannot be reaped by anyone, and the guard waits for it. A paused host
-or VM runs nothing, the guard included: only fencing tokens cover that (safety.md R5).
+its process group, but a descendant that escaped the group (setsid, double fork) survives; a process
+in uninterruptible sleep (D state) cannot be reaped by anyone, and the guard waits for it; a
+set-user-ID program the guard may not signal is out of its reach. A stopped guard, or a paused host
+or VM, enforces nothing: only fencing tokens cover that (safety.md R5). Timers have millisecond
+resolution: a signal goes out up to about 1 ms after it is due, well inside K.
 
 This file imports nothing from pyquorum and is never imported by the guard process itself; the daemon
 imports it only for ``group_alive``. Keep its imports few: every one delays the script's start.
@@ -94,7 +96,7 @@ def _report(fd: int, line: str) -> None:
 
 def _ms_until(at: float, now: float) -> int:
     # poll() takes whole milliseconds: round up, so that we never wake before `at` and spin.
-    return max(0, int((at - now) * 1000.0) + 1)
+    return max(0, math.ceil((at - now) * 1000.0))
 
 
 def _stat_fields(pid: str) -> tuple[str, int, int] | None:
@@ -173,7 +175,7 @@ class _Guard:
 
     def spawn(self, argv: list[str]) -> str | None:
         """Fork and exec the script; None on success, else why it did not start."""
-        import ctypes  # only here: ~7 ms of import, and the daemon never needs it
+        import ctypes  # only here: a few ms of import, and the daemon never needs it
 
         libc = ctypes.CDLL(None, use_errno=True)
 
@@ -192,7 +194,13 @@ class _Guard:
         guard_pid = os.getpid()
         # Nothing may run our Python signal handlers in the child before it has reset them.
         mask = signal.pthread_sigmask(signal.SIG_BLOCK, _BLOCKED_AROUND_FORK)
-        pid = os.fork()
+        try:
+            pid = os.fork()
+        except OSError as e:  # EAGAIN: out of processes, or of memory
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+            for fd in (devnull, err_r, err_w):
+                os.close(fd)
+            return f"cannot fork: {e.strerror}"
         if pid == 0:  # the child: never returns
             try:
                 signal.set_wakeup_fd(-1)
@@ -255,7 +263,7 @@ class _Guard:
             for fd, events in self.poller.poll(timeout):
                 if fd == self.wake_r:
                     self._on_signals()
-                elif events & (select.POLLIN | select.POLLHUP | select.POLLERR | select.POLLNVAL):
+                else:
                     self._on_stdin(events)
         return self._sweep()
 
@@ -294,13 +302,14 @@ class _Guard:
         # The group (pinned by our unreaped main process), then each child of ours outside it:
         # orphans that left the group were reparented to us, and an unreaped child's pid cannot
         # be reused. Once each: a second SIGTERM means "hurry" to many programs.
-        with contextlib.suppress(ProcessLookupError):
+        # EPERM: a set-user-ID program we may not signal (documented as out of reach).
+        with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(self.pid, signum)
         for pid in _children():
             fields = _stat_fields(str(pid))
             if pid == self.pid or fields is None or fields[2] == self.pid:
                 continue
-            with contextlib.suppress(ProcessLookupError):
+            with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.kill(pid, signum)
 
     def _main_exited(self) -> bool:
@@ -371,13 +380,13 @@ class _Guard:
         # it is our only child left; every group member is its descendant, and so ends as our child.
         warned = False
         started = time.monotonic()
+        with contextlib.suppress(KeyError):
+            self.poller.unregister(0)  # commands no longer matter
         while True:
             self._signal_all(signal.SIGKILL)
             if not self._reap_others():
                 break
-            with contextlib.suppress(KeyError):
-                self.poller.unregister(0)
-            self.poller.poll(_SWEEP_RETRY_MS)
+            self.poller.poll(_SWEEP_RETRY_MS)  # woken early by SIGCHLD
             self._drain_wakeups()
             if not warned and time.monotonic() - started > 1.0:
                 warned = True

@@ -400,6 +400,27 @@ def test_supervisor_aclose_stops_and_waits_for_on_exit(tag: str, tmp_path: Path)
     run(scenario)
 
 
+def test_supervisor_rejects_deadlines_that_are_not_finite(tag: str) -> None:
+    """An infinite or NaN deadline would disable the kill deadline: start() and renew() refuse it,
+    and stop() still stops, by the current deadline. Reference: protocol.md §4.3."""
+
+    async def scenario() -> None:
+        async with harness(["sleep", "100"], tag) as h:
+            with pytest.raises(ValueError, match="finite"):
+                await h.sup.start(float("nan"), h.env)
+            assert not h.sup.running
+            deadline = await h.start(5.0)
+            with pytest.raises(ValueError, match="finite"):
+                h.sup.renew(float("inf"))
+            assert h.sup.deadline == deadline
+            h.sup.stop(float("nan"))
+            ended = await h.exit()
+            assert ended.returncode == -signal.SIGTERM
+            assert ended.requested
+
+    run(scenario)
+
+
 # ---- the kill deadline ----------------------------------------------------------------------------
 
 

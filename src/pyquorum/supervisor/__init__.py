@@ -44,6 +44,7 @@ import asyncio
 import contextlib
 import io
 import logging
+import math
 import os
 import signal
 import subprocess
@@ -161,6 +162,8 @@ class ScriptSupervisor:
         If ``start()`` is cancelled, the run is killed at once (in the background)."""
         if self._run is not None:
             raise RuntimeError("start() called while a run is in progress; wait for on_exit")
+        if not math.isfinite(deadline):
+            raise ValueError(f"the kill deadline must be a finite monotonic time, not {deadline!r}")
         loop = asyncio.get_running_loop()
         spawned_at = time.monotonic()
         proc, stdin_fd, report = self._spawn_guard(deadline, env)
@@ -205,6 +208,8 @@ class ScriptSupervisor:
     def renew(self, deadline: float) -> None:
         """Move the kill deadline later. Earlier or equal values, and calls when not running or
         after ``stop()``, are ignored. Never blocks."""
+        if not math.isfinite(deadline):
+            raise ValueError(f"the kill deadline must be a finite monotonic time, not {deadline!r}")
         run = self._run
         if run is None or run.requested or not deadline > run.deadline:
             return
@@ -214,6 +219,9 @@ class ScriptSupervisor:
     def stop(self, deadline: float) -> None:
         """Stop the script: SIGTERM now, SIGKILL at min(now + G, ``deadline`` - K). Never blocks;
         a repeated call only matters if it brings the deadline earlier. ``on_exit`` follows."""
+        if not math.isfinite(deadline):  # a caller's bug, but a stop must still happen
+            self._log.error("event=bad_stop_deadline deadline=%r action=keep_current", deadline)
+            deadline = math.inf
         run = self._run
         if run is None or (run.requested and not deadline < run.deadline):
             return

@@ -87,23 +87,29 @@ class Config:
 
     @property
     def timing_text(self) -> str:
-        """The timing every node must share, as stable text: ``cluster_fingerprint(members,
-        timing_text)`` in the codec hashes it, and a ``ClusterInfo`` shows it to the other side."""
-        t = self.timing
-        return (
-            f"heartbeat_interval_s={_fmt(t.heartbeat_interval_s)} "
-            f"election_timeout_s={_fmt(t.election_timeout_s)} "
-            f"stop_timeout_s={_fmt(t.stop_timeout_s)} "
-            f"start_delay_s={_fmt(t.start_delay_s)} "
-            f"drift_bound={_fmt(t.drift_bound)} "
-            f"kill_margin_s={_fmt(t.kill_margin_s)}"
-        )
+        """The timing every node must share, one line: ``heartbeat_interval_s=0.1 ...``, for
+        ``ClusterInfo`` and logs. Fields in a fixed order, floats in repr form: stable text."""
+        return " ".join(self._timing_fields())
 
     @property
     def cluster_text(self) -> str:
-        """What every node of one cluster must agree on, for logs and comparisons: the members and
-        the timing. A node that receives another cluster's fingerprint counts nothing from it."""
-        return f"members={','.join(self.members)} {self.timing_text}"
+        """What every node of one cluster must agree on, the text the fingerprint hashes: a
+        version line, ``members=<ids in protocol order>``, then one ``name=value`` line per timing
+        field (the lines of ``timing_text``). A node that receives another cluster's fingerprint
+        counts nothing from it."""
+        lines = ["pyquorum-cluster-v1", f"members={','.join(self.members)}", *self._timing_fields()]
+        return "\n".join(lines) + "\n"
+
+    def _timing_fields(self) -> list[str]:
+        t = self.timing
+        return [
+            f"heartbeat_interval_s={_fmt(t.heartbeat_interval_s)}",
+            f"election_timeout_s={_fmt(t.election_timeout_s)}",
+            f"stop_timeout_s={_fmt(t.stop_timeout_s)}",
+            f"start_delay_s={_fmt(t.start_delay_s)}",
+            f"drift_bound={_fmt(t.drift_bound)}",
+            f"kill_margin_s={_fmt(t.kill_margin_s)}",
+        ]
 
     def peer_name(self, index: int) -> str:
         """How the operator wrote peer ``index``, with its resolved address if that differs."""

@@ -1,0 +1,545 @@
+"""The ``pyquorum`` command: parse, resolve, validate everything at once, then run the daemon.
+
+Bad input never produces a traceback: every problem found is printed as one ``pyquorum: error: ...``
+line on stderr and the exit code is 2 (argparse's convention). Warnings are ``pyquorum: warning: ...``
+lines, and the daemon still starts. Exit codes: 0 clean stop, 1 the daemon or a subcommand failed at
+run time, 2 bad input.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import json
+import logging
+import math
+import os
+import re
+import shutil
+import socket
+import stat
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, NoReturn
+
+from pyquorum import __version__
+from pyquorum.config import DEFAULT_RESTART, RESTART_POLICIES, Config, RestartPolicy
+from pyquorum.core.address import DEFAULT_PORT, IPAddress, NodeAddress, split_host_port
+from pyquorum.core.errors import ConfigError
+from pyquorum.core.lease import Timing
+
+PROG = "pyquorum"
+
+USAGE = f"""\
+{PROG} [-h] [--version] [-b BIND] [-p PORT] [-s SCRIPT] [-v] [-vv] [options] SERVER [SERVER ...]
+       {PROG} keygen [--add] PATH
+       {PROG} demo [--rounds N] [--interval SECONDS]
+       {PROG} status [--state-dir DIR | -b BIND [-p PORT]] [--json]"""
+
+DESCRIPTION = """\
+Quorum-based leader election: the servers elect one master, and the master runs SCRIPT. Give this
+node's address with -b/-p and list the OTHER servers; every server must be given the same cluster
+and the same timing options."""
+
+EPILOG = f"""\
+SERVER is an IPv4 or IPv6 address or a host name, with an optional port (default: -p):
+  10.0.0.2  10.0.0.2:6000  fd00::2  [fd00::2]:6000  db2  db2:6000
+Host names are resolved once, at start-up, preferring the bind address's family. A server whose
+name is also a subcommand (keygen, demo, status) must be written with its port.
+
+The default --state-dir is /var/lib/pyquorum/<ip>_<port> when running as root, otherwise
+$XDG_STATE_HOME/pyquorum/<ip>_<port> (~/.local/state/pyquorum/<ip>_<port>), so that several nodes
+on one host never share a state dir (a lock refuses a second daemon on the same one).
+
+subcommands:
+  keygen [--add] PATH   create a key file (mode 0600) for --key-file; --add adds a key to an
+                        existing file, for rotation. Copy it to every server.
+  demo                  a local 3-node cluster on 127.0.0.1 that fails over every few seconds
+  status                print a running node's state (from its state dir's status.json)
+
+exit codes: 0 stopped cleanly, 1 failed while running, 2 bad input. See 'pyquorum SUBCOMMAND -h'.
+Version {__version__}."""
+
+
+class UsageError(Exception):
+    """Bad command line; the message is one line for ``pyquorum: error: ...``."""
+
+
+class _ParserExit(Exception):
+    def __init__(self, status: int) -> None:
+        super().__init__(status)
+        self.status = status
+
+
+class _Parser(argparse.ArgumentParser):
+    # argparse prints the usage and calls sys.exit(); main() must return an int instead, with one
+    # line of error, so both paths raise and main() decides what to print.
+    def error(self, message: str) -> NoReturn:
+        raise UsageError(f"{message} (see '{self.prog} --help')")
+
+    def exit(self, status: int = 0, message: str | None = None) -> NoReturn:
+        if message:
+            sys.stderr.write(message)
+        raise _ParserExit(status)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the ``pyquorum`` command line and return its exit code (``__main__`` exits with it)."""
+    args = sys.argv[1:] if argv is None else list(argv)
+    try:
+        if args and args[0] in _SUBCOMMANDS:
+            return _SUBCOMMANDS[args[0]](args[1:])
+        return _daemon(args)
+    except UsageError as exc:
+        _print_errors([str(exc)])
+        return 2
+    except ConfigError as exc:
+        _print_errors(exc.problems)
+        return 2
+    except _ParserExit as exc:
+        return exc.status
+    except KeyboardInterrupt:
+        return 130  # Ctrl-C that reached us (before the daemon handles signals): no traceback
+
+
+def _daemon(argv: list[str]) -> int:
+    args = _daemon_parser().parse_args(argv)
+    config = build_config(args)
+    for warning in config.warnings():
+        print(f"{PROG}: warning: {warning}", file=sys.stderr)
+    configure_logging(config.log_level, config.node_id)
+    # Imported here so that the command line (and its tests) work without the runtime loaded.
+    from pyquorum.runtime.daemon import run
+
+    return run(config)
+
+
+def _daemon_parser() -> _Parser:
+    p = _Parser(
+        prog=PROG,
+        usage=USAGE,
+        description=DESCRIPTION,
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--version", action="version", version=f"{PROG} {__version__}")
+    p.add_argument(
+        "-b",
+        "--bind",
+        metavar="BIND",
+        help="this node's IP address (never a host name): the address it binds and its identity "
+        "in the cluster (default: the primary IP address of this host, the source address of "
+        "its default route)",
+    )
+    p.add_argument(
+        "-p",
+        "--port",
+        type=_port,
+        default=DEFAULT_PORT,
+        help=f"UDP port of this node, and of every SERVER given without one (default: {DEFAULT_PORT})",
+    )
+    p.add_argument(
+        "-s",
+        "--script",
+        metavar="SCRIPT",
+        help="executable run on the master, without a shell, with PYQUORUM_TERM (the fencing "
+        "token), PYQUORUM_NODE and PYQUORUM_CLUSTER in its environment (default: none, only elect)",
+    )
+    p.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
+    p.add_argument("-vv", "--very-verbose", action="store_true", help="log at DEBUG level")
+    t = Timing()
+    timing = p.add_argument_group(
+        "timing (every server must use the same values; unsafe combinations are refused)"
+    )
+    timing.add_argument(
+        "--heartbeat-interval",
+        type=_seconds,
+        default=t.heartbeat_interval_s,
+        metavar="SECONDS",
+        help=f"how often each node tells the others it is alive (default: {t.heartbeat_interval_s:g})",
+    )
+    timing.add_argument(
+        "--election-timeout",
+        type=_seconds,
+        default=t.election_timeout_s,
+        metavar="SECONDS",
+        help=f"silence from the master after which the others elect a new one; at least 5 "
+        f"heartbeat intervals (default: {t.election_timeout_s:g})",
+    )
+    timing.add_argument(
+        "--stop-timeout",
+        type=_seconds,
+        default=t.stop_timeout_s,
+        metavar="SECONDS",
+        help=f"grace between SIGTERM and SIGKILL when the script is stopped (default: {t.stop_timeout_s:g})",
+    )
+    timing.add_argument(
+        "--start-delay",
+        type=_seconds,
+        default=t.start_delay_s,
+        metavar="SECONDS",
+        help=f"extra wait before a new master starts the script, which leaves more room for "
+        f"--stop-timeout (default: {t.start_delay_s:g})",
+    )
+    other = p.add_argument_group("other options")
+    other.add_argument(
+        "--state-dir",
+        type=Path,
+        metavar="DIR",
+        help="where this node keeps its term, vote and status.json (default: see below; it is "
+        "per address and port, so several nodes on one host do not clash)",
+    )
+    other.add_argument(
+        "--key-file",
+        type=Path,
+        metavar="PATH",
+        help="shared keyring authenticating cluster traffic (create it with 'pyquorum keygen "
+        "PATH'; default: none, traffic is unauthenticated)",
+    )
+    other.add_argument(
+        "--restart",
+        choices=RESTART_POLICIES,
+        default=DEFAULT_RESTART,
+        help="when the script exits on its own while this node is master: restart it after a "
+        "failure, after any exit, or never; restarts back off from 1 s doubling to 30 s, and after "
+        f"5 failures within 60 s this node resigns so another can try (default: {DEFAULT_RESTART})",
+    )
+    p.add_argument("servers", nargs="+", metavar="SERVER", help="the other servers")
+    return p
+
+
+def build_config(args: argparse.Namespace) -> Config:
+    """Turn parsed arguments into a validated ``Config``; raise ``ConfigError`` listing every
+    problem found (addresses, names, script, state dir, timing, key file)."""
+    problems: list[str] = []
+    timing = Timing(
+        heartbeat_interval_s=args.heartbeat_interval,
+        election_timeout_s=args.election_timeout,
+        stop_timeout_s=args.stop_timeout,
+        start_delay_s=args.start_delay,
+    )
+    try:
+        ip = parse_bind(args.bind) if args.bind is not None else default_bind_address()
+    except ConfigError as exc:
+        problems += exc.problems
+        ip = None
+    family = socket.AF_INET6 if ip is not None and ip.version == 6 else socket.AF_INET
+    peers: list[NodeAddress] = []
+    names: list[str] = []
+    for text in args.servers:
+        try:
+            peers.append(resolve_server(text, args.port, family))
+            names.append(text)
+        except ValueError as exc:
+            problems.append(f"SERVER {exc}")
+    if ip is None:
+        # Without this node's address nothing else can be checked; report what we know.
+        raise ConfigError(problems + timing.validate())
+    me = NodeAddress(ip, args.port)
+    try:
+        state_dir = args.state_dir if args.state_dir is not None else default_state_dir(me)
+    except ConfigError as exc:
+        raise ConfigError(problems + exc.problems) from None
+    restart: RestartPolicy = args.restart
+    level = logging.WARNING
+    if args.very_verbose:
+        level = logging.DEBUG
+    elif args.verbose:
+        level = logging.INFO
+    config = Config(
+        me=me,
+        peers=tuple(peers),
+        peer_names=tuple(names),
+        state_dir=state_dir.expanduser().absolute(),
+        script=resolve_script(args.script) if args.script is not None else None,
+        timing=timing,
+        key_file=args.key_file.expanduser().absolute() if args.key_file is not None else None,
+        restart=restart,
+        log_level=level,
+    )
+    problems += config.validate()
+    if problems:
+        raise ConfigError(problems)
+    return config
+
+
+def parse_bind(text: str) -> IPAddress:
+    """The ``-b`` value: an IP address, optionally in brackets; never a host name or a port."""
+    raw = text.strip()
+    if raw.startswith("[") and raw.endswith("]"):
+        raw = raw[1:-1]
+    try:
+        return ipaddress.ip_address(raw)
+    except ValueError:
+        pass
+    try:
+        host, _ = split_host_port(text)
+        ipaddress.ip_address(host)
+    except ValueError:
+        raise ConfigError(
+            [
+                f"-b/--bind must be an IP address, not {text!r}: give this node's own address "
+                "(host names are not accepted, so that the node's identity cannot change)"
+            ]
+        ) from None
+    raise ConfigError([f"-b/--bind takes an address without a port ({text!r}): use -p/--port"])
+
+
+def default_bind_address() -> IPAddress:
+    """The primary IP address of this host: the source address the kernel picks for its default
+    route. Found with connect() on a UDP socket, which only chooses a route and sends nothing."""
+    # TEST-NET-1 and the IPv6 documentation prefix (RFC 5737, RFC 3849): never real hosts.
+    for family, probe in ((socket.AF_INET, "192.0.2.1"), (socket.AF_INET6, "2001:db8::1")):
+        try:
+            with socket.socket(family, socket.SOCK_DGRAM) as sock:
+                sock.connect((probe, 9))
+                ip = ipaddress.ip_address(sock.getsockname()[0])
+        except (OSError, ValueError):
+            continue
+        if not ip.is_unspecified:
+            return ip
+    raise ConfigError(
+        [
+            "cannot find this host's primary IP address (it has no default route): give this "
+            "node's address with -b/--bind"
+        ]
+    )
+
+
+_IPV4ISH = re.compile(r"[0-9.]+")
+_HOST_NAME = re.compile(r"(?=.{1,253}$)[A-Za-z0-9_]([A-Za-z0-9_-]*[A-Za-z0-9_])?(\.[A-Za-z0-9_-]+)*\.?")
+
+
+def resolve_server(text: str, default_port: int, family: int = socket.AF_INET) -> NodeAddress:
+    """Parse one SERVER argument and resolve a host name with getaddrinfo, preferring ``family``.
+    Raise ``ValueError`` with a message that starts with the argument as given."""
+    try:
+        host, port = split_host_port(text, default_port)
+    except ValueError as exc:
+        raise ValueError(f"{text!r} is not a valid address: {exc}") from None
+    try:
+        return NodeAddress(ipaddress.ip_address(host), port)
+    except ValueError:
+        pass
+    # Reject what cannot be a name before asking the resolver, which may wait on DNS to say so.
+    if _IPV4ISH.fullmatch(host) or ":" in host:
+        raise ValueError(f"{text!r}: {host!r} is not a valid IP address")
+    if not _HOST_NAME.fullmatch(host):
+        raise ValueError(f"{text!r}: {host!r} is neither an IP address nor a host name")
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_DGRAM)
+    except (socket.gaierror, UnicodeError) as exc:
+        reason = exc.strerror if isinstance(exc, socket.gaierror) else str(exc)
+        raise ValueError(f"{text!r}: cannot resolve host name {host!r} ({reason})") from None
+    ips = [
+        ipaddress.ip_address(str(info[4][0]))
+        for info in infos
+        if info[0] in (socket.AF_INET, socket.AF_INET6)
+    ]
+    if not ips:
+        raise ValueError(f"{text!r}: host name {host!r} has no IPv4 or IPv6 address")
+    want = 6 if family == socket.AF_INET6 else 4
+    preferred = [ip for ip in ips if ip.version == want]
+    return NodeAddress((preferred or ips)[0], port)
+
+
+def resolve_script(text: str) -> str:
+    """The absolute path of ``-s``: a path as given, or a bare name found on $PATH."""
+    path = os.path.expanduser(text)
+    if os.sep not in path and not os.path.exists(path):
+        found = shutil.which(path)
+        if found is not None:
+            return os.path.abspath(found)
+    return os.path.abspath(path)
+
+
+def default_state_dir(me: NodeAddress) -> Path:
+    """Per-node default: /var/lib/pyquorum/<ip>_<port> as root (when /var/lib is writable), else
+    ${XDG_STATE_HOME:-~/.local/state}/pyquorum/<ip>_<port>."""
+    name = f"{me.ip}_{me.port}"
+    if os.geteuid() == 0 and os.access("/var/lib", os.W_OK):
+        return Path("/var/lib/pyquorum") / name
+    xdg = os.environ.get("XDG_STATE_HOME", "")
+    if os.path.isabs(xdg):  # the XDG spec: a relative value is invalid and must be ignored
+        return Path(xdg) / "pyquorum" / name
+    try:
+        home = Path.home()
+    except RuntimeError:
+        raise ConfigError(
+            ["cannot find the home directory for the default state dir: give --state-dir"]
+        ) from None
+    return home / ".local" / "state" / "pyquorum" / name
+
+
+class _CliHandler(logging.StreamHandler):  # type: ignore[type-arg]
+    """Marks the handler main() installed, so a second main() in one process replaces it."""
+
+
+def configure_logging(level: int, node: str) -> None:
+    """Send the ``pyquorum`` loggers to stderr as ``<time> <LEVEL> node=<id> <message>``."""
+    logger = logging.getLogger(PROG)
+    for handler in list(logger.handlers):
+        if isinstance(handler, _CliHandler):
+            logger.removeHandler(handler)
+    handler = _CliHandler(sys.stderr)
+    node_text = node.replace("%", "%%")  # an IPv6 scope (fe80::1%eth0) is not a format field
+    handler.setFormatter(logging.Formatter(f"%(asctime)s %(levelname)s node={node_text} %(message)s"))
+    logger.addHandler(handler)
+    logger.setLevel(level)
+
+
+def _keygen(argv: list[str]) -> int:
+    p = _Parser(
+        prog=f"{PROG} keygen",
+        description="Create a key file for --key-file (mode 0600, never overwritten) and copy it "
+        "to every server. --add appends a new key to an existing file: every node accepts it, but "
+        "it signs only once moved to the first line (key rotation, see docs/security.md).",
+    )
+    p.add_argument("--add", action="store_true", help="append a new key to an existing key file")
+    p.add_argument("path", type=Path, metavar="PATH")
+    args = p.parse_args(argv)
+    from pyquorum import keys
+
+    path: Path = args.path.expanduser()
+    try:
+        key_id = keys.keygen(path, add=args.add)
+        mode = path.stat().st_mode
+    except OSError as exc:
+        _print_errors([f"{path}: {exc.strerror or exc}"])
+        return 1
+    print(f"{path} (mode {stat.filemode(mode)}, {stat.S_IMODE(mode):04o}) key id {key_id}")
+    return 0
+
+
+def _demo(argv: list[str]) -> int:
+    p = _Parser(
+        prog=f"{PROG} demo",
+        description="Run a local demo cluster: 3 nodes on 127.0.0.1 running a sample script. The "
+        "master's daemon is killed with SIGKILL every few seconds; the demo shows who takes over "
+        "and how long it took. Ctrl-C stops everything it started.",
+    )
+    p.add_argument(
+        "--rounds",
+        type=_count,
+        default=0,
+        metavar="N",
+        help="stop by itself after N failovers (default: 0, run until Ctrl-C)",
+    )
+    p.add_argument(
+        "--interval",
+        type=_seconds,
+        default=8.0,
+        metavar="SECONDS",
+        help="time between two kills of the master (default: 8)",
+    )
+    args = p.parse_args(argv)
+    from pyquorum import demo
+
+    return demo.run(rounds=args.rounds, interval_s=args.interval, own_process=True)
+
+
+def _status(argv: list[str]) -> int:
+    p = _Parser(
+        prog=f"{PROG} status",
+        description="Print the state of the node whose state dir is given (or derived from -b/-p "
+        "like the daemon does). Exit code 0 if its daemon is running, 1 if not.",
+    )
+    p.add_argument("--state-dir", type=Path, metavar="DIR")
+    p.add_argument("-b", "--bind", metavar="BIND", help="the node's -b (default: as the daemon)")
+    p.add_argument("-p", "--port", type=_port, default=None, help="the node's -p")
+    p.add_argument("--json", action="store_true", help="print the raw status.json")
+    args = p.parse_args(argv)
+    if args.state_dir is not None and (args.bind is not None or args.port is not None):
+        raise UsageError("give either --state-dir or -b/-p, not both")
+    if args.state_dir is not None:
+        state_dir: Path = args.state_dir.expanduser()
+    else:
+        ip = parse_bind(args.bind) if args.bind is not None else default_bind_address()
+        state_dir = default_state_dir(NodeAddress(ip, args.port or DEFAULT_PORT))
+    from pyquorum.runtime.storage import STATUS_FILE_NAME, read_status
+
+    path = state_dir / STATUS_FILE_NAME
+    try:
+        status = read_status(path)
+    except (OSError, ValueError) as exc:
+        _print_errors([f"cannot read {path}: {exc}"])
+        return 1
+    if status is None:
+        _print_errors([f"no {path}: no daemon has run with this state dir (give --state-dir)"])
+        return 1
+    if args.json:
+        print(json.dumps(status, indent=2))
+    else:
+        print(format_status(status))
+    return 0 if _pid_alive(status.get("pid")) else 1
+
+
+def format_status(status: dict[str, Any], now: float | None = None) -> str:
+    """A status.json as aligned lines for a person to read."""
+    now = time.monotonic() if now is None else now
+    pid = status.get("pid")
+    daemon = f"pid {pid}, running" if _pid_alive(pid) else f"pid {pid}, NOT running (stale)"
+    script_pid = status.get("script_pid")
+    lease = status.get("lease_remaining_s")
+    updated = status.get("updated_monotonic")
+    rows = [
+        ("node", f"{status.get('node')} (daemon {daemon})"),
+        ("role", str(status.get("role"))),
+        ("term", str(status.get("term"))),
+        ("master", str(status.get("master") or "none known")),
+        ("script", f"running, pid {script_pid}" if script_pid else "not running"),
+    ]
+    if isinstance(lease, (int, float)):
+        rows.append(("lease", f"{lease:.2f} s left"))
+    rows.append(("traffic", "authenticated" if status.get("authenticated") else "UNAUTHENTICATED"))
+    if isinstance(updated, (int, float)):
+        rows.append(("updated", f"{max(0.0, now - updated):.1f} s ago"))
+    return "\n".join(f"{key:<9}{value}" for key, value in rows)
+
+
+def _pid_alive(pid: object) -> bool:
+    if not isinstance(pid, int) or isinstance(pid, bool) or pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # it exists, owned by someone else (a root daemon read by a user)
+    return True
+
+
+def _print_errors(problems: Sequence[str]) -> None:
+    for problem in problems:
+        print(f"{PROG}: error: {problem}", file=sys.stderr)
+
+
+def _port(text: str) -> int:
+    if not text.isdigit() or not 1 <= int(text) <= 65535:
+        raise argparse.ArgumentTypeError(f"port must be a number from 1 to 65535, not {text!r}")
+    return int(text)
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds, not {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"expected a finite number of seconds, not {text!r}")
+    return value
+
+
+def _count(text: str) -> int:
+    if not text.isdigit():
+        raise argparse.ArgumentTypeError(f"expected a whole number, not {text!r}")
+    return int(text)
+
+
+_SUBCOMMANDS: dict[str, Callable[[list[str]], int]] = {
+    "keygen": _keygen,
+    "demo": _demo,
+    "status": _status,
+}

@@ -35,7 +35,7 @@ PROG = "pyquorum"
 USAGE = f"""\
 {PROG} [-h] [--version] [-b BIND] [-p PORT] [-s SCRIPT] [-v] [-vv] [options] SERVER [SERVER ...]
        {PROG} keygen [--add] PATH
-       {PROG} demo [--rounds N] [--interval SECONDS]
+       {PROG} demo [--rounds N] [--interval SECONDS] [-p PORT]
        {PROG} status [--state-dir DIR | -b BIND [-p PORT]] [--json]"""
 
 DESCRIPTION = """\
@@ -434,10 +434,17 @@ def _demo(argv: list[str]) -> int:
         metavar="SECONDS",
         help="time between two kills of the master (default: 8)",
     )
+    p.add_argument(
+        "-p",
+        "--port",
+        type=_count,
+        default=DEFAULT_PORT,
+        help=f"first of the three UDP ports; taken ports or 0 mean any free ones (default: {DEFAULT_PORT})",
+    )
     args = p.parse_args(argv)
     from pyquorum import demo
 
-    return demo.run(rounds=args.rounds, interval_s=args.interval, own_process=True)
+    return demo.run(rounds=args.rounds, interval_s=args.interval, own_process=True, port=args.port)
 
 
 def _status(argv: list[str]) -> int:

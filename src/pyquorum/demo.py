@@ -108,20 +108,26 @@ class _Node:
 
 
 def run(
-    rounds: int = 0, interval_s: float = 8.0, out: IO[str] | None = None, own_process: bool = False
+    rounds: int = 0,
+    interval_s: float = 8.0,
+    out: IO[str] | None = None,
+    own_process: bool = False,
+    port: int = PREFERRED_PORT,
 ) -> int:
     """Run the demo until Ctrl-C, or until ``rounds`` failovers when ``rounds`` > 0. Returns 0 when
-    every failover happened as expected, 1 otherwise. Always stops what it started.
+    every failover happened as expected, 1 otherwise. Always stops what it started. The nodes use
+    ``port`` and the next two ports when those are free, else (or when ``port`` is 0) any free ports.
 
     ``own_process`` (the CLI sets it): this process does nothing else, so the demo may make itself a
     child subreaper and reap every orphan it adopts, leaving no zombie even where PID 1 reaps none.
     """
-    return _Demo(rounds, interval_s, out or sys.stdout, own_process).main()
+    return _Demo(rounds, interval_s, out or sys.stdout, own_process, port).main()
 
 
 class _Demo:
-    def __init__(self, rounds: int, interval_s: float, out: IO[str], own_process: bool) -> None:
+    def __init__(self, rounds: int, interval_s: float, out: IO[str], own_process: bool, port: int) -> None:
         self.rounds = rounds
+        self.port = port
         self.own_process = own_process
         self.interval_s = max(interval_s, 1.0)
         self.first_kill_after_s = min(5.0, self.interval_s)
@@ -232,7 +238,7 @@ class _Demo:
         script.chmod(0o755)
         key_file = self.tmp / "cluster.key"
         keys.keygen(key_file)
-        ports = free_udp_ports(NODE_COUNT)
+        ports = free_udp_ports(NODE_COUNT, self.port)
         names = [f"{HOST}:{port}" for port in ports]
         for i, port in enumerate(ports):
             node_dir = self.tmp / f"node{i + 1}"
@@ -419,10 +425,10 @@ def _reap_orphans() -> None:
 
 
 def free_udp_ports(count: int, preferred: int = PREFERRED_PORT) -> list[int]:
-    """``preferred`` and the ports after it if they are all free on 127.0.0.1, else free ports
-    chosen by the kernel (all held at once, so they are distinct)."""
+    """``preferred`` and the ports after it if they are all free on 127.0.0.1, else (or if
+    ``preferred`` is 0) free ports chosen by the kernel, all held at once so they are distinct."""
     wanted = list(range(preferred, preferred + count))
-    if all(_udp_port_free(port) for port in wanted):
+    if preferred > 0 and wanted[-1] <= 65535 and all(_udp_port_free(port) for port in wanted):
         return wanted
     with contextlib.ExitStack() as stack:
         socks = [stack.enter_context(socket.socket(socket.AF_INET, socket.SOCK_DGRAM)) for _ in range(count)]

@@ -52,6 +52,10 @@ def test_demo_free_udp_ports_are_distinct_and_free() -> None:
             sock.bind(("127.0.0.1", port))
 
 
+def test_demo_free_udp_ports_any_when_asked() -> None:
+    assert len(set(demo.free_udp_ports(3, preferred=0))) == 3
+
+
 def test_demo_free_udp_ports_avoid_a_busy_preferred_port() -> None:
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as busy:
         busy.bind(("127.0.0.1", 0))
@@ -85,7 +89,7 @@ def test_demo_fails_clearly_and_cleans_up_when_a_daemon_dies(
 def test_demo_fails_over_and_leaves_nothing_behind(tmp_path: Path) -> None:
     env = dict(os.environ, TMPDIR=str(tmp_path))
     result = subprocess.run(
-        [sys.executable, "-m", "pyquorum", "demo", "--rounds", "2", "--interval", "3"],
+        [sys.executable, "-m", "pyquorum", "demo", "--rounds", "2", "--interval", "3", "-p", "0"],
         capture_output=True,
         text=True,
         timeout=180,
@@ -105,7 +109,7 @@ def test_demo_fails_over_and_leaves_nothing_behind(tmp_path: Path) -> None:
 def test_demo_ctrl_c_leaves_nothing_behind(tmp_path: Path) -> None:
     env = dict(os.environ, TMPDIR=str(tmp_path))
     proc = subprocess.Popen(
-        [sys.executable, "-m", "pyquorum", "demo", "--interval", "2"],
+        [sys.executable, "-m", "pyquorum", "demo", "--interval", "2", "-p", "0"],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,

@@ -39,7 +39,7 @@ STATUS_FILE_NAME = "status.json"
 # The status.json contract, written by the daemon on every state change and read by `pyquorum status`
 # and `pyquorum demo`:
 #   node               str    this node's canonical id, "127.0.0.1:51621"
-#   role               str    "master" | "candidate" | "slave"
+#   role               str    "master" | "candidate" | "slave", or "starting" / "stopped" around them
 #   term               int    current term (the fencing token while master)
 #   master             str|None  the master this node follows (itself when master), None if unknown
 #   script_pid         int|None  pid of the running script (master only), None when none runs
@@ -47,6 +47,7 @@ STATUS_FILE_NAME = "status.json"
 #   authenticated      bool   whether cluster traffic is signed (a key file is in use)
 #   updated_monotonic  float  time.monotonic() when written (CLOCK_MONOTONIC: same clock host-wide)
 #   pid                int    the daemon's pid
+# The daemon may add keys (counters, members); readers ignore what they do not know.
 STATUS_KEYS = (
     "node",
     "role",

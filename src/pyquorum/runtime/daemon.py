@@ -217,9 +217,12 @@ class Daemon:
             try:
                 await self._finished.wait()
             finally:
-                ticker.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await ticker
+                self._finished.set()
+                self._wake.set()
+                try:
+                    await asyncio.wait_for(ticker, self.timing.heartbeat_interval_s + 1.0)
+                except (asyncio.TimeoutError, asyncio.CancelledError):
+                    ticker.cancel()
         finally:
             await self._cleanup()
         if self._fatal is not None:
@@ -285,12 +288,16 @@ class Daemon:
 
     async def _ticker(self) -> None:
         h = self.timing.heartbeat_interval_s
-        while True:
+        # Ends by checking the flag, not by cancellation: on Python < 3.12 a wait_for() that
+        # completes as it is cancelled swallows the cancellation (CPython gh-86296).
+        while not self._finished.is_set():
             delay = self.node.next_wakeup() - time.monotonic()
             self._wake.clear()
             # always yield, even when a tick is overdue: the loop must never starve
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), max(0.0, min(delay, h)))
+            if self._finished.is_set():
+                return
             self.node.tick(time.monotonic())
             self._process()
 

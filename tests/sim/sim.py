@@ -71,6 +71,7 @@ class ScriptRun:
     node: int
     token: int
     start: float
+    gen: int  # the daemon incarnation that started it: only that one hears of its end
     end: float | None = None
 
 
@@ -327,7 +328,7 @@ class Cluster:
                     f"fencing token {act.token} on {node.name} after token {token} on {self.names[who]}"
                 )
         self.last_token = (act.token, node.idx)
-        run = ScriptRun(node.idx, act.token, self.now)
+        run = ScriptRun(node.idx, act.token, self.now, node.gen)
         self.runs.append(run)
         node.run = run
         node.death_at = None
@@ -378,8 +379,8 @@ class Cluster:
         node.death_at = None
         node.death_version += 1
         self.log(f"{node.name} SCRIPT END token={run.token} ({how})")
-        if node.core is None:
-            return
+        if node.core is None or node.gen != run.gen:
+            return  # the daemon that started it is gone; its successor never knew of it
         if node.paused:
             node.deferred_stops.append(restart_after)
             return

@@ -15,7 +15,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tests.sim.measure import DEFAULT, TUNED, crash_failover, handover  # noqa: E402
+from tests.sim.measure import DEFAULT, TUNED, crash_failover, handover
 
 
 def main() -> int:
@@ -29,7 +29,9 @@ def main() -> int:
         crash = crash_failover(timing, args.nodes, trials=args.trials)
         hand = handover(timing, args.nodes, trials=max(10, args.trials // 2))
         bound = timing.failover_bound_s()
-        print(f"{name:<10} {'crash':<10} {bound:8.3f} {crash.median_s:8.3f} {crash.p99_s:8.3f} {crash.max_s:8.3f}")
+        print(
+            f"{name:<10} {'crash':<10} {bound:8.3f} {crash.median_s:8.3f} {crash.p99_s:8.3f} {crash.max_s:8.3f}"
+        )
         print(f"{name:<10} {'handover':<10} {'':>8} {hand.median_s:8.3f} {hand.p99_s:8.3f} {hand.max_s:8.3f}")
     return 0
 

@@ -29,10 +29,8 @@ def main() -> int:
         crash = crash_failover(timing, args.nodes, trials=args.trials)
         hand = handover(timing, args.nodes, trials=max(10, args.trials // 2))
         bound = timing.failover_bound_s()
-        print(
-            f"{name:<10} {'crash':<10} {bound:8.3f} {crash.median_s:8.3f} {crash.p99_s:8.3f} {crash.max_s:8.3f}"
-        )
-        print(f"{name:<10} {'handover':<10} {'':>8} {hand.median_s:8.3f} {hand.p99_s:8.3f} {hand.max_s:8.3f}")
+        for what, b, st in (("crash", f"{bound:8.3f}", crash), ("handover", " " * 8, hand)):
+            print(f"{name:<10} {what:<10} {b} {st.median_s:8.3f} {st.p99_s:8.3f} {st.max_s:8.3f}")
     return 0
 
 

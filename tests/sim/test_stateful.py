@@ -106,8 +106,7 @@ class BrokenClusterMachine(ClusterMachine):
     broken = frozenset({"no_prevote_stickiness", "double_vote"})
 
 
-TestCluster = ClusterMachine.TestCase
-TestCluster.settings = settings(
+SETTINGS = settings(
     max_examples=1000,
     stateful_step_count=40,
     deadline=None,
@@ -115,6 +114,9 @@ TestCluster.settings = settings(
     derandomize=True,
     database=None,
 )
+
+TestCluster = ClusterMachine.TestCase
+TestCluster.settings = SETTINGS
 
 
 def test_stateful_machine_catches_a_broken_core() -> None:
@@ -124,14 +126,8 @@ def test_stateful_machine_catches_a_broken_core() -> None:
     with pytest.raises(Violation):
         run_state_machine_as_test(
             BrokenClusterMachine,
+            # finding it is the point; shrinking would only cost time
             settings=settings(
-                max_examples=300,
-                stateful_step_count=40,
-                deadline=None,
-                suppress_health_check=[HealthCheck.too_slow],
-                derandomize=True,
-                database=None,
-                report_multiple_bugs=False,
-                phases=[Phase.generate],  # finding it is the point; shrinking would only cost time
+                SETTINGS, max_examples=300, report_multiple_bugs=False, phases=[Phase.generate]
             ),
         )

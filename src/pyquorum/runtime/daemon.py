@@ -55,6 +55,10 @@ RECV_BUFFER = 65535
 REJECT_LOG_INTERVAL_S = 10.0
 # How long a planned shutdown may take beyond the script's own stop grace before we give up waiting.
 SHUTDOWN_SLACK_S = 2.0
+# status.json is rewritten at once when the role, term, master or script changes, and otherwise at most
+# this often: its counters (received, sent, rejected) and lease stay current while traffic flows, and a
+# flood of datagrams does not become a flood of file writes.
+STATUS_REFRESH_S = 0.5
 
 
 class _RateLimiter:
@@ -117,6 +121,7 @@ class Daemon:
         self._consecutive_failures = 0
         self._signals = 0
         self._last_status: tuple[object, ...] | None = None
+        self._status_written = float("-inf")
         self._addr: dict[str, tuple[str, int]] = {}
         self._by_addr: dict[tuple[str, int], str] = {}
         for addr in config.peers:
@@ -550,12 +555,12 @@ class Daemon:
             st.term if st else None,
             st.master if st else None,
             pid,
-            sum(self.rejected.values()) // 100,
         )
-        if not force and key == self._last_status:
+        now = time.monotonic()
+        if not force and key == self._last_status and now - self._status_written < STATUS_REFRESH_S:
             return
         self._last_status = key
-        now = time.monotonic()
+        self._status_written = now
         lease = None if st is None or st.lease_deadline is None else round(st.lease_deadline - now, 3)
         status: dict[str, Any] = {
             "node": self.me,

@@ -320,6 +320,12 @@ class Daemon:
             # unauthenticated: the source address is all we have to tie a datagram to a member
             raise DatagramError("wrong-source", f"claims to be {env.sender!r}")
         if env.cluster_fp != self.codec.cluster_fp:
+            # docs/security.md §5: another cluster's node never completes our epoch handshake, so
+            # only the echo check is skipped; its stale or replayed datagrams are refused as usual
+            why = self.guard.check(env, check_echo=False)
+            if why is not None:
+                self._reject(why, f"from {env.sender} epoch={env.sender_epoch} seq={env.seq}", addr)
+                return
             self._cluster_mismatch(env.sender, msg)
             return
         if isinstance(msg, ClusterInfo):

@@ -109,6 +109,9 @@ class Daemon:
         self.timing = config.timing
         self.store = StateStore(config.state_dir)
         self.rejected: Counter[str] = Counter()
+        # the key id of each peer's last accepted datagram: shows who still signs with an old key
+        # during a rotation (docs/security.md §6); one entry per member at most
+        self.peer_key_ids: dict[str, int] = {}
         self.received = 0
         self.sent = 0
         self._reject_log = _RateLimiter(REJECT_LOG_INTERVAL_S)
@@ -287,7 +290,8 @@ class Daemon:
             return
         self.keyring = keyring
         self.codec = self._make_codec()
-        log.warning("event=keys_reloaded keys=%s", "none" if keyring is None else len(keyring.keys))
+        log.warning("event=keys_reloaded keys=%r", keyring)  # ids only, never key bytes
+        self._write_status(force=True)
 
     # ------------------------------------------------------------------ the core's inputs
 
@@ -334,6 +338,7 @@ class Daemon:
         if why is not None:
             self._reject(why, f"from {env.sender} epoch={env.sender_epoch} seq={env.seq}", addr)
             return
+        self.peer_key_ids[env.sender] = env.key_id
         self.node.step(env.sender, msg, time.monotonic())
         self._process()
 
@@ -576,6 +581,8 @@ class Daemon:
             "script_pid": pid,
             "lease_remaining_s": lease,
             "authenticated": self.keyring is not None,
+            "send_key_id": self.keyring.send_key_id if self.keyring is not None else None,
+            "peer_key_ids": dict(sorted(self.peer_key_ids.items())),
             "updated_monotonic": now,
             "pid": os.getpid(),
             "members": list(self.members),

@@ -1,0 +1,661 @@
+"""Live hostile traffic (issue 5): real daemons on loopback, attacked by this test process.
+
+Each test runs a 3-node cluster (``python -m pyquorum`` subprocesses on 127.0.0.x, heartbeat 0.05 s,
+election timeout 0.5 s, see tests/runtime/_hostile_cluster.py) and sends from 127.0.0.1:
+
+* ``test_flood_changes_nothing``: with a key file, every node is flooded, one kind after the other,
+  with ``PER_KIND`` datagrams of each kind (``keyed_attacks`` lists them). For each kind the
+  ``rejected`` counters of ``status.json`` must show the reasons expected for it and no other (so
+  nothing got past the MAC that should not have). Then: the master is the same node in the same
+  term, every daemon runs and still accepts its peers' datagrams, the logs hold no Traceback and
+  only rate-limited reject lines, nothing was ever sent to the attacker's address, and SIGTERM to
+  the master still fails over. Run with ``-s`` to see the counters of each attack.
+* ``test_without_key_runs_unauthenticated``: no key file: the daemon runs and says so at start-up and
+  in ``status.json``; datagrams claiming a member from another source address are refused.
+* ``test_key_rotation_with_sighup``: [k1] -> [k1, k2] -> [k2, k1] -> [k2], SIGHUP after each rewrite,
+  one node at a time: the master never changes, no datagram is refused for its key, each node's
+  peers are seen signing with the new key before the old one is retired, and then the old is refused.
+* ``test_refuses_key_file_readable_by_others``: exit 2, "chmod 600", no key material printed.
+
+Where replayed datagrams come from, without sniffing (which needs privileges CI does not have):
+genuine datagrams are *captured* by binding a member's address while that member's daemon is not
+running, so the real daemons send their real, signed datagrams to this test process:
+
+* before the cluster starts, node 0 runs alone while the test holds nodes 1 and 2's addresses: that
+  captures node 0's datagrams from an earlier life (its boot epoch is higher once it starts again);
+* once the cluster runs, a slave V is stopped and the test holds V's address: that captures the live
+  nodes' datagrams addressed to V's earlier life, and their ClusterInfo answers (below).
+
+The test does not need the key for those. What it cannot do without sniffing is capture a datagram a
+running receiver has already *accepted* and replay it into the same life ("replayed", "too-old"): that
+is covered by tests/test_replay.py, not here.
+
+Cross-cluster traffic (another cluster fingerprint, signed with the right key) is sent while V is
+down, as V in V's then-current epoch, which is what a misconfigured V would send: the live nodes count
+it ("cluster-mismatch"), log it rate-limited, and answer with one ClusterInfo sent to V's configured
+address, never to the datagram's source. Replayed once V has restarted, it is "stale-epoch".
+
+The test holds the key (it is the operator) for the attacks that need one: a former member (right
+key, not a member) and the cross-cluster datagrams. Everything else is sent without the key.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import os
+import random
+import secrets
+import select
+import signal
+import socket
+import subprocess
+import time
+import zlib
+from collections import Counter
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from pyquorum import keys
+from pyquorum.codec import ClusterInfo, Codec, cluster_fingerprint
+from pyquorum.core.messages import (
+    Heartbeat,
+    HeartbeatResponse,
+    Message,
+    PreVoteRequest,
+    PreVoteResponse,
+    Resign,
+    VoteRequest,
+    VoteResponse,
+)
+from pyquorum.keys import KeyRing
+from tests.runtime._hostile_cluster import HostileCluster, Node, wait_for
+
+pytestmark = pytest.mark.slow
+
+HUGE_TERM = 2**62
+PER_KIND = 2000  # datagrams of each kind sent to each node
+RATE = 4000.0  # per node and second: a flood, yet it leaves CPU for three daemons on a shared host
+MAX_REJECT_LOG_LINES = 60  # the daemon logs one per reason per 10 s; about 15 reasons here
+MAX_LOG_BYTES = 64 * 1024
+
+Datagram = tuple[bytes, tuple[str, int]]
+Status = dict[str, Any]
+
+
+# -- small tools ------------------------------------------------------------------------------
+
+
+def write_key_file(path: Path, lines: Sequence[str], mode: int = 0o600) -> None:
+    """Replace ``path`` atomically with these key lines, with ``mode``."""
+    tmp = path.with_name(path.name + ".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        f.write("".join(line + "\n" for line in lines))
+    os.chmod(tmp, mode)
+    os.replace(tmp, path)
+
+
+def key_lines(path: Path) -> list[str]:
+    return [ln for ln in path.read_text(encoding="utf-8").splitlines() if ln and not ln.startswith("#")]
+
+
+def attacker_socket() -> socket.socket:
+    """The attacker: an ordinary UDP socket on 127.0.0.1, which is no member's address."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sock.bind(("127.0.0.1", 0))
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1 << 20)
+    return sock
+
+
+def send_paced(sock: socket.socket, datagrams: Sequence[Datagram], rate: float) -> None:
+    """Send everything at about ``rate`` datagrams per second."""
+    start = time.monotonic()
+    for i, (data, dest) in enumerate(datagrams):
+        with contextlib.suppress(OSError):  # ENOBUFS and the like: one attack datagram fewer
+            sock.sendto(data, dest)
+        if i % 64 == 63:
+            ahead = start + (i + 1) / rate - time.monotonic()
+            if ahead > 0:
+                time.sleep(ahead)
+
+
+def pending(sock: socket.socket) -> list[bytes]:
+    """Whatever was sent to ``sock`` (nothing ever should be, for the attacker's)."""
+    got = []
+    while select.select([sock], [], [], 0)[0]:
+        got.append(sock.recv(65536))
+    return got
+
+
+def recrc(body: bytes) -> bytes:
+    """An unauthenticated datagram's trailer: anyone can compute it."""
+    return body + zlib.crc32(body).to_bytes(4, "big")
+
+
+class Recorder:
+    """Holds members' addresses while their daemons are down, and keeps what the others send them."""
+
+    def __init__(self, addrs: Iterable[tuple[str, int]]) -> None:
+        self.socks: dict[tuple[str, int], socket.socket] = {}
+        for addr in addrs:
+            sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            sock.bind(addr)
+            self.socks[addr] = sock
+        self.captured: list[Datagram] = []
+
+    def drain(self, timeout_s: float = 0.0) -> None:
+        select.select(list(self.socks.values()), [], [], timeout_s)
+        for addr, sock in self.socks.items():
+            while select.select([sock], [], [], 0)[0]:
+                self.captured.append((sock.recv(65536), addr))
+
+    def record_until(self, done: Callable[[], bool], timeout_s: float, what: str) -> None:
+        deadline = time.monotonic() + timeout_s
+        while not done():
+            assert time.monotonic() < deadline, f"timed out capturing {what}: {len(self.captured)} datagrams"
+            self.drain(0.02)
+
+    def close(self) -> None:
+        for sock in self.socks.values():
+            sock.close()
+
+
+def statuses(nodes: Iterable[Node]) -> dict[str, Status]:
+    out = {}
+    for node in nodes:
+        st = node.status()
+        assert st is not None, f"{node.name} has no status.json (running: {node.running()})"
+        out[node.name] = st
+    return out
+
+
+def rejected_total(st: Status) -> int:
+    return sum(st["rejected"].values())
+
+
+def accepted(st: Status) -> int:
+    """Datagrams handed on to the core: received minus every rejected one."""
+    return int(st["received"]) - rejected_total(st)
+
+
+def delta(after: Status, before: Status) -> Counter[str]:
+    diff: Counter[str] = Counter(after["rejected"])
+    diff.subtract(before["rejected"])
+    return +diff
+
+
+def settle(nodes: Sequence[Node], sent_to_each: int, before: dict[str, Status]) -> dict[str, Status]:
+    """Wait until every node has counted all we sent it, or counted nothing new across two status
+    writes (the rest was dropped by a full socket buffer); return the statuses."""
+    last: dict[str, tuple[float, int]] = {}
+    done: dict[str, Status] = {}
+    deadline = time.monotonic() + 15.0
+    while len(done) < len(nodes):
+        assert time.monotonic() < deadline, f"counters did not settle: {last}"
+        for node in nodes:
+            if node.name in done:
+                continue
+            st = statuses([node])[node.name]
+            counted = rejected_total(st) - rejected_total(before[node.name])
+            prev = last.get(node.name)
+            if counted >= sent_to_each or (
+                prev is not None and st["updated_monotonic"] > prev[0] and counted == prev[1]
+            ):
+                done[node.name] = st
+            elif prev is None or st["updated_monotonic"] > prev[0]:
+                last[node.name] = (st["updated_monotonic"], counted)
+        time.sleep(0.05)
+    return done
+
+
+def logged_more(node: Node, event: str, seen: int) -> Callable[[], bool | None]:
+    """A probe: has ``node`` logged ``event`` more than ``seen`` times?"""
+    return lambda: node.log_text().count(event) > seen or None
+
+
+def assert_master(c: HostileCluster, master: Node, term: int) -> None:
+    found = c.agreed_master()
+    assert found is not None and found[0] is master and found[1] == term, (
+        f"expected {master.name} master in term {term}: {c.statuses()}"
+    )
+
+
+# -- the attacks ------------------------------------------------------------------------------
+
+
+@dataclass
+class Attack:
+    """One kind of hostile datagram, and the reasons each node must count for it: every reason in
+    ``expect[node]`` must appear, and nothing outside ``expect[node] | allow``."""
+
+    name: str
+    datagrams: list[Datagram]
+    expect: dict[str, set[str]]
+    allow: set[str] = field(default_factory=set)
+
+
+def protocol_messages(term: int, members: Sequence[str]) -> list[Message]:
+    """What an attacker wants a node to believe: grants, a master, a resignation, huge terms."""
+    return [
+        VoteResponse(term=term, granted=True),
+        PreVoteResponse(term=term, granted=True, voter_term=term),
+        Heartbeat(term=term, master=True, round=term),
+        HeartbeatResponse(term=term, round=term),
+        VoteRequest(term=term),
+        PreVoteRequest(term=term),
+        Resign(term=term, successor=members[-1]),
+    ]
+
+
+def cycle_to(items: Sequence[bytes], n: int, rng: random.Random) -> list[bytes]:
+    out = list(itertools.islice(itertools.cycle(items), n))
+    rng.shuffle(out)
+    return out
+
+
+@dataclass
+class Scene:
+    """What the attacks are built from."""
+
+    cluster: HostileCluster
+    ring: KeyRing  # the real key
+    fp: bytes  # the cluster fingerprint, read off a genuine datagram (it is not secret)
+    epochs: dict[str, int]  # each member's current boot epoch, from its state.json
+    early_life: list[Datagram]  # node 0's genuine datagrams from before its restart
+    to_old_v: list[Datagram]  # the live nodes' genuine datagrams to V's earlier life
+    cross_cluster: list[Datagram]  # what the test sent as a misconfigured V
+    rng: random.Random
+
+    def forged(self, keyring: KeyRing | None, term: int, sender: str | None = None) -> list[Datagram]:
+        """``PER_KIND`` datagrams to each node, as a peer (or ``sender``), with envelope fields its
+        replay guard would accept (current epochs, the right echo, fresh sequence numbers): only
+        the key or the membership can refuse them."""
+        members = self.cluster.members
+        out: list[Datagram] = []
+        for node in self.cluster.nodes:
+            senders = [sender] if sender else [m for m in members if m != node.name]
+            pool = []
+            for i, (who, msg) in enumerate(itertools.product(senders, protocol_messages(term, members))):
+                codec = Codec(
+                    local=who, cluster_fp=self.fp, members=frozenset([*members, who]), keyring=keyring
+                )
+                for k in range(8):
+                    pool.append(
+                        codec.encode(
+                            msg,
+                            receiver=node.name,
+                            sender_epoch=self.epochs.get(who, 1),
+                            seq=10**12 + 8 * i + k,
+                            echo_epoch=self.epochs[node.name],
+                        )
+                    )
+            out += [(d, node.addr) for d in cycle_to(pool, PER_KIND, self.rng)]
+        return out
+
+
+def keyed_attacks(s: Scene) -> list[Attack]:
+    nodes = s.cluster.nodes
+    names = [n.name for n in nodes]
+    rng = s.rng
+
+    def everywhere(datagrams: Sequence[bytes]) -> list[Datagram]:
+        return [(d, n.addr) for n in nodes for d in datagrams]
+
+    def each(*reasons: str) -> dict[str, set[str]]:
+        return {n: set(reasons) for n in names}
+
+    # random bytes of random length up to 1500 (the limit is 1200)
+    garbage = [os.urandom(rng.randrange(0, 1501)) for _ in range(PER_KIND)]
+    # genuine datagrams cut short, and oversized datagrams up to the largest UDP payload
+    genuine = [d for d, _ in s.early_life + s.to_old_v]
+    cut = [d[: rng.randrange(0, len(d))] for d in cycle_to(genuine, PER_KIND // 2, rng)]
+    big = [b"PQ\x01\x01" + s.fp + os.urandom(size - 12) for size in (1201, 1500, 4096, 9000, 30000, 65507)]
+    oversized = [big[i % len(big)] for i in range(PER_KIND - len(cut))]
+    # other versions, key ids we do not have, key id 0 with a random tail
+    headers = []
+    for _ in range(PER_KIND):
+        version, key_id = rng.choice([(0, 1), (2, 1), (255, 1), (1, rng.randrange(2, 256)), (1, 0)])
+        headers.append(b"PQ" + bytes((version, key_id)) + s.fp + os.urandom(rng.randrange(60, 200)))
+    wrong = KeyRing(send_key_id=s.ring.send_key_id, keys={s.ring.send_key_id: secrets.token_bytes(32)})
+    other_id = 200 if s.ring.send_key_id != 200 else 201
+    unknown = KeyRing(send_key_id=other_id, keys={other_id: secrets.token_bytes(32)})
+    stranger = f"127.0.0.1:{s.cluster.port}"
+
+    def replay(name: str, captured: list[Datagram], at_receiver: str) -> Attack:
+        # every captured datagram to every node: its own receiver, and the others
+        expect: dict[str, set[str]] = {n: set() for n in names}
+        for _, to in captured:
+            for n in nodes:
+                expect[n.name].add(at_receiver if n.addr == to else "wrong-receiver")
+        pool = [d for d, _ in captured]
+        return Attack(name, everywhere(cycle_to(pool, PER_KIND, rng)), expect)
+
+    return [
+        Attack(
+            "garbage",
+            everywhere(garbage),
+            each("bad-magic", "too-large", "truncated"),
+            allow={"bad-version", "unknown-key", "unauthenticated", "bad-mac"},  # random bytes "PQ..."
+        ),
+        Attack(
+            "truncated-or-oversized", everywhere(cut + oversized), each("truncated", "bad-mac", "too-large")
+        ),
+        Attack(
+            "bad-version-or-key-id",
+            everywhere(headers),
+            each("bad-version", "unknown-key", "unauthenticated"),
+        ),
+        Attack("wrong-key", s.forged(wrong, 5), each("bad-mac")),
+        Attack("forged-grants-and-master-term-2**62-wrong-key", s.forged(wrong, HUGE_TERM), each("bad-mac")),
+        Attack("key-id-not-ours", s.forged(unknown, HUGE_TERM), each("unknown-key")),
+        Attack("unsigned-claiming-member", s.forged(None, HUGE_TERM), each("unauthenticated")),
+        Attack(
+            "former-member-right-key", s.forged(s.ring, HUGE_TERM, sender=stranger), each("unknown-sender")
+        ),
+        replay("replay-sender-earlier-life", s.early_life, "stale-epoch"),
+        replay("replay-to-receiver-earlier-life", s.to_old_v, "bad-echo"),
+        replay("replay-cross-cluster-after-restart", s.cross_cluster, "stale-epoch"),
+    ]
+
+
+# -- the tests --------------------------------------------------------------------------------
+
+
+def test_flood_changes_nothing(tmp_path: Path) -> None:
+    seed = random.randrange(2**32)
+    rng = random.Random(seed)
+    key_file = tmp_path / "cluster.key"
+    keys.keygen(key_file)
+    ring = keys.load_keyring(key_file)
+    attacker = attacker_socket()
+    report = [f"seed={seed}"]
+    with HostileCluster(tmp_path, key_files=key_file) as c:
+        n0, others = c.nodes[0], c.nodes[1:]
+
+        # Phase 0: node 0's earlier life. The test holds nodes 1 and 2's addresses and keeps what
+        # node 0, alone, sends them: genuine signed heartbeats and pre-vote requests.
+        rec = Recorder(n.addr for n in others)
+        try:
+            n0.start()
+            rec.record_until(
+                lambda: all(sum(1 for _, to in rec.captured if to == n.addr) >= 8 for n in others),
+                10.0,
+                "node 0's datagrams from its earlier life",
+            )
+            assert n0.stop() == 0
+            rec.drain()
+        finally:
+            rec.close()
+        early_life = rec.captured
+        fp = early_life[0][0][4:12]
+
+        # Phase 1: the cluster; node 0 starts again, with a higher boot epoch
+        c.start()
+        master, term = c.wait_for_master()
+
+        # Phase 2: stop a slave V and hold its address. As V, in V's current epoch, send the live
+        # nodes cross-cluster datagrams (right key, another fingerprint); keep what they send V.
+        v = next(n for n in c.nodes if n is not master)
+        live = [n for n in c.nodes if n is not v]
+        assert v.stop() == 0
+        v_epoch = int(v.persisted()["boot_epoch"])
+        other_fp = cluster_fingerprint(c.members, "heartbeat_interval_s=0.06 (a misconfigured node)")
+        cross = Codec(local=v.name, cluster_fp=other_fp, members=frozenset(c.members), keyring=ring)
+        messages = itertools.cycle(protocol_messages(HUGE_TERM, c.members))
+        cross_cluster = [
+            (cross.encode(msg, receiver=n.name, sender_epoch=v_epoch, seq=2**40 + i, echo_epoch=0), n.addr)
+            for i, msg in zip(range(PER_KIND), messages, strict=False)
+            for n in live
+        ]
+        before_cross = statuses(live)
+        ours = Codec(local=v.name, cluster_fp=fp, members=frozenset(c.members), keyring=ring)
+        rec = Recorder([v.addr])
+        try:
+            for i in range(0, len(cross_cluster), 64):
+                send_paced(attacker, cross_cluster[i : i + 64], RATE * len(live))
+                rec.drain()
+
+            def decoded() -> list[tuple[str, Message | ClusterInfo, bytes]]:
+                out = []
+                for data, _ in rec.captured:
+                    env, msg = ours.decode(data)  # genuine: the real key verifies it
+                    out.append((env.sender, msg, data))
+                return out
+
+            def enough() -> bool:
+                got = decoded()
+                return all(
+                    sum(1 for s, m, _ in got if s == n.name and not isinstance(m, ClusterInfo)) >= 8
+                    and any(s == n.name and isinstance(m, ClusterInfo) for s, m, _ in got)
+                    for n in live
+                )
+
+            rec.record_until(enough, 10.0, "datagrams to V's earlier life, and ClusterInfo answers")
+            captured = decoded()
+        finally:
+            rec.close()
+        after_cross = settle(live, PER_KIND, before_cross)
+        infos = Counter(s for s, m, _ in captured if isinstance(m, ClusterInfo))
+        report.append(f"ClusterInfo answers received at V's address: {dict(infos)}")
+        assert all(infos[n.name] == 1 for n in live), f"one ClusterInfo each (rate-limited): {infos}"
+        to_old_v = [(d, v.addr) for _, m, d in captured if not isinstance(m, ClusterInfo)]
+        for n in live:
+            got_cross = delta(after_cross[n.name], before_cross[n.name])
+            report.append(f"cross-cluster-right-key ({PER_KIND}/node) at {n.name}: {dict(got_cross)}")
+            assert set(got_cross) == {"cluster-mismatch"}, f"{n.name}: {got_cross}"
+            lines = [ln for ln in n.log_text().splitlines() if "event=cluster_mismatch" in ln]
+            assert 1 <= len(lines) <= 2, f"{n.name} logged cluster_mismatch {len(lines)} times"
+        v.start()
+        wait_for(lambda: c.agreed_master(), 10.0, "V back, following the master")
+        assert_master(c, master, term)
+
+        # Phase 3: the flood, one kind after the other
+        epochs = {n.name: int(n.persisted()["boot_epoch"]) for n in c.nodes}
+        attacks = keyed_attacks(Scene(c, ring, fp, epochs, early_life, to_old_v, cross_cluster, rng))
+        time.sleep(0.6)  # the restart's handshake rejects ("bad-echo") are counted and written
+        for attack in attacks:
+            before = statuses(c.nodes)
+            send_paced(attacker, attack.datagrams, RATE * len(c.nodes))
+            after = settle(c.nodes, len(attack.datagrams) // len(c.nodes), before)
+            row = []
+            for n in c.nodes:
+                got = delta(after[n.name], before[n.name])
+                row.append(f"{n.ip}={dict(sorted(got.items()))}")
+                missing = attack.expect[n.name] - set(got)
+                stray = set(got) - attack.expect[n.name] - attack.allow
+                assert not missing, f"{attack.name}: {n.name} counted {dict(got)}: nothing for {missing}"
+                assert not stray, f"{attack.name}: {n.name} counted {dict(got)}: {stray} unexpected"
+            report.append(f"{attack.name} ({len(attack.datagrams) // len(c.nodes)}/node): " + " ".join(row))
+
+        # Phase 4: nothing changed, everyone still listens, the logs stayed small
+        c.assert_all_running()
+        assert_master(c, master, term)
+        sample = {name: accepted(st) for name, st in statuses(c.nodes).items()}
+        time.sleep(1.2)
+        for name, st in statuses(c.nodes).items():
+            assert accepted(st) >= sample[name] + 10, f"{name} stopped accepting its peers: {st}"
+            assert st["authenticated"] is True
+        for n in c.nodes:
+            text = n.log_text()
+            assert "Traceback" not in text, text[-3000:]
+            rejects = sum(1 for ln in text.splitlines() if "event=datagram_rejected" in ln)
+            size = n.log_path.stat().st_size
+            report.append(
+                f"{n.name}: {statuses([n])[n.name]['rejected']} reject log lines={rejects} log bytes={size}"
+            )
+            assert rejects <= MAX_REJECT_LOG_LINES, f"{n.name} logged {rejects} rejects"
+            assert size <= MAX_LOG_BYTES, f"{n.name}'s log is {size} bytes"
+        reflected = pending(attacker)
+        assert not reflected, f"{len(reflected)} datagrams were sent to the attacker's address"
+
+        # Phase 5: the cluster still fails over
+        master.signal(signal.SIGTERM)
+        new_master, new_term = c.wait_for_master(10.0, among=[n for n in c.nodes if n is not master])
+        assert new_term > term
+        assert master.proc is not None and master.proc.wait(5.0) == 0
+        report.append(f"failover: {master.name} term {term} -> {new_master.name} term {new_term}")
+    attacker.close()
+    print("\n" + "\n".join(report))
+
+
+def test_without_key_runs_unauthenticated(tmp_path: Path) -> None:
+    attacker = attacker_socket()
+    with HostileCluster(tmp_path, key_files=None, verbose=False) as c:  # the default log level
+        # Read the fingerprint off a genuine datagram: hold node 2's address for a moment.
+        rec = Recorder([c.nodes[2].addr])
+        try:
+            c.start(c.nodes[:2])
+            rec.record_until(lambda: bool(rec.captured), 10.0, "a genuine datagram")
+        finally:
+            rec.close()
+        fp = rec.captured[0][0][4:12]
+        c.start(c.nodes[2:])
+        master, term = c.wait_for_master()
+        for name, st in statuses(c.nodes).items():
+            assert st["authenticated"] is False and st["send_key_id"] is None, name
+        for n in c.nodes:
+            assert "cluster traffic is UNAUTHENTICATED" in n.log_text(), n.log_text()
+
+        # Without a key anyone can compute the CRC. A member is tied to its address instead.
+        epochs = {n.name: int(n.persisted()["boot_epoch"]) for n in c.nodes}
+        datagrams: list[Datagram] = []
+        for n in c.nodes:
+            peer = next(m for m in c.members if m != n.name)
+            plain = Codec(local=peer, cluster_fp=fp, members=frozenset(c.members), keyring=None)
+            signed = Codec(
+                local=peer,
+                cluster_fp=fp,
+                members=frozenset(c.members),
+                keyring=KeyRing(send_key_id=1, keys={1: secrets.token_bytes(32)}),
+            )
+            for i in range(PER_KIND // 4):
+                hb = Heartbeat(term=HUGE_TERM, master=True, round=i)
+                env = {"sender_epoch": epochs[peer], "seq": 10**12 + i, "echo_epoch": epochs[n.name]}
+                good = plain.encode(hb, receiver=n.name, **env)
+                body = good[:-4]
+                at = len(body) - 18  # msg_type, then the heartbeat's 17 bytes: term, master, round
+                datagrams += [
+                    (d, n.addr)
+                    for d in (
+                        good,  # a member's heartbeat, term 2**62, from the attacker's address
+                        signed.encode(hb, receiver=n.name, **env),
+                        good[:-1] + bytes([good[-1] ^ 1]),
+                        recrc(body[:at] + b"\x63" + body[at + 1 :]),  # message type 99
+                        recrc(body[:-9] + b"\x02" + body[-8:]),  # master flag 2
+                        recrc(body + b"\x00"),
+                    )
+                ]
+        before = statuses(c.nodes)
+        send_paced(attacker, datagrams, RATE * len(c.nodes))
+        after = settle(c.nodes, len(datagrams) // len(c.nodes), before)
+        expect = {"wrong-source", "unexpected-mac", "bad-checksum", "bad-type", "bad-field", "trailing-bytes"}
+        for n in c.nodes:
+            got = delta(after[n.name], before[n.name])
+            print(f"no key, {n.name}: {dict(sorted(got.items()))}")
+            assert set(got) == expect, f"{n.name}: {dict(got)}"
+            assert "event=datagram_rejected reason=wrong-source" in n.log_text()
+            assert "Traceback" not in n.log_text()
+        assert_master(c, master, term)
+        c.assert_all_running()
+        assert not pending(attacker)
+    attacker.close()
+
+
+def test_key_rotation_with_sighup(tmp_path: Path) -> None:
+    both = tmp_path / "keys"
+    assert keys.keygen(both) == 1
+    assert keys.keygen(both, add=True) == 2
+    k1, k2 = key_lines(both)
+    files = [tmp_path / f"node{i}.key" for i in range(3)]  # every host has its own copy
+    for f in files:
+        write_key_file(f, [k1])
+    ring1 = keys.load_keyring(files[0])
+    with HostileCluster(tmp_path, key_files=files) as c:
+        c.start()
+        master, term = c.wait_for_master()
+        before = statuses(c.nodes)
+
+        def step(lines: list[str], sends: int, accepts: list[int]) -> None:
+            for node, f in zip(c.nodes, files, strict=True):
+                reloads = node.log_text().count("event=keys_reloaded")
+                write_key_file(f, lines)
+                node.signal(signal.SIGHUP)
+                wait_for(
+                    logged_more(node, "event=keys_reloaded", reloads),
+                    5.0,
+                    f"{node.name} to reload its keys",
+                )
+                assert f"KeyRing(send_key_id={sends}, key_ids={accepts})" in node.log_text()
+                time.sleep(0.2)  # one node at a time, as an operator would
+                assert_master(c, master, term)
+
+            def peers_see_it() -> bool | None:
+                sts = statuses(c.nodes).values()
+                return (
+                    all(
+                        st["send_key_id"] == sends and sorted(st["peer_key_ids"].values()) == [sends, sends]
+                        for st in sts
+                    )
+                    or None
+                )
+
+            # an operator checks this before the next step: every node's peers sign with `sends`
+            wait_for(peers_see_it, 5.0, f"every node seeing its peers sign with key {sends}")
+
+        step([k1, k2], 1, [1, 2])  # 1. add k2: accept both, still sign with k1
+        step([k2, k1], 2, [1, 2])  # 2. switch: sign with k2, still accept k1
+        step([k2], 2, [2])  # 3. retire k1
+        assert_master(c, master, term)
+        for name, st in statuses(c.nodes).items():
+            got = delta(st, before[name])
+            assert not set(got) & {"unknown-key", "bad-mac"}, f"{name} refused a peer's key: {got}"
+
+        # The retired key is refused now, even on an otherwise fresh-looking vote grant.
+        attacker = attacker_socket()
+        target = c.nodes[1]
+        old = Codec(local=c.members[0], cluster_fp=bytes(8), members=frozenset(c.members), keyring=ring1)
+        grant = VoteResponse(term=HUGE_TERM, granted=True)
+        grants = [
+            old.encode(grant, receiver=target.name, sender_epoch=1, seq=i, echo_epoch=1) for i in range(50)
+        ]
+        before_t = statuses([target])[target.name]
+        send_paced(attacker, [(d, target.addr) for d in grants], RATE)
+        wait_for(
+            lambda: delta(statuses([target])[target.name], before_t)["unknown-key"] >= 50 or None,
+            5.0,
+            "the retired key refused",
+        )
+        attacker.close()
+
+        # A reload that would weaken the key file is refused: the node keeps its keys and runs.
+        node = c.nodes[2]
+        failures = node.log_text().count("event=reload_failed")
+        write_key_file(files[2], [k2], mode=0o644)
+        node.signal(signal.SIGHUP)
+        wait_for(logged_more(node, "event=reload_failed", failures), 5.0, "a refusal")
+        assert f"chmod 600 {files[2]}" in node.log_text()
+        time.sleep(0.3)
+        assert_master(c, master, term)
+        c.assert_all_running()
+        for n in c.nodes:
+            assert "Traceback" not in n.log_text()
+            assert k1.split()[1] not in n.log_text() and k2.split()[1] not in n.log_text()
+
+
+@pytest.mark.parametrize("mode", [0o644, 0o640, 0o604, 0o660])
+def test_refuses_key_file_readable_by_others(tmp_path: Path, mode: int) -> None:
+    key_file = tmp_path / "cluster.key"
+    keys.keygen(key_file)
+    os.chmod(key_file, mode)
+    node = HostileCluster(tmp_path, key_files=key_file).nodes[0]
+    proc = subprocess.run(node.argv, env=node.env, capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 2, proc.stderr
+    assert f"chmod 600 {key_file}" in proc.stderr, proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert key_lines(key_file)[0].split()[1] not in proc.stderr + proc.stdout
+    assert not (node.state_dir / "status.json").exists(), "it must refuse before it starts"

@@ -11,6 +11,7 @@ still carries it when the test ends, pass or fail, and each test's helper proces
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import logging
 import os
@@ -312,6 +313,46 @@ def test_supervisor_refuses_a_deadline_with_no_time_to_run(tag: str) -> None:
             assert not h.sup.running
 
     run(scenario)
+    assert tagged(tag) == []
+
+
+@pytest.mark.parametrize("stop_timeout_s", [G, 0.0])
+def test_supervisor_start_counts_renewals_sent_while_the_guard_starts(
+    tag: str, stop_timeout_s: float
+) -> None:
+    """A lease renewed while the guard is still starting up counts: the first deadline leaves less
+    room than the guard's own start-up (tens of ms on a loaded host), but the guard reads the
+    renewal before its start-up check, and start() waits by the renewed deadline. With G = 0 it is
+    start()'s own wait that would give up. Reference: protocol.md §4.3."""
+
+    async def scenario() -> None:
+        async with harness(["sleep", "100"], tag, stop_timeout_s=stop_timeout_s) as h:
+            first = time.monotonic() + stop_timeout_s + K + 0.003
+            starting = asyncio.ensure_future(h.sup.start(first, h.env))
+            await asyncio.sleep(0)  # start() has spawned the guard and waits for it
+            h.sup.renew(time.monotonic() + 5.0)
+            await starting
+            assert h.sup.running
+            assert h.sup.pid is not None
+
+    run(scenario)
+
+
+def test_supervisor_start_that_gives_up_leaves_no_unretrieved_exception(
+    tag: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """start() gives up at the kill deadline while the guard is still starting; what the guard
+    reports afterwards must not surface as asyncio's "Future exception was never retrieved"."""
+
+    async def scenario() -> None:
+        async with harness(["sleep", "100"], tag, stop_timeout_s=0.0) as h:
+            with pytest.raises(ScriptStartError):
+                await h.start(K + 0.002)
+            await asyncio.sleep(0.1)
+
+    run(scenario)
+    gc.collect()
+    assert "never retrieved" not in caplog.text
     assert tagged(tag) == []
 
 

@@ -178,15 +178,23 @@ class ScriptSupervisor:
         self._run = run
         run.watcher = loop.create_task(self._watch(run, report))
         try:
-            # guard.py refuses when SIGTERM is already due; this bounds a guard that hangs instead.
-            wait_s = max(0.0, deadline - self._kill_margin_s - time.monotonic())
-            try:
-                pid = await asyncio.wait_for(asyncio.shield(run.started), wait_s)
-            except asyncio.TimeoutError:
-                raise ScriptStartError("the script did not start before its kill deadline") from None
+            # guard.py refuses when SIGTERM is already due; this bounds a guard that hangs instead,
+            # by the deadline as renewed meanwhile (renew() moves run.deadline, and the guard reads
+            # renewals before it decides).
+            while True:
+                wait_s = max(0.0, run.deadline - self._kill_margin_s - time.monotonic())
+                try:
+                    pid = await asyncio.wait_for(asyncio.shield(run.started), wait_s)
+                    break
+                except asyncio.TimeoutError:
+                    if time.monotonic() >= run.deadline - self._kill_margin_s:
+                        raise ScriptStartError("the script did not start before its kill deadline") from None
         except BaseException as e:
             # A run that start() did not begin leaves nothing behind: the script, if it was
             # exec'd, dies of PDEATHSIG with its guard, and the watcher kills its group.
+            # Nobody waits for `started` any more: cancelled, it cannot end with an exception that
+            # asyncio would report as never retrieved.
+            run.started.cancel()
             run.settled.set_result(False)
             run.requested = True
             run.proc.kill()  # Popen checks that it has not reaped the guard yet

@@ -24,7 +24,10 @@ Input, stdin, one command per line; deadlines are ``time.monotonic()`` values (`
     stop <D>    stop now; D may move the deadline earlier, never later
 
 EOF on stdin (the daemon died, or closed the pipe) is ``stop`` with the current deadline; so is SIGTERM
-sent to the guard itself. SIGINT and SIGHUP are ignored: they are meant for the daemon.
+sent to the guard itself. SIGINT and SIGHUP are ignored: they are meant for the daemon. Renewals sent
+while the guard was starting up are applied before it checks that the deadline leaves time to run (the
+daemon renews every heartbeat round, and a loaded host can take longer to start the guard than the
+lease's slack); other early commands wait until the script has started.
 
 Output, on the report fd, one line each, in this order:
 
@@ -163,6 +166,7 @@ class _Guard:
         self.term_sent_at: float | None = None
         self.kill_sent = False
         self.pending = b""  # a partial command line from stdin
+        self.early: list[str] = []  # commands read before the script started, for run() to act on
         self.wake_r, wake_w = os.pipe()
         os.set_blocking(self.wake_r, False)
         os.set_blocking(wake_w, False)
@@ -172,6 +176,35 @@ class _Guard:
         self.poller.register(0, select.POLLIN)
 
     # ---- starting ---------------------------------------------------------------------------------
+
+    def read_early_commands(self) -> None:
+        """Before the script starts: apply the renewals the daemon sent while we were starting up (a
+        loaded host can take longer than the lease's slack), so that the start-up check sees the
+        current deadline. Any other command, and every one after it, waits in ``early`` for
+        ``replay_early_commands``, which needs the script's pid; EOF stays for run() to see."""
+        poller = select.poll()
+        poller.register(0, select.POLLIN)
+        while poller.poll(0):
+            try:
+                data = os.read(0, 4096)
+            except OSError:
+                return
+            if not data:
+                return
+            lines = (self.pending + data).split(b"\n")
+            self.pending = lines.pop()
+            for raw in lines:
+                line = raw.decode(errors="replace")
+                if not self.early and line.startswith("renew "):
+                    self._command(line)
+                else:
+                    self.early.append(line)
+
+    def replay_early_commands(self) -> None:
+        """Once the script has started: act on the commands ``read_early_commands`` kept."""
+        early, self.early = self.early, []
+        for line in early:
+            self._command(line)
 
     def spawn(self, argv: list[str]) -> str | None:
         """Fork and exec the script; None on success, else why it did not start."""
@@ -445,7 +478,8 @@ def main(args: list[str]) -> int:
     guard = _Guard(report_fd, grace, margin, deadline)
     signal.signal(signal.SIGTERM, _noop)
     signal.signal(signal.SIGCHLD, _noop)
-    left = deadline - time.monotonic()
+    guard.read_early_commands()
+    left = guard.deadline - time.monotonic()
     if left <= grace + margin:
         # protocol.md §4.3: SIGTERM would be due already; a script must not start without a lease.
         _report(
@@ -460,6 +494,7 @@ def main(args: list[str]) -> int:
             _report(report_fd, f"error {problem}")
             return 0
         _report(report_fd, f"started {guard.pid}")
+        guard.replay_early_commands()
         returncode, reaped_at = guard.run()
     except BaseException:
         guard.emergency_kill()

@@ -509,8 +509,9 @@ def test_flood_changes_nothing(tmp_path: Path, attacker: socket.socket) -> None:
 
         queues = udp_sockets()
         drops = {n.ip: queues.get(n.addr, (0, 0))[1] - drops_before[n.name] for n in c.nodes}
+        took = time.monotonic() - flood_start
         report.append(
-            f"flood: {sum(len(a.datagrams) for a in attacks)} datagrams in {time.monotonic() - flood_start:.1f}s "
+            f"flood: {sum(len(a.datagrams) for a in attacks)} datagrams in {took:.1f}s "
             f"(with the pauses to read the counters); dropped by the kernel at the daemons' sockets: {drops}"
         )
 

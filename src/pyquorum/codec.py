@@ -12,8 +12,8 @@ What it must not know
 ---------------------
 Whether a datagram is fresh: that is ``pyquorum.replay.ReplayGuard``'s job, which the caller runs on
 the returned ``Envelope`` before handing the message to ``Node.step``. Whether a datagram from
-another cluster (``env.cluster_fp != codec.cluster_fp``) matters: it still decodes, and the caller
-only counts a ``ClusterInfo`` from it.
+another cluster (``env.cluster_fp != codec.cluster_fp``) matters: it still decodes; the caller
+checks its freshness without the echo rule, counts and logs it, and never gives it to the core.
 
 Wire format, version 1 (all integers big-endian)
 -----------------------------------------------
@@ -395,9 +395,10 @@ class Codec:
         """Verify and parse one datagram. Raises ``DatagramError`` (a ``RemoteProtocolError``)
         and nothing else, whatever ``data`` holds.
 
-        Next, the caller checks ``env.cluster_fp == self.cluster_fp`` (a mismatch: count a
-        ``ClusterInfo``, drop anything else), then ``ReplayGuard.check(env)``, and only then hands
-        the message to ``Node.step(env.sender, msg, now)``.
+        Next, the caller checks ``env.cluster_fp == self.cluster_fp`` (a mismatch:
+        ``ReplayGuard.check(env, check_echo=False)``, then count and log it, never step it), then
+        ``ReplayGuard.check(env)``, and only then hands the message to
+        ``Node.step(env.sender, msg, now)`` (docs/security.md §3, "Then the daemon").
         """
         # security.md §3: size first, then magic and version, then the trailer, then parsing
         size = len(data)

@@ -38,13 +38,15 @@ Since every node sends every peer a heartbeat each ``heartbeat_interval``, a sta
 at most one heartbeat round of messages, well inside the election timeout. The same handshake
 repeats with the restarted node after any restart.
 
-ClusterInfo bypasses the echo check
------------------------------------
+Another cluster's datagrams bypass the echo check
+-------------------------------------------------
 A node whose cluster fingerprint differs from ours is not in our protocol: the caller does not feed
-it to the core, so its epoch handshake with us never completes. The caller therefore checks
-``ClusterInfo`` with ``check_echo=False``. The only thing that weakens is that a captured
-``ClusterInfo`` can be replayed into a later life of ours once; its effect is one rate-limited log
-line. Rules 1, 2 and 4 still apply.
+it to the core, so its epoch handshake with us never completes. The caller therefore checks every
+datagram with a foreign fingerprint (a ``ClusterInfo`` or a protocol message) with
+``check_echo=False``. The only thing that weakens is that such a captured datagram can be replayed
+into a later life of ours once; its effect is one rate-limited log line (and, for a protocol
+message, one rate-limited ``ClusterInfo`` sent to the member's configured address). Rules 1, 2 and
+4 still apply.
 
 Limits
 ------
@@ -97,8 +99,8 @@ class ReplayGuard:
         the reason to drop it ("stale-epoch", "bad-echo", "too-old", "replayed"), to be counted.
 
         Call it only after ``Codec.decode`` succeeded (its sender is a member; with a key, the MAC
-        verified) and, for protocol messages, after checking ``env.cluster_fp``. Pass
-        ``check_echo=False`` only for ``ClusterInfo`` (see the module docstring). A datagram is
+        verified) and after comparing ``env.cluster_fp``. Pass ``check_echo=False`` only for a
+        datagram with another cluster's fingerprint (see the module docstring). A datagram is
         recorded as seen only when accepted.
         """
         peer = self._peers.get(env.sender)

@@ -16,6 +16,7 @@ import math
 import os
 import re
 import shutil
+import signal
 import socket
 import stat
 import sys
@@ -105,15 +106,22 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _daemon(argv: list[str]) -> int:
-    args = _daemon_parser().parse_args(argv)
-    config = build_config(args)
-    for warning in config.warnings():
-        print(f"{PROG}: warning: {warning}", file=sys.stderr)
-    configure_logging(config.log_level, config.node_id)
-    # Imported here so that the command line (and its tests) work without the runtime loaded.
-    from pyquorum.runtime.daemon import run
+    # SIGHUP reloads the key file once the daemon runs; until then its default action (exit 129)
+    # would kill a node that an operator reloads while it starts (a rotation step, docs/security.md
+    # §6). Ignored until the daemon installs its handler: the keys are read after this point anyway.
+    previous = signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    try:
+        args = _daemon_parser().parse_args(argv)
+        config = build_config(args)
+        for warning in config.warnings():
+            print(f"{PROG}: warning: {warning}", file=sys.stderr)
+        configure_logging(config.log_level, config.node_id)
+        # Imported here so that the command line (and its tests) work without the runtime loaded.
+        from pyquorum.runtime.daemon import run
 
-    return run(config)
+        return run(config)
+    finally:
+        signal.signal(signal.SIGHUP, previous)
 
 
 def _daemon_parser() -> _Parser:

@@ -474,7 +474,7 @@ def test_flood_changes_nothing(tmp_path: Path, attacker: socket.socket) -> None:
         after_cross = settle(live, PER_KIND, before_cross)
         infos = Counter(s for s, m, _ in captured if isinstance(m, ClusterInfo))
         report.append(f"ClusterInfo answers received at V's address: {dict(infos)}")
-        assert all(infos[n.name] == 1 for n in live), f"one ClusterInfo each (rate-limited): {infos}"
+        assert all(1 <= infos[n.name] <= 2 for n in live), f"ClusterInfo: one per 10 s each: {infos}"
         to_old_v = [(d, v.addr) for _, m, d in captured if not isinstance(m, ClusterInfo)]
         for n in live:
             got_cross = delta(after_cross[n.name], before_cross[n.name])

@@ -47,9 +47,8 @@ from pyquorum.supervisor import ScriptExit, ScriptStartError, ScriptSupervisor
 
 log = logging.getLogger("pyquorum")
 
-# Receive into a buffer larger than any datagram we accept, so an oversized one is seen and counted
-# as "too-large" instead of being silently truncated into something that might parse.
-RECV_BUFFER = 65535
+# (asyncio receives into a 256 KiB buffer: an oversized datagram arrives whole and is counted as
+# "too-large" by the codec, never truncated into something that might parse.)
 # At most one log line per reason per this many seconds for rejected datagrams (an attacker must not
 # be able to fill the disk); the counters in status.json are exact.
 REJECT_LOG_INTERVAL_S = 10.0

@@ -1,0 +1,587 @@
+"""The scenarios: faults on real hosts, as a story (``h.isolate(master)``, ``h.sleep(2.5)``, ``h.heal``).
+
+Each scenario is a function of a ``Harness``. ``run_scenario`` starts the cluster, waits for a master's
+script, marks the cluster "steady", runs the scenario, then heals everything (network, stopped
+processes, killed daemons), checks that a script runs again within the liveness bound, lets it settle,
+stops every daemon with SIGTERM, and hands the directory to the checker.
+
+Every fault goes through ``Harness.fault``: it records the moment before the fault (``t_before``: the
+failover clock starts there, so a measured failover is never too short), does it, records the moment
+after (``t``: a minority's deadline counts from there, so it is never too early) and whether it
+happened, with evidence (the signal was delivered and the process is stopped or gone; for network
+faults ``Harness.heal`` adds how many packets the nft rules dropped). A fault that did not happen
+makes the scenario "NOT INJECTED", which is not a pass.
+
+Bounds (the checker asserts them):
+
+- crash-like faults of the master (its host, daemon killed or stopped; isolated; mute; in a minority):
+  ``Timing.failover_bound_s()`` (protocol.md §5.1) plus ``SPAWN_ALLOWANCE_S`` for the script's own
+  start-up, which the protocol's bound does not include;
+- a deaf master (hears nobody): it keeps sending master heartbeats until it steps down at lease age
+  ``stop_begin_s``; then the §5.1 bound applies, so ``stop_begin_s + failover_bound_s()`` plus the allowance;
+- a killed script: the master restarts it after ``restart_backoff_s`` (1 s, cli.py ``--restart``), plus
+  twice the allowance (the guard reports the killed run; a new guard and script start).
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pyquorum.config import DEFAULT_RESTART_BACKOFF_S
+from pyquorum.core.lease import Timing
+from tests.netns.checker import SPAWN_ALLOWANCE_S, liveness_bound_s
+from tests.netns.cluster import Cluster
+from tests.netns.hosts import Network
+
+TUNED = Timing(heartbeat_interval_s=0.05, election_timeout_s=0.5, stop_timeout_s=0.2)
+# Daemon start-up (an interpreter importing pyquorum on a loaded machine) before the election clock
+# even starts; only used to give up waiting for the first master.
+STARTUP_ALLOWANCE_S = 5.0
+WARMUP_S = 0.5
+SETTLE_S = 1.0
+
+
+class NotInjected(Exception):
+    """The scenario could not inject its fault (e.g. no master to target)."""
+
+
+@dataclass(frozen=True)
+class Scenario:
+    name: str
+    n: int
+    steps: Callable[[Harness], None]
+    stable: bool = False  # no election may happen after the steady mark (no faults, 5% loss)
+    doc: str = ""
+
+
+class Harness:
+    """What a scenario can do to the cluster; every fault is recorded."""
+
+    def __init__(self, cluster: Cluster, rng: random.Random) -> None:
+        self.c = cluster
+        self.net: Network = cluster.net
+        self.timing = cluster.timing
+        self.rng = rng
+        self._fault_ids = 0
+        self._open: dict[int, dict[str, Any]] = {}
+        self._dropped_at: dict[int, int] = {}
+
+    # ---- bounds -------------------------------------------------------------------------------------
+
+    @property
+    def crash_bound(self) -> float:
+        return self.timing.failover_bound_s() + SPAWN_ALLOWANCE_S
+
+    @property
+    def deaf_bound(self) -> float:
+        return self.timing.stop_begin_s + self.timing.failover_bound_s() + SPAWN_ALLOWANCE_S
+
+    @property
+    def restart_bound(self) -> float:
+        # the guard reports the killed run, the daemon waits its back-off, then a new guard and script
+        # start: the back-off plus two script start-ups' worth of allowance
+        return DEFAULT_RESTART_BACKOFF_S + 2 * SPAWN_ALLOWANCE_S
+
+    @property
+    def liveness_bound(self) -> float:
+        return liveness_bound_s(self.timing, self.net.n) + SPAWN_ALLOWANCE_S
+
+    # ---- looking --------------------------------------------------------------------------------------
+
+    def master(self, timeout: float | None = None) -> int:
+        """The host whose script runs now (waiting up to the liveness bound for one)."""
+        h = self.c.wait_running(self.liveness_bound if timeout is None else timeout)
+        if h is None:
+            raise NotInjected("no master's script was running to target")
+        return h
+
+    def others(self, *hosts: int) -> list[int]:
+        return [h for h in self.net.hosts if h not in hosts]
+
+    def sleep(self, seconds: float) -> None:
+        time.sleep(seconds)
+
+    def wait_new_master(self, old: int, after: float, timeout: float | None = None) -> int | None:
+        return self.c.wait_running(
+            self.crash_bound + 1.0 if timeout is None else timeout, not_host=old, after=after
+        )
+
+    # ---- faults ---------------------------------------------------------------------------------------
+
+    def fault(
+        self,
+        name: str,
+        do: Callable[[], bool],
+        *,
+        hosts: list[int],
+        network: bool = False,
+        minority: list[int] | None = None,
+        failover_bound: float | None = None,
+        failover: bool | None = None,
+        whole_host_pause: bool = False,
+        evidence: str = "",
+    ) -> int:
+        """Inject one fault; ``do`` returns True if it took effect. Returns the fault's id for ``heal``.
+        ``minority``: hosts that cannot renew a lease from now on (cut off from a majority, or their
+        daemon frozen or dead) until the heal. ``failover_bound``: a new run must start within it
+        (``failover=True`` without a bound: measure and report only)."""
+        self._fault_ids += 1
+        fid = self._fault_ids
+        if network:
+            self._dropped_at[fid] = self.net.dropped()
+        t_before = time.monotonic()
+        self.c.evidence = ""
+        ok = do()
+        entry = {
+            "id": fid,
+            "name": name,
+            "hosts": hosts,
+            "t_before": t_before,
+            "injected": bool(ok),
+            "evidence": evidence or self.c.evidence or ("done" if ok else "failed"),
+            "network": network,
+            "minority": minority or [],
+            "expect_failover": failover if failover is not None else failover_bound is not None,
+            "failover_bound_s": failover_bound,
+            "whole_host_pause": whole_host_pause,
+        }
+        self.c.record("fault", **entry)
+        self._open[fid] = entry
+        return fid
+
+    def heal(self, fid: int, undo: Callable[[], object] | None = None) -> None:
+        """End fault ``fid``: run ``undo`` (if any) and record it, with the packets dropped meanwhile."""
+        t_before = time.monotonic()
+        extra: dict[str, Any] = {}
+        entry = self._open.pop(fid)
+        if entry["network"]:
+            extra["dropped"] = self.net.dropped() - self._dropped_at.pop(fid)
+        if undo is not None:
+            undo()
+        self.c.record("heal", fault=fid, name=entry["name"], t_before=t_before, **extra)
+
+    # network
+
+    def _net(self, change: Callable[[], None]) -> Callable[[], bool]:
+        def do() -> bool:
+            change()
+            self.net.apply()
+            net = self.net
+            self.c.evidence = (
+                f"nft rules in force: {len(net.cuts)} one-way cuts, isolated {sorted(net.isolated)}, "
+                f"loss {net.loss_percent}%"
+            )
+            return True
+
+        return do
+
+    def heal_network(self) -> None:
+        self.net.heal()
+        self.net.apply()
+
+    def net_fault(
+        self,
+        name: str,
+        change: Callable[[], None],
+        *,
+        hosts: list[int],
+        minority: list[int] | None = None,
+        failover_bound: float | None = None,
+    ) -> int:
+        return self.fault(
+            name,
+            self._net(change),
+            hosts=hosts,
+            network=True,
+            minority=minority,
+            failover_bound=failover_bound,
+        )
+
+    # ---- the end ------------------------------------------------------------------------------------
+
+    def heal_everything(self) -> None:
+        """Heal the network, resume what is stopped, restart what is dead (open faults are closed).
+        The checker expects a script to run within the liveness bound after this (protocol.md §5.2)."""
+        for fid in list(self._open):
+            self.heal(fid)
+        self.heal_network()
+        for h in sorted(self.c.paused):
+            self.c.resume_host(h)
+        restarted = self.c.down()
+        for h in restarted:
+            self.c.start(h)
+        self.c.record("healed_all", restarted=restarted)
+
+
+# ---- scenario steps ---------------------------------------------------------------------------------
+
+
+def baseline(h: Harness) -> None:
+    h.sleep(5.0)
+
+
+def kill_host_master(h: Harness) -> None:
+    m = h.master()
+    f = h.fault(
+        f"kill -9 host h{m} (master)", lambda: h.c.kill_host(m), hosts=[m], failover_bound=h.crash_bound
+    )
+    h.wait_new_master(m, after=0)
+    h.sleep(1.0)
+    h.heal(f, lambda: h.c.start(m))
+    h.sleep(0.5)
+
+
+def kill_daemon_master(h: Harness) -> None:
+    m = h.master()
+    f = h.fault(
+        f"kill -9 daemon h{m} (master)",
+        lambda: h.c.kill_daemon(m),
+        hosts=[m],
+        minority=[m],
+        failover_bound=h.crash_bound,
+    )
+    h.wait_new_master(m, after=0)
+    h.sleep(1.0)
+    h.heal(f, lambda: h.c.start(m))  # restart a killed daemon: embargo, then it follows
+    h.sleep(0.5)
+
+
+def kill_daemon_restart_at_once(h: Harness) -> None:
+    """kill -9 the master's daemon and start it again at once (systemd Restart=always, RestartSec=0):
+    its old guard is still stopping the old script; the restart embargo (protocol.md §3.6) covers it."""
+    m = h.master()
+
+    def crash_and_restart() -> bool:
+        killed = h.c.kill_daemon(m)
+        h.c.start(m)
+        return killed
+
+    f = h.fault(
+        f"kill -9 daemon h{m} (master), restarted at once",
+        crash_and_restart,
+        hosts=[m],
+        failover_bound=h.crash_bound,
+    )
+    h.sleep(2.0)
+    h.heal(f)
+
+
+def kill_script(h: Harness) -> None:
+    m = h.master()
+    f = h.fault(
+        f"kill -9 script on h{m}", lambda: h.c.kill_script(m), hosts=[m], failover_bound=h.restart_bound
+    )
+    h.sleep(2.0)
+    h.heal(f)
+
+
+def stop_daemon_master(h: Harness) -> None:
+    m = h.master()
+    f = h.fault(
+        f"SIGSTOP daemon h{m} (master)",
+        lambda: h.c.stop_daemon(m),
+        hosts=[m],
+        minority=[m],
+        failover_bound=h.crash_bound,
+    )
+    h.sleep(3 * h.timing.election_timeout_s + 0.5)
+    h.heal(f, lambda: h.c.cont_daemon(m))
+    h.sleep(0.5)
+
+
+def pause_host_master(h: Harness) -> None:
+    """protocol.md §4.5: a VM pause. Timing cannot stop the resumed script for a moment; fencing must."""
+    m = h.master()
+    f = h.fault(
+        f"SIGSTOP host h{m} (master, VM pause)",
+        lambda: h.c.pause_host(m),
+        hosts=[m],
+        failover_bound=h.crash_bound,
+        whole_host_pause=True,
+    )
+    h.wait_new_master(m, after=0)
+    h.sleep(0.5)
+    h.heal(f, lambda: h.c.resume_host(m))
+    h.sleep(0.5)
+
+
+def isolate_master(h: Harness) -> None:
+    m = h.master()
+    f = h.net_fault(
+        f"isolate h{m} (master)",
+        lambda: h.net.isolate(m),
+        hosts=[m],
+        minority=[m],
+        failover_bound=h.crash_bound,
+    )
+    h.sleep(2.0)
+    h.heal(f, h.heal_network)
+    h.sleep(0.5)
+
+
+def split(h: Harness) -> None:
+    """Majority/minority: the master and floor(n/2) - 1 others on the minority side."""
+    m = h.master()
+    minority = [m, *h.rng.sample(h.others(m), h.net.n // 2 - 1)]
+    majority = h.others(*minority)
+    f = h.net_fault(
+        f"split {minority}|{majority} (master h{m} in the minority)",
+        lambda: h.net.partition(minority, majority),
+        hosts=minority,
+        minority=minority,
+        failover_bound=h.crash_bound,
+    )
+    h.sleep(2.0)
+    h.heal(f, h.heal_network)
+    h.sleep(0.5)
+
+
+def bridge(h: Harness) -> None:
+    """Jepsen's bridge: two halves that do not hear each other, and one node that hears both."""
+    m = h.master()
+    rest = h.others(m)
+    h.rng.shuffle(rest)
+    mid, others = rest[0], rest[1:]
+    half = (len(others) + 1) // 2
+    side_a, side_b = [m, *others[: half - 1]], others[half - 1 :]
+    f = h.net_fault(
+        f"bridge {side_a}|{side_b} via h{mid}",
+        lambda: h.net.partition(side_a, side_b),
+        hosts=[*side_a, *side_b],
+    )
+    h.sleep(3.0)
+    h.heal(f, h.heal_network)
+    h.sleep(1.0)
+
+
+def ring(h: Harness) -> None:
+    """Jepsen's majorities ring: every node hears a majority, no two hear the same one."""
+    order = list(h.net.hosts)
+    h.rng.shuffle(order)
+    n = len(order)
+    k = (n // 2 + 1) // 2  # neighbours heard on each side: 1 of 5, 2 of 7 (stochastic beyond 5 in Jepsen)
+
+    def change() -> None:
+        for i in range(n):
+            for j in range(n):
+                if min((i - j) % n, (j - i) % n) > k:
+                    h.net.cut(order[i], order[j])
+
+    f = h.net_fault(f"majorities ring {order}", change, hosts=order)
+    h.sleep(3.0)
+    h.heal(f, h.heal_network)
+    h.sleep(1.0)
+
+
+def oneway_master_mute(h: Harness) -> None:
+    """One-way: the master hears the others, they do not hear it."""
+    m = h.master()
+
+    def change() -> None:
+        for o in h.others(m):
+            h.net.cut(m, o)
+
+    f = h.net_fault(
+        f"one-way: nobody hears h{m} (master)", change, hosts=[m], minority=[m], failover_bound=h.crash_bound
+    )
+    h.sleep(2.0)
+    h.heal(f, h.heal_network)
+    h.sleep(0.5)
+
+
+def oneway_master_deaf(h: Harness) -> None:
+    """One-way: the others hear the master, it hears none of them (its acknowledgements are lost)."""
+    m = h.master()
+
+    def change() -> None:
+        for o in h.others(m):
+            h.net.cut(o, m)
+
+    f = h.net_fault(
+        f"one-way: h{m} (master) hears nobody", change, hosts=[m], minority=[m], failover_bound=h.deaf_bound
+    )
+    h.sleep(2.0)
+    h.heal(f, h.heal_network)
+    h.sleep(0.5)
+
+
+def loss(percent: int, seconds: float) -> Callable[[Harness], None]:
+    def steps(h: Harness) -> None:
+        f = h.net_fault(f"random loss {percent}%", lambda: h.net.loss(percent), hosts=list(h.net.hosts))
+        h.sleep(seconds)
+        h.heal(f, h.heal_network)
+        h.sleep(1.0)
+
+    return steps
+
+
+def flapping(h: Harness) -> None:
+    """The master's links go down and up every 0.1-0.6 s for 4 s."""
+    m = h.master()
+    f = h.net_fault(f"flapping links of h{m} (master)", lambda: h.net.isolate(m), hosts=[m])
+    give_up = time.monotonic() + 4.0
+    cut = True
+    while time.monotonic() < give_up:
+        h.sleep(h.rng.uniform(0.1, 0.6))
+        h.net.heal()
+        if not cut:
+            h.net.isolate(m)
+        cut = not cut
+        h.net.apply()
+    h.heal(f, h.heal_network)
+    h.sleep(0.5)
+
+
+def rolling_restart(h: Harness) -> None:
+    """Restart every node in turn with SIGTERM (a planned handover when it is the master)."""
+    for host in h.net.hosts:
+        was_master = h.c.running_host() == host
+        name = f"planned restart of h{host}" + (" (master)" if was_master else "")
+        # a planned handover (protocol.md §5.3) is far faster than a crash; the crash bound is generous
+        bound = h.crash_bound if was_master else None
+        f = h.fault(name, lambda host=host: h.c.stop(host) == 0, hosts=[host], failover_bound=bound)  # type: ignore[misc]
+        h.heal(f, lambda host=host: h.c.start(host))  # type: ignore[misc]
+        # the restarted node is sticky for E; then let it settle before the next one goes
+        h.master()
+        h.sleep(h.timing.election_timeout_s + 0.5)
+
+
+def restart_cluster(h: Harness) -> None:
+    """kill -9 every host, then start them all again: terms and votes come back from disk."""
+    h.master()
+
+    def kill_all() -> bool:
+        return all([h.c.kill_host(x) for x in h.net.hosts])
+
+    # measured from the kill: 1 s down, the daemons' start-up, then an election (reported, no bound)
+    f = h.fault("kill -9 every host", kill_all, hosts=list(h.net.hosts), failover=True)
+    h.sleep(1.0)
+    h.heal(f, h.c.start_all)
+    h.master()
+    h.sleep(1.0)
+
+
+def partition_kill(h: Harness) -> None:
+    """Isolate the master; once another one runs, kill -9 that one's host too."""
+    m = h.master()
+    f1 = h.net_fault(
+        f"isolate h{m} (master)",
+        lambda: h.net.isolate(m),
+        hosts=[m],
+        minority=[m],
+        failover_bound=h.crash_bound,
+    )
+    m2 = h.wait_new_master(m, after=0)
+    if m2 is None:
+        h.heal(f1, h.heal_network)
+        raise NotInjected("no second master appeared to kill")
+    f2 = h.fault(
+        f"kill -9 host h{m2} (new master)",
+        lambda: h.c.kill_host(m2),
+        hosts=[m2],
+        failover_bound=h.crash_bound,
+    )
+    h.sleep(2.0)
+    h.heal(f1, h.heal_network)
+    h.heal(f2, lambda: h.c.start(m2))
+    h.sleep(0.5)
+
+
+def pause_partition(h: Harness) -> None:
+    """SIGSTOP the master's daemon, cut it off, SIGCONT it while still cut off, then heal."""
+    m = h.master()
+    f1 = h.fault(
+        f"SIGSTOP daemon h{m} (master)",
+        lambda: h.c.stop_daemon(m),
+        hosts=[m],
+        minority=[m],
+        failover_bound=h.crash_bound,
+    )
+    h.sleep(0.2)
+    f2 = h.net_fault(f"isolate h{m} (stopped master)", lambda: h.net.isolate(m), hosts=[m], minority=[m])
+    h.sleep(1.5)
+    h.heal(f1, lambda: h.c.cont_daemon(m))
+    h.sleep(1.5)
+    h.heal(f2, h.heal_network)
+    h.sleep(0.5)
+
+
+def _scenarios(n: int) -> list[Scenario]:
+    return [
+        Scenario(
+            f"baseline-{n}", n, baseline, stable=True, doc="no faults: one election, master never changes"
+        ),
+        Scenario(f"kill-host-master-{n}", n, kill_host_master),
+    ]
+
+
+SCENARIOS_3 = [
+    *_scenarios(3),
+    Scenario("kill-daemon-master-3", 3, kill_daemon_master),
+    Scenario("kill-daemon-restart-at-once-3", 3, kill_daemon_restart_at_once),
+    Scenario("kill-script-3", 3, kill_script),
+    Scenario("stop-daemon-master-3", 3, stop_daemon_master),
+    Scenario("pause-host-master-3", 3, pause_host_master, doc="protocol.md §4.5: fencing, not overlap"),
+    Scenario("isolate-master-3", 3, isolate_master),
+    Scenario("oneway-master-mute-3", 3, oneway_master_mute),
+    Scenario("oneway-master-deaf-3", 3, oneway_master_deaf),
+    Scenario("loss-5-3", 3, loss(5, 5.0), stable=True, doc="5% loss: no spurious election"),
+    Scenario("loss-20-3", 3, loss(20, 5.0)),
+    Scenario("loss-40-3", 3, loss(40, 5.0)),
+    Scenario("flapping-3", 3, flapping),
+    Scenario("rolling-restart-3", 3, rolling_restart),
+    Scenario("restart-cluster-3", 3, restart_cluster),
+    Scenario("pause-partition-3", 3, pause_partition),
+]
+
+SCENARIOS_5 = [
+    *_scenarios(5),
+    Scenario("loss-5-5", 5, loss(5, 5.0), stable=True, doc="5% loss: no spurious election"),
+    Scenario("split-5", 5, split),
+    Scenario("bridge-5", 5, bridge),
+    Scenario("ring-5", 5, ring),
+    Scenario("partition-kill-5", 5, partition_kill),
+]
+
+SCENARIOS_7 = [
+    *_scenarios(7),
+    Scenario("split-7", 7, split),
+    Scenario("bridge-7", 7, bridge),
+    Scenario("ring-7", 7, ring),
+    Scenario("partition-kill-7", 7, partition_kill),
+]
+
+
+def run_scenario(
+    scenario: Scenario, net: Network, workdir: Path, key_file: Path, *, seed: int, broken: str = ""
+) -> Path:
+    """Run ``scenario`` on ``net`` (all its hosts healed first) and return its directory for the
+    checker. ``broken``: run broken_daemon.py with these variants instead (testing the tester)."""
+    net.heal()
+    net.apply()
+    meta = {"stable": scenario.stable, "seed": seed, "doc": scenario.doc, "broken": broken}
+    cluster = Cluster(net, workdir, TUNED, key_file, scenario.name, broken=broken, meta=meta)
+    h = Harness(cluster, random.Random(seed))
+    try:
+        cluster.start_all()
+        if h.c.wait_running(h.liveness_bound + STARTUP_ALLOWANCE_S) is None:
+            cluster.record("startup_failed", waited_s=h.liveness_bound + STARTUP_ALLOWANCE_S)
+        else:
+            h.sleep(WARMUP_S)
+            cluster.record("steady")
+            try:
+                scenario.steps(h)
+            except NotInjected as exc:
+                cluster.record("fault", id=-1, name=scenario.name, hosts=[], t_before=time.monotonic(),
+                               injected=False, evidence=str(exc))  # fmt: skip
+            h.heal_everything()
+            h.c.wait_running(h.liveness_bound)
+            h.sleep(SETTLE_S)
+    finally:
+        cluster.close()
+    return workdir

@@ -55,8 +55,9 @@ class Timing:
 
     @property
     def retry_interval_s(self) -> float:
-        """How often a candidate re-sends an unanswered (pre-)vote request."""
-        return min(self.heartbeat_interval_s, self.slot_s / 4.0)
+        """How often a candidate re-sends an unanswered (pre-)vote request: often enough that a
+        request refused because it overtook the master's Resign is repeated at once."""
+        return min(self.heartbeat_interval_s, self.slot_s) / 4.0
 
     def kill_deadline(self, lease_start: float) -> float:
         """The moment (same clock as ``lease_start``) by which the script must be reaped."""

@@ -205,6 +205,7 @@ class Node:
         self.last_heard: dict[str, float] = {}
         # protocol.md §3.3: the last time we accepted a live master's heartbeat (or sent one as master)
         self.last_master_heard: float | None = None
+        self.last_ack_sent = -1e18  # when we last acknowledged our master's round
         self.attempt_at: float | None = None
         self.quiet_until = now
         # (master, term) that resigned: its heartbeats of that term, reordered behind the Resign, are void
@@ -476,6 +477,7 @@ class Node:
         self.attempt_at = None
         # protocol.md §3.5: stickiness is set BEFORE the acknowledgement leaves
         self.last_master_heard = now
+        self.last_ack_sent = now
         self._send(sender, HeartbeatResponse(self.term, msg.round))
 
     def _on_resign(self, sender: str, msg: Resign, now: float) -> None:
@@ -591,7 +593,12 @@ class Node:
         h = self.timing.heartbeat_interval_s
         self.next_heartbeat_at = now + h
         if self.role is not Role.MASTER:
-            self._broadcast(Heartbeat(self.term, False, 0))
+            # protocol.md §3.2: an acknowledgement sent to the master within h proves we are alive;
+            # a plain heartbeat to it would only cost CPU on both sides.
+            skip = self.master if now - self.last_ack_sent < h else None
+            for p in self.peers:
+                if p != skip:
+                    self._send(p, Heartbeat(self.term, False, 0))
             return
         self.round += 1
         self.rounds[self.round] = _Round(now, {self.me})

@@ -4,8 +4,11 @@ Reference: protocol.md §4.3 (the kill deadline: absent renewal SIGTERM at D - G
 reaped by D; a requested stop SIGKILLs at min(now + G, D - K)) and §6 (supervision: a frozen or dead
 daemon, a dead guard, the whole process group).
 
-Every process a test creates carries a tag in its environment; the ``tag`` fixture SIGKILLs whatever
-still carries it when the test ends, pass or fail, and each test's helper processes are reaped.
+Every process a test creates carries a tag in its environment (standby guards, which inherit the
+supervisor's environment, too: the ``tag`` fixture puts it in the test's own); the ``tag`` fixture
+SIGKILLs whatever still carries it when the test ends, pass or fail, and each test's helper processes
+are reaped. Tests decorated ``with_standby`` run twice: with a fresh guard per start, and with a
+standby guard.
 """
 
 from __future__ import annotations
@@ -115,8 +118,9 @@ def tagged(tag: str) -> list[int]:
 
 
 @pytest.fixture
-def tag() -> Iterator[str]:
+def tag(monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
     value = uuid.uuid4().hex
+    monkeypatch.setenv(TAG_VAR, value)  # for standby guards, which get the supervisor's environment
     yield value
     for _ in range(100):
         pids = tagged(value)
@@ -187,6 +191,7 @@ def read_json_line(proc: subprocess.Popen[bytes], timeout: float = 5.0) -> dict[
 
 class Harness:
     def __init__(self, argv: list[str], tag: str, stop_timeout_s: float) -> None:
+        self.tag = tag
         self.env = {"PATH": os.environ["PATH"], TAG_VAR: tag}
         self.exits: list[ScriptExit] = []
         self.exited = asyncio.Event()
@@ -204,12 +209,33 @@ class Harness:
         self.exited.set()
 
     async def start(self, lifetime_s: float) -> float:
-        """Start with the kill deadline ``lifetime_s`` from now; returns the deadline."""
+        """Start with the kill deadline ``lifetime_s`` from now; returns the deadline. A standby
+        guard that is ready must be the one that runs the script."""
         deadline = time.monotonic() + lifetime_s
+        standby = self.sup.standby_pid
         await self.sup.start(deadline, self.env)
         assert self.sup.running
         assert self.sup.pid is not None
+        if standby is not None:
+            assert self.sup.guard_pid == standby
+        assert self.sup.standby_pid is None  # none while a script runs
         return deadline
+
+    async def standby(self, timeout: float = 5.0, *, other_than: int | None = None) -> int:
+        """Wait until a standby guard (not ``other_than``) is ready; its pid."""
+        give_up = time.monotonic() + timeout
+        while (pid := self.sup.standby_pid) is None or pid == other_than:
+            assert time.monotonic() < give_up, "no standby guard became ready"
+            await asyncio.sleep(0.005)
+        assert alive(pid)
+        return pid
+
+    async def only(self, pids: list[int], timeout: float = 2.0) -> None:
+        """Wait until exactly ``pids`` (and no other guard or script) carry the tag."""
+        give_up = time.monotonic() + timeout
+        while sorted(tagged(self.tag)) != sorted(pids):
+            assert time.monotonic() < give_up, f"tagged {tagged(self.tag)}, wanted {pids}"
+            await asyncio.sleep(0.005)
 
     async def exit(self, timeout: float = 5.0) -> ScriptExit:
         await asyncio.wait_for(self.exited.wait(), timeout)
@@ -222,12 +248,22 @@ class Harness:
 
 
 @asynccontextmanager
-async def harness(argv: list[str], tag: str, *, stop_timeout_s: float = G) -> AsyncIterator[Harness]:
+async def harness(
+    argv: list[str], tag: str, *, stop_timeout_s: float = G, standby: bool = False
+) -> AsyncIterator[Harness]:
+    """A supervisor; with ``standby``, prepared, and its standby guard ready."""
     h = Harness(argv, tag, stop_timeout_s)
     try:
+        if standby:
+            await h.sup.prepare()
+            await h.standby()
         yield h
     finally:
         await h.sup.aclose(timeout=2.0)
+
+
+# Runs a test with a fresh guard per start, and with a standby guard.
+with_standby = pytest.mark.parametrize("standby", [False, True], ids=["cold", "standby"])
 
 
 def run(scenario: Callable[[], Awaitable[None]], timeout: float = 10.0) -> None:
@@ -240,15 +276,16 @@ def run(scenario: Callable[[], Awaitable[None]], timeout: float = 10.0) -> None:
 # ---- start and exit -------------------------------------------------------------------------------
 
 
+@with_standby
 @pytest.mark.parametrize(
     ("script", "returncode"),
     [("exit 0", 0), ("exit 3", 3), ("kill -USR1 $$", -signal.SIGUSR1)],
 )
-def test_supervisor_reports_the_scripts_exit(tag: str, script: str, returncode: int) -> None:
+def test_supervisor_reports_the_scripts_exit(tag: str, script: str, returncode: int, standby: bool) -> None:
     """A script that ends by itself is reported once, with its status. Reference: protocol.md §6."""
 
     async def scenario() -> None:
-        async with harness(["sh", "-c", script], tag) as h:
+        async with harness(["sh", "-c", script], tag, standby=standby) as h:
             deadline = await h.start(5.0)
             ended = await h.exit()
             assert ended == ScriptExit(returncode, ended.reaped_at, None, requested=False)
@@ -257,27 +294,35 @@ def test_supervisor_reports_the_scripts_exit(tag: str, script: str, returncode: 
     run(scenario)
 
 
-def test_supervisor_gives_exactly_the_environment_and_devnull_stdin(tag: str, tmp_path: Path) -> None:
-    """The script sees the environment given to start(), nothing of the daemon's, and stdin at EOF.
-    Reference: protocol.md §6."""
+@with_standby
+def test_supervisor_gives_exactly_the_environment_and_devnull_stdin(
+    tag: str, tmp_path: Path, standby: bool
+) -> None:
+    """The script sees the environment given to start(), nothing of the daemon's (a standby guard
+    runs with the daemon's), and stdin at EOF. Reference: protocol.md §6."""
     out = tmp_path / "env"
 
     async def scenario() -> None:
-        async with harness(["sh", "-c", f"env > {out}; cat"], tag) as h:
+        async with harness(["sh", "-c", f"env > {out}; cat"], tag, standby=standby) as h:
             h.env["PYQUORUM_TOKEN"] = "42"
+            h.env["ODD"] = 'a "quoted" value\nwith a newline, ünïcode and \\ a backslash'
+
             await h.start(5.0)
             assert (await h.exit()).returncode == 0  # cat read EOF from /dev/null
 
     run(scenario)
-    lines = out.read_text().splitlines()
+    text = out.read_text(encoding="utf-8")
+    lines = text.splitlines()
     assert "PYQUORUM_TOKEN=42" in lines
     assert f"{TAG_VAR}={tag}" in lines
+    assert 'ODD=a "quoted" value\nwith a newline, ünïcode and \\ a backslash\n' in text
     assert not any(line.startswith("PYTEST_CURRENT_TEST=") for line in lines)
 
 
+@with_standby
 @pytest.mark.parametrize("problem", ["missing", "not executable", "directory"])
 def test_supervisor_start_fails_clearly_when_the_script_cannot_run(
-    tag: str, tmp_path: Path, problem: str
+    tag: str, tmp_path: Path, problem: str, standby: bool
 ) -> None:
     """A script that cannot be exec'd is a ScriptStartError naming it, with nothing left running and
     no on_exit. Reference: protocol.md §6."""
@@ -290,7 +335,7 @@ def test_supervisor_start_fails_clearly_when_the_script_cannot_run(
     reason = "No such file or directory" if problem == "missing" else "Permission denied"
 
     async def scenario() -> None:
-        async with harness([str(path)], tag) as h:
+        async with harness([str(path)], tag, standby=standby) as h:
             with pytest.raises(ScriptStartError, match=reason) as raised:
                 await h.start(5.0)
             assert str(path) in str(raised.value)
@@ -302,12 +347,13 @@ def test_supervisor_start_fails_clearly_when_the_script_cannot_run(
     assert tagged(tag) == []
 
 
-def test_supervisor_refuses_a_deadline_with_no_time_to_run(tag: str) -> None:
+@with_standby
+def test_supervisor_refuses_a_deadline_with_no_time_to_run(tag: str, standby: bool) -> None:
     """A kill deadline closer than G + K would have SIGTERM due at once: nothing is started.
     Reference: protocol.md §4.3."""
 
     async def scenario() -> None:
-        async with harness(["sleep", "100"], tag) as h:
+        async with harness(["sleep", "100"], tag, standby=standby) as h:
             with pytest.raises(ScriptStartError, match="not starting"):
                 await h.start(G + K / 2)
             assert not h.sup.running
@@ -359,12 +405,13 @@ def test_supervisor_start_that_gives_up_leaves_no_unretrieved_exception(
 # ---- stopping -------------------------------------------------------------------------------------
 
 
-def test_supervisor_stop_sends_sigterm_which_the_script_honours(tag: str) -> None:
+@with_standby
+def test_supervisor_stop_sends_sigterm_which_the_script_honours(tag: str, standby: bool) -> None:
     """stop() sends SIGTERM at once; a script that obeys is gone long before the grace ends.
     Reference: protocol.md §4.3."""
 
     async def scenario() -> None:
-        async with harness(["sleep", "100"], tag, stop_timeout_s=2.0) as h:
+        async with harness(["sleep", "100"], tag, stop_timeout_s=2.0, standby=standby) as h:
             deadline = await h.start(5.0)
             asked = time.monotonic()
             h.sup.stop(deadline)
@@ -465,14 +512,15 @@ def test_supervisor_rejects_deadlines_that_are_not_finite(tag: str) -> None:
 # ---- the kill deadline ----------------------------------------------------------------------------
 
 
+@with_standby
 def test_supervisor_without_renewal_terminates_then_kills_before_the_deadline(
-    tag: str, tmp_path: Path
+    tag: str, tmp_path: Path, standby: bool
 ) -> None:
     """No renewal: SIGTERM at D - G - K, SIGKILL at D - K, reaped by D. Reference: protocol.md §4.3."""
     terms = tmp_path / "terms"
 
     async def scenario() -> None:
-        async with harness([*TERM_RECORDER, str(terms)], tag) as h:
+        async with harness([*TERM_RECORDER, str(terms)], tag, standby=standby) as h:
             deadline = await h.start(0.6)
             ended = await h.exit()
             assert ended.returncode == -signal.SIGKILL
@@ -484,12 +532,13 @@ def test_supervisor_without_renewal_terminates_then_kills_before_the_deadline(
     run(scenario)
 
 
-def test_supervisor_renewals_keep_the_script_alive_past_the_first_deadline(tag: str) -> None:
+@with_standby
+def test_supervisor_renewals_keep_the_script_alive_past_the_first_deadline(tag: str, standby: bool) -> None:
     """Each renewal moves the deadline later; when they stop, the script is gone by the last
     deadline. Reference: protocol.md §4.3."""
 
     async def scenario() -> None:
-        async with harness(["sleep", "100"], tag) as h:
+        async with harness(["sleep", "100"], tag, standby=standby) as h:
             first = await h.start(0.6)
             pid = h.sup.pid
             assert pid is not None
@@ -526,15 +575,16 @@ def test_supervisor_renewals_keep_the_script_alive_past_the_first_deadline(tag: 
         ("(setsid sleep 100 & echo $! > {f}); exit 0", 1, False),
     ],
 )
+@with_standby
 def test_supervisor_kills_the_whole_process_group(
-    tag: str, tmp_path: Path, script: str, count: int, stop: bool
+    tag: str, tmp_path: Path, script: str, count: int, stop: bool, standby: bool
 ) -> None:
     """Nothing the script started outlives it: its group, and, through the guard being a child
     subreaper, descendants that left the group. Reference: protocol.md §6."""
     pids_file = tmp_path / "pids"
 
     async def scenario() -> None:
-        async with harness(["sh", "-c", script.format(f=pids_file)], tag) as h:
+        async with harness(["sh", "-c", script.format(f=pids_file)], tag, standby=standby) as h:
             deadline = await h.start(5.0)
             children = read_pids(pids_file, count)
             if stop:
@@ -605,14 +655,15 @@ def test_guard_kills_by_the_deadline_while_the_daemon_is_frozen(
     assert tagged(tag) == [daemon.pid]
 
 
-def test_supervisor_kills_the_group_when_the_guard_is_killed(tag: str, tmp_path: Path) -> None:
+@with_standby
+def test_supervisor_kills_the_group_when_the_guard_is_killed(tag: str, tmp_path: Path, standby: bool) -> None:
     """The guard is SIGKILLed: the script dies of PR_SET_PDEATHSIG, the supervisor SIGKILLs the
     rest of its group and reports the exit, once. Reference: protocol.md §6."""
     pids_file = tmp_path / "pids"
 
     async def scenario() -> None:
         script = f"sleep 100 & echo $! > {pids_file}; wait"
-        async with harness(["sh", "-c", script], tag) as h:
+        async with harness(["sh", "-c", script], tag, standby=standby) as h:
             await h.start(5.0)
             (child,) = read_pids(pids_file, 1)
             pid, guard_pid = h.sup.pid, h.sup.guard_pid
@@ -634,12 +685,13 @@ def test_supervisor_kills_the_group_when_the_guard_is_killed(tag: str, tmp_path:
     assert tagged(tag) == []
 
 
-def test_guard_ignores_sigint_and_sighup_and_stops_on_sigterm(tag: str) -> None:
+@with_standby
+def test_guard_ignores_sigint_and_sighup_and_stops_on_sigterm(tag: str, standby: bool) -> None:
     """Terminal signals meant for the daemon do not reach the script; SIGTERM to the guard stops
     the script, then the guard reports and exits. Reference: protocol.md §6."""
 
     async def scenario() -> None:
-        async with harness(["sleep", "100"], tag) as h:
+        async with harness(["sleep", "100"], tag, standby=standby) as h:
             await h.start(5.0)
             guard_pid, pid = h.sup.guard_pid, h.sup.pid
             assert guard_pid is not None
@@ -754,3 +806,305 @@ def test_guard_line_protocol(tag: str, spawn: Callable[..., subprocess.Popen[byt
     complaints = guard.stderr.read().decode()
     guard.stderr.close()
     assert complaints.count("ignoring a line that is not a command") == 5
+
+
+# ---- the standby guard ----------------------------------------------------------------------------
+
+
+def guard_command(report_w: int, mode: list[str], argv: list[str]) -> list[str]:
+    """guard.py's command line, as the supervisor builds it; ``mode`` is --deadline D or --standby."""
+    return [
+        sys.executable,
+        "-I",
+        "-S",
+        GUARD_PATH,
+        "--report-fd",
+        str(report_w),
+        "--stop-timeout",
+        repr(G),
+        "--kill-margin",
+        repr(K),
+        *mode,
+        "--",
+        *argv,
+    ]
+
+
+def test_supervisor_standby_start_is_faster_than_a_cold_start(tag: str, tmp_path: Path) -> None:
+    """Measured, not asserted (the host is shared): start() with a ready standby guard costs its
+    fork and exec of the script; without, also a Python interpreter's start-up. Both start the
+    script; the standby guard is the one that runs it."""
+    cold: list[float] = []
+    warm: list[float] = []
+
+    async def once(standby: bool) -> None:
+        async with harness(["sleep", "100"], tag, standby=standby) as h:
+            standby_pid = h.sup.standby_pid
+            assert (standby_pid is not None) == standby
+            began = time.perf_counter()
+            deadline = await h.start(5.0)
+            (warm if standby else cold).append(time.perf_counter() - began)
+            h.sup.stop(deadline)
+            assert (await h.exit()).returncode == -signal.SIGTERM
+
+    async def scenario() -> None:
+        for _ in range(5):
+            await once(standby=False)
+            await once(standby=True)
+
+    run(scenario, timeout=60.0)
+    median = sorted(cold)[len(cold) // 2], sorted(warm)[len(warm) // 2]
+    print(
+        f"\nstart() latency, median of {len(cold)}: cold {median[0] * 1000:.1f} ms "
+        f"(min {min(cold) * 1000:.1f}), standby {median[1] * 1000:.1f} ms (min {min(warm) * 1000:.1f})"
+    )
+
+
+def test_supervisor_keeps_a_standby_guard_between_runs(tag: str) -> None:
+    """One standby guard while no script runs, none while one does; after each run a new one, which
+    the next start() uses."""
+
+    async def scenario() -> None:
+        async with harness(["sleep", "100"], tag, standby=True) as h:
+            standby = await h.standby()
+            await h.only([standby])
+            for _ in range(2):
+                deadline = await h.start(5.0)  # asserts that the standby guard runs the script
+                assert h.sup.pid is not None
+                await h.only([standby, h.sup.pid])  # the guard and its script, nothing else
+                h.sup.stop(deadline)
+                await h.exit()
+                h.exits.clear()
+                h.exited.clear()
+                standby = await h.standby(other_than=standby)
+                await h.only([standby])
+
+    run(scenario)
+    assert tagged(tag) == []
+
+
+@pytest.mark.parametrize("when", ["ready", "starting up", "after a run"])
+def test_supervisor_aclose_leaves_no_guard(tag: str, when: str) -> None:
+    """aclose() ends the standby guard, ready or still starting up, and none comes after it, not
+    even the one due after a run. Reference: protocol.md §6."""
+
+    async def scenario() -> None:
+        async with harness(["sleep", "100"], tag) as h:
+            await h.sup.prepare()
+            if when == "ready":
+                await h.standby()
+            elif when == "after a run":
+                await h.standby()
+                h.sup.stop(await h.start(5.0))
+                await h.exit()
+            await h.sup.aclose(timeout=2.0)
+            assert h.sup.standby_pid is None
+            assert tagged(tag) == []  # aclose() waited until it was gone
+            await asyncio.sleep(1.0)  # past the standby guard due after a run
+            assert tagged(tag) == []
+
+    run(scenario)
+
+
+def test_supervisor_replaces_a_standby_guard_that_dies(tag: str, caplog: pytest.LogCaptureFixture) -> None:
+    """A standby guard that dies is replaced, once a second at most, and said at debug level."""
+
+    async def scenario() -> None:
+        async with harness(["sleep", "100"], tag) as h:
+            prepared = time.monotonic()
+            await h.sup.prepare()
+            first = await h.standby()
+            os.kill(first, signal.SIGKILL)
+            second = await h.standby(other_than=first)
+            assert time.monotonic() - prepared >= 1.0  # not sooner than 1 s after the first
+            assert h.sup.guard_pid is None
+            await h.only([second])
+            await h.start(5.0)  # the new one runs the script
+
+    with caplog.at_level(logging.DEBUG, logger=LOG.name):
+        run(scenario)
+    assert "event=standby_guard_died" in caplog.text
+    assert tagged(tag) == []
+
+
+def test_supervisor_starts_a_fresh_guard_if_the_standby_guard_is_not_ready(tag: str) -> None:
+    """start() right after prepare(): the standby guard is still starting up, so a fresh guard runs
+    the script, and the standby guard is gone at once (it would only compete for the CPU)."""
+
+    async def scenario() -> None:
+        async with harness(["sleep", "100"], tag) as h:
+            await h.sup.prepare()
+            assert h.sup.standby_pid is None  # a Python interpreter takes longer than this
+            await h.start(5.0)
+            assert h.sup.guard_pid is not None
+            assert h.sup.pid is not None
+            await h.only([h.sup.guard_pid, h.sup.pid])
+
+    run(scenario)
+    assert tagged(tag) == []
+
+
+def test_supervisor_starts_a_fresh_guard_if_the_standby_guard_dies_at_the_start(tag: str) -> None:
+    """The standby guard is given its start line but dies before it can act on it: start() starts
+    the script with a fresh guard instead of failing."""
+
+    async def scenario() -> None:
+        async with harness(["sleep", "100"], tag, standby=True) as h:
+            standby = await h.standby()
+            os.kill(standby, signal.SIGSTOP)  # so that it cannot act on the start line
+            starting = asyncio.ensure_future(h.sup.start(time.monotonic() + 5.0, h.env))
+            await asyncio.sleep(0.05)  # start() has written the start line and waits
+            assert not starting.done()
+            os.kill(standby, signal.SIGKILL)
+            await starting
+            assert h.sup.guard_pid not in (None, standby)
+            assert h.sup.pid is not None
+            assert alive(h.sup.pid)
+            await h.only([h.sup.guard_pid, h.sup.pid])
+            assert h.exits == []
+
+    run(scenario)
+    assert tagged(tag) == []
+
+
+@pytest.mark.parametrize("how", ["EOF", "SIGTERM"])
+def test_guard_standby_exits_quietly_when_closed(
+    tag: str, spawn: Callable[..., subprocess.Popen[bytes]], tmp_path: Path, how: str
+) -> None:
+    """A standby guard that is closed, by EOF on its stdin or SIGTERM, exits 0 at once, says and
+    starts nothing."""
+    marker = tmp_path / "ran"
+    report_r, report_w = os.pipe()
+    guard = spawn(
+        guard_command(report_w, ["--standby"], ["sh", "-c", f": > {marker}"]),
+        stdin=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        pass_fds=(report_w,),
+    )
+    os.close(report_w)
+    with os.fdopen(report_r, "rb") as report:
+        assert report.readline() == b"ready\n"
+        time.sleep(0.1)
+        assert alive(guard.pid)
+        assert guard.stdin is not None
+        if how == "EOF":
+            guard.stdin.close()
+        else:
+            os.kill(guard.pid, signal.SIGTERM)
+        assert guard.wait(timeout=2.0) == 0
+        assert report.readline() == b""
+    assert guard.stderr is not None
+    assert guard.stderr.read() == b""
+    guard.stderr.close()
+    assert not marker.exists()
+    assert tagged(tag) == []
+
+
+def test_guard_standby_line_protocol(
+    tag: str, spawn: Callable[..., subprocess.Popen[bytes]], tmp_path: Path
+) -> None:
+    """guard.py --standby driven directly: ready; lines before the start ignored; a start line and a
+    renewal in one write (the renewal counts before the start-up check: the start line's own
+    deadline leaves no time to run); the script gets exactly the given environment; then as any
+    guard: a stop, exited. Reference: protocol.md §4.3."""
+    out = tmp_path / "env"
+    report_r, report_w = os.pipe()
+    guard = spawn(
+        guard_command(report_w, ["--standby"], ["sh", "-c", f"env > {out}; exec sleep 100"]),
+        stdin=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        pass_fds=(report_w,),
+    )
+    os.close(report_w)
+    env = {"PATH": os.environ["PATH"], TAG_VAR: tag, "ONLY": "this"}
+    with os.fdopen(report_r, "rb") as report:
+        assert report.readline() == b"ready\n"
+        assert guard.stdin is not None
+        guard.stdin.write(b"renew 1e9\nbogus\n")
+        guard.stdin.flush()
+        now = time.monotonic()
+        order = json.dumps({"env": env})
+        guard.stdin.write(f"start {now + G + K / 2!r} {order}\nrenew {now + 5.0!r}\n".encode())
+        guard.stdin.flush()
+        verb, pid = report.readline().split()
+        assert verb == b"started"
+        time.sleep(0.5)  # past the start line's own deadline: the renewal holds
+        assert alive(int(pid))
+        lines = out.read_text().splitlines()
+        shells = ("PWD=", "SHLVL=", "_=")  # what sh adds of its own
+        assert sorted(line for line in lines if not line.startswith(shells)) == sorted(
+            f"{k}={v}" for k, v in env.items()
+        )
+        guard.stdin.write(f"stop {now + 5.0!r}\n".encode())
+        guard.stdin.flush()
+        verb, returncode, _ = report.readline().split()
+        assert (verb, int(returncode)) == (b"exited", -signal.SIGTERM)
+        assert report.readline() == b""
+    assert guard.wait(timeout=2.0) == 0
+    assert guard.stderr is not None
+    complaints = guard.stderr.read().decode()
+    guard.stderr.close()
+    assert complaints.count("ignoring a line that is not a start command") == 2
+
+
+@pytest.mark.parametrize(
+    "order",
+    ["inf {{}}", "{deadline} not-json", "{deadline} []", '{deadline} {{"env": {{"A": 1}}}}', ""],
+)
+def test_guard_standby_refuses_a_bad_start_line(
+    tag: str, spawn: Callable[..., subprocess.Popen[bytes]], tmp_path: Path, order: str
+) -> None:
+    """A start line the standby guard cannot act on is reported as an error; nothing starts."""
+    marker = tmp_path / "ran"
+    report_r, report_w = os.pipe()
+    guard = spawn(
+        guard_command(report_w, ["--standby"], ["sh", "-c", f": > {marker}"]),
+        stdin=subprocess.PIPE,
+        pass_fds=(report_w,),
+    )
+    os.close(report_w)
+    with os.fdopen(report_r, "rb") as report:
+        assert report.readline() == b"ready\n"
+        assert guard.stdin is not None
+        line = "start " + order.format(deadline=repr(time.monotonic() + 5.0))
+        guard.stdin.write(line.encode() + b"\n")
+        guard.stdin.flush()
+        assert report.readline().startswith(b"error bad start command")
+        assert report.readline() == b""
+    assert guard.wait(timeout=2.0) == 0
+    assert not marker.exists()
+
+
+# Prepares a supervisor, prints its ready standby guard's pid, then waits to be killed.
+STANDBY_DAEMON = """
+import asyncio, logging
+from pyquorum.supervisor import ScriptSupervisor
+
+async def main():
+    sup = ScriptSupervisor(["sleep", "100"], stop_timeout_s=0.2, kill_margin_s=0.025,
+                           on_exit=lambda e: None, logger=logging.getLogger("daemon"))
+    await sup.prepare()
+    while sup.standby_pid is None:
+        await asyncio.sleep(0.005)
+    print(sup.standby_pid, flush=True)
+    await asyncio.sleep(100)
+
+asyncio.run(main())
+"""
+
+
+def test_standby_guard_exits_when_the_daemon_is_killed(
+    tag: str, spawn: Callable[..., subprocess.Popen[bytes]]
+) -> None:
+    """The daemon is SIGKILLed while its standby guard waits: the guard reads EOF and exits; nothing
+    is left. Reference: protocol.md §6."""
+    daemon = spawn([sys.executable, "-c", STANDBY_DAEMON], stdout=subprocess.PIPE)
+    assert daemon.stdout is not None
+    ready, _, _ = select.select([daemon.stdout], [], [], 5.0)
+    assert ready, "the helper daemon printed nothing"
+    standby = int(daemon.stdout.readline())
+    assert alive(standby)
+    daemon.kill()
+    wait_dead(standby, timeout=1.0)
+    daemon.wait()
+    assert tagged(tag) == []

@@ -22,6 +22,18 @@ journal under systemd); its own session and process group (pgid = pid), so a Ctr
 terminal does not reach it. The guard runs with the same environment (``python -I`` ignores the
 PYTHON* variables) in a session of its own.
 
+A standby guard. Starting a guard is starting a Python interpreter: 20 ms on a quiet host, 50-80 ms
+under load, all of it on the way from "the core says start" to the script running (a handover, a
+failover). So while no script runs, the supervisor keeps one guard started ahead of time in standby
+mode (``guard.py --standby``): it has reported ``ready`` and sleeps in poll() until ``start()`` hands it
+the deadline and the environment in one line; what is left is its fork and exec of the script. A
+``start()`` that finds no ready standby guard starts a fresh guard as before, so the standby guard
+only ever saves time. It is started by ``prepare()`` (the daemon calls it at start-up), again
+``_STANDBY_AFTER_RUN_S`` after each run, and again when it dies (at most once a second, less often if
+it keeps dying before it is ready); ``aclose()`` ends it. It runs with the daemon's environment (the
+script gets exactly the one given to ``start()``) and exits at EOF on its stdin, so a daemon that dies
+leaves none behind.
+
 Writes to the guard never block the event loop: its stdin is non-blocking, a renewal that does not
 fit is dropped (the guard keeps the earlier, safer deadline), and a stop that does not fit closes the
 pipe, which the guard reads as "stop now". A dead guard (EPIPE) is noticed by the watcher task.
@@ -43,6 +55,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import io
+import json
 import logging
 import math
 import os
@@ -67,6 +80,16 @@ _GUARD_FLAGS: Final = ("-I", "-S")
 _GROUP_KILL_WAIT_S: Final = 1.0
 # aclose(): after its timeout, how long to wait once more for a SIGKILLed guard to be reaped.
 _FORCED_CLOSE_WAIT_S: Final = 1.0
+# A new standby guard comes this long after a run ends, not at once: a run ends at a handover or a
+# step-down, when the daemon is often about to exit (the guard would be wasted) and the host may be
+# starting the next master's script (a test cluster on one host); a restart after a failure waits
+# longer than this anyway (config.DEFAULT_RESTART_BACKOFF_S).
+_STANDBY_AFTER_RUN_S: Final = 0.5
+# A standby guard that dies is replaced at most once per this interval after the previous one was
+# started, twice as long after each one in a row that died before it was ready (a broken Python or
+# guard.py must not make the daemon fork a dying interpreter every second), up to the maximum.
+_STANDBY_RESPAWN_S: Final = 1.0
+_STANDBY_RESPAWN_MAX_S: Final = 60.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,8 +112,16 @@ class ScriptStartError(PyquorumError):
     guard could not run). Nothing is left running; ``on_exit`` is not called for this attempt."""
 
 
+class _GuardLost(ScriptStartError):
+    # The guard exited before it reported the script started or failed: it was killed (or crashed).
+    pass
+
+
 @dataclass(eq=False)
 class _Run:
+    """One guard process, from its spawn until it is reaped; a run of the script once it is given a
+    deadline (at once, or, for a standby guard, by its start line)."""
+
     proc: subprocess.Popen[bytes]
     stdin_fd: int | None
     deadline: float
@@ -99,18 +130,24 @@ class _Run:
     settled: asyncio.Future[bool]
     done: asyncio.Future[None]
     pid: int | None = None
+    # For a run: stop() or aclose() was called. For a standby guard never started: we closed it.
     requested: bool = False
     start_error: str | None = None
     dropped_renewals: int = 0
     exited: tuple[int, float] | None = None
     watcher: asyncio.Task[None] | None = field(default=None, repr=False)
+    standby: bool = False  # a standby guard not (yet) given its start line
+    ready: bool = False  # it reported "ready"
+    eof: bool = False  # its report pipe is at EOF: it has exited, or is exiting
+    spawned_at: float = 0.0
 
 
 class ScriptSupervisor:
     """Runs ``argv`` under a kill deadline, one run at a time.
 
-    Call ``start(deadline, env)`` when the core says to run the script, ``renew(deadline)`` each time
-    the lease is renewed, ``stop(deadline)`` when the core says to stop, and ``aclose()`` at shutdown.
+    Call ``prepare()`` once it is created (the first ``start()`` is then fast too), ``start(deadline,
+    env)`` when the core says to run the script, ``renew(deadline)`` each time the lease is renewed,
+    ``stop(deadline)`` when the core says to stop, and ``aclose()`` at shutdown.
     ``on_exit`` is then called exactly once for each ``start()`` that returned normally, from the
     event loop, after the script's process group is gone and its guard has exited; ``running`` is
     already False by then, so ``on_exit`` may schedule the next ``start()``."""
@@ -134,6 +171,12 @@ class ScriptSupervisor:
         self._on_exit = on_exit
         self._log = logger
         self._run: _Run | None = None
+        self._standby: _Run | None = None
+        self._retired: set[_Run] = set()  # standby guards we closed, until they are reaped
+        self._keep_standby = True  # False from aclose() until prepare()
+        self._standby_timer: asyncio.TimerHandle | None = None
+        self._standby_spawned_at = -math.inf
+        self._standby_failures = 0  # standby guards in a row that died before they were ready
 
     @property
     def running(self) -> bool:
@@ -155,6 +198,23 @@ class ScriptSupervisor:
         """The kill deadline the guard was last given; None when not running."""
         return None if self._run is None else self._run.deadline
 
+    @property
+    def standby_pid(self) -> int | None:
+        """The standby guard's pid once it is ready to start the script (for diagnostics and tests);
+        None otherwise."""
+        standby = self._standby
+        return standby.proc.pid if standby is not None and standby.ready else None
+
+    async def prepare(self) -> None:
+        """Start a standby guard now, unless one exists or a run is in progress (one follows the
+        run), so that the next ``start()`` is fast. Returns at once: the guard gets ready in the
+        background. Call it once the supervisor is created, and again after ``aclose()`` if the
+        supervisor is to be used again."""
+        self._keep_standby = True
+        if self._run is None and self._standby is None:
+            self._cancel_standby_timer()
+            self._spawn_standby()
+
     async def start(self, deadline: float, env: dict[str, str]) -> None:
         """Start the script with kill deadline ``deadline`` (``time.monotonic()``) and exactly the
         environment ``env``. Returns once the script has been exec'd; ``pid`` is then set. Raises
@@ -164,19 +224,34 @@ class ScriptSupervisor:
             raise RuntimeError("start() called while a run is in progress; wait for on_exit")
         if not math.isfinite(deadline):
             raise ValueError(f"the kill deadline must be a finite monotonic time, not {deadline!r}")
-        loop = asyncio.get_running_loop()
-        spawned_at = time.monotonic()
-        proc, stdin_fd, report = self._spawn_guard(deadline, env)
-        run = _Run(
-            proc=proc,
-            stdin_fd=stdin_fd,
-            deadline=deadline,
-            started=loop.create_future(),
-            settled=loop.create_future(),
-            done=loop.create_future(),
+        asked_at = time.monotonic()
+        run = self._start_standby(deadline, env)
+        pid = None if run is None else await self._await_started(run, retry_if_lost=True)
+        from_standby = pid is not None
+        if run is not None and pid is None:
+            # The standby guard died just as it was given the start (nothing of it is left: see
+            # _await_started); a fresh guard starts the run, by the deadline as renewed meanwhile.
+            deadline = run.deadline
+        if pid is None or run is None:
+            self._cancel_standby_timer()
+            run = self._spawn_guard(deadline, env)
+            pid = await self._await_started(run, retry_if_lost=False)
+        run.settled.set_result(True)
+        self._log.info(
+            "event=script_started pid=%d guard_pid=%d deadline_in_s=%.3f spawn_ms=%.1f standby=%s argv=%r",
+            pid,
+            run.proc.pid,
+            run.deadline - time.monotonic(),
+            (time.monotonic() - asked_at) * 1000.0,
+            "yes" if from_standby else "no",
+            self._argv,
         )
+
+    async def _await_started(self, run: _Run, *, retry_if_lost: bool) -> int | None:
+        """Make ``run`` the current run and wait until its script has started; its pid. If it
+        cannot start, nothing of it is left when this raises, or, with ``retry_if_lost``, returns
+        None because its guard died without a word (the caller may start a fresh guard)."""
         self._run = run
-        run.watcher = loop.create_task(self._watch(run, report))
         try:
             # guard.py refuses when SIGTERM is already due; this bounds a guard that hangs instead,
             # by the deadline as renewed meanwhile (renew() moves run.deadline, and the guard reads
@@ -184,12 +259,12 @@ class ScriptSupervisor:
             while True:
                 wait_s = max(0.0, run.deadline - self._kill_margin_s - time.monotonic())
                 try:
-                    pid = await asyncio.wait_for(asyncio.shield(run.started), wait_s)
-                    break
+                    return await asyncio.wait_for(asyncio.shield(run.started), wait_s)
                 except asyncio.TimeoutError:
                     if time.monotonic() >= run.deadline - self._kill_margin_s:
                         raise ScriptStartError("the script did not start before its kill deadline") from None
         except BaseException as e:
+            lost = retry_if_lost and isinstance(e, _GuardLost) and not run.requested
             # A run that start() did not begin leaves nothing behind: the script, if it was
             # exec'd, dies of PDEATHSIG with its guard, and the watcher kills its group.
             # Nobody waits for `started` any more: cancelled, it cannot end with an exception that
@@ -202,16 +277,12 @@ class ScriptSupervisor:
                 # Let the watcher reap the guard, so that `running` is False when we raise.
                 with contextlib.suppress(asyncio.TimeoutError):
                     await asyncio.wait_for(asyncio.shield(run.done), _FORCED_CLOSE_WAIT_S)
+            if lost and self._run is None:
+                self._log.warning(
+                    "event=standby_guard_lost guard_pid=%d action=start_a_fresh_guard", run.proc.pid
+                )
+                return None
             raise
-        run.settled.set_result(True)
-        self._log.info(
-            "event=script_started pid=%d guard_pid=%d deadline_in_s=%.3f spawn_ms=%.1f argv=%r",
-            pid,
-            proc.pid,
-            deadline - time.monotonic(),
-            (time.monotonic() - spawned_at) * 1000.0,
-            self._argv,
-        )
 
     def renew(self, deadline: float) -> None:
         """Move the kill deadline later. Earlier or equal values, and calls when not running or
@@ -242,10 +313,25 @@ class ScriptSupervisor:
     async def aclose(self, timeout: float = 5.0) -> None:
         """Stop the running script, if any, and wait until it is reaped and ``on_exit`` has been
         called. If that takes longer than ``timeout`` seconds, SIGKILL the guard (and so the script)
-        and wait at most one second more."""
+        and wait at most one second more. Also ends the standby guard; none is started again until
+        ``prepare()``."""
+        self._keep_standby = False
+        self._cancel_standby_timer()
+        if self._standby is not None:
+            self._retire_standby(self._standby)
         run = self._run
-        if run is None:
-            return
+        if run is not None:
+            await self._close_run(run, timeout)
+        for standby in list(self._retired):
+            # Closed, it exits at once (EOF and SIGTERM); if it has not within the wait, SIGKILL.
+            try:
+                await asyncio.wait_for(asyncio.shield(standby.done), _FORCED_CLOSE_WAIT_S)
+            except asyncio.TimeoutError:
+                standby.proc.kill()
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(asyncio.shield(standby.done), _FORCED_CLOSE_WAIT_S)
+
+    async def _close_run(self, run: _Run, timeout: float) -> None:
         self.stop(run.deadline)
         try:
             await asyncio.wait_for(asyncio.shield(run.done), timeout)
@@ -260,10 +346,12 @@ class ScriptSupervisor:
 
     # ---- the guard --------------------------------------------------------------------------------
 
-    def _spawn_guard(
-        self, deadline: float, env: dict[str, str]
-    ) -> tuple[subprocess.Popen[bytes], int, io.FileIO]:
+    def _spawn_guard(self, deadline: float | None, env: dict[str, str] | None) -> _Run:
+        """A guard and its watcher: for one run, with ``deadline`` and ``env``, or a standby guard
+        (``deadline`` None), with our environment. Raises ScriptStartError if it cannot start."""
         # Synchronous, like asyncio's own subprocess support: fork and exec take a millisecond or two.
+        loop = asyncio.get_running_loop()
+        mode = ["--standby"] if deadline is None else ["--deadline", repr(deadline)]
         report_r, report_w = os.pipe()
         stdin_r, stdin_w = os.pipe()
         args = [
@@ -276,8 +364,7 @@ class ScriptSupervisor:
             repr(self._stop_timeout_s),
             "--kill-margin",
             repr(self._kill_margin_s),
-            "--deadline",
-            repr(deadline),
+            *mode,
             "--",
             *self._argv,
         ]
@@ -295,7 +382,107 @@ class ScriptSupervisor:
             os.close(report_w)
             os.close(stdin_r)
         os.set_blocking(stdin_w, False)
-        return proc, stdin_w, open(report_r, "rb", buffering=0)
+        run = _Run(
+            proc=proc,
+            stdin_fd=stdin_w,
+            deadline=-math.inf if deadline is None else deadline,
+            started=loop.create_future(),
+            settled=loop.create_future(),
+            done=loop.create_future(),
+            standby=deadline is None,
+            spawned_at=time.monotonic(),
+        )
+        report = open(report_r, "rb", buffering=0)  # noqa: SIM115 - the watcher's transport closes it
+        run.watcher = loop.create_task(self._watch(run, report))
+        return run
+
+    # ---- the standby guard ------------------------------------------------------------------------
+
+    def _spawn_standby(self) -> None:
+        # The standby guard runs with our environment; its deadline comes with its start line.
+        self._standby_spawned_at = time.monotonic()
+        try:
+            standby = self._spawn_guard(None, None)
+        except ScriptStartError as e:
+            self._log.debug("event=standby_guard_failed error=%s", e)
+            self._standby_failures += 1
+            self._schedule_standby(self._standby_respawn_in())
+            return
+        self._standby = standby
+        self._log.debug("event=standby_guard_spawned guard_pid=%d", standby.proc.pid)
+
+    def _standby_respawn_in(self) -> float:
+        interval = min(_STANDBY_RESPAWN_MAX_S, _STANDBY_RESPAWN_S * 2.0**self._standby_failures)
+        return max(0.0, self._standby_spawned_at + interval - time.monotonic())
+
+    def _schedule_standby(self, delay_s: float) -> None:
+        if self._keep_standby and self._standby_timer is None:
+            loop = asyncio.get_running_loop()
+            self._standby_timer = loop.call_later(delay_s, self._on_standby_timer)
+
+    def _on_standby_timer(self) -> None:
+        self._standby_timer = None
+        if self._keep_standby and self._run is None and self._standby is None:
+            self._spawn_standby()
+
+    def _cancel_standby_timer(self) -> None:
+        if self._standby_timer is not None:
+            self._standby_timer.cancel()
+            self._standby_timer = None
+
+    def _start_standby(self, deadline: float, env: dict[str, str]) -> _Run | None:
+        """Hand the standby guard its start line; the run it now is, or None if there is no ready
+        standby guard (one that is not ready yet is closed: a fresh guard serves this run)."""
+        if self._standby is None:
+            return None
+        order = json.dumps({"env": env}, separators=(",", ":"))  # first: it may raise (not a str)
+        line = f"start {deadline!r} {order}\n".encode()
+        standby, self._standby = self._standby, None
+        if not standby.ready or standby.eof or standby.proc.poll() is not None or standby.stdin_fd is None:
+            self._retire_standby(standby)
+            return None
+        try:
+            # Its stdin pipe is empty: the whole line fits unless the environment is larger than
+            # the pipe (64 KiB, or 4 KiB when the user's pipe quota is spent).
+            written = os.write(standby.stdin_fd, line)
+        except OSError as e:  # EAGAIN: nothing fitted; EPIPE: it has just died
+            self._log.debug("event=standby_guard_write_failed guard_pid=%d error=%r", standby.proc.pid, e)
+            written = 0
+        if written < len(line):
+            # A partial start line is no command: at EOF, the standby guard exits starting nothing.
+            self._retire_standby(standby)
+            return None
+        standby.standby = False
+        standby.deadline = deadline
+        return standby
+
+    def _retire_standby(self, standby: _Run) -> None:
+        """Close a standby guard that was given no start line: EOF, and SIGTERM (which also ends it
+        while it is still starting up). It exits without starting anything; the watcher reaps it."""
+        if self._standby is standby:
+            self._standby = None
+        standby.requested = True
+        self._retired.add(standby)
+        self._close_stdin(standby)
+        with contextlib.suppress(ProcessLookupError):
+            standby.proc.terminate()  # Popen does nothing once it has reaped the guard
+
+    def _standby_exited(self, standby: _Run, how: str) -> None:
+        self._retired.discard(standby)
+        if self._standby is standby:
+            self._standby = None
+        if standby.requested:
+            return
+        # It died by itself (or was killed): replace it, rate-limited.
+        if not standby.ready:
+            self._standby_failures += 1
+        self._log.debug(
+            "event=standby_guard_died guard_pid=%d how=%r ready=%s",
+            standby.proc.pid,
+            how,
+            standby.ready,
+        )
+        self._schedule_standby(self._standby_respawn_in())
 
     def _send(self, run: _Run, line: str, *, urgent: bool) -> bool:
         if run.stdin_fd is None:
@@ -323,7 +510,8 @@ class ScriptSupervisor:
             run.stdin_fd = None
 
     async def _watch(self, run: _Run, pipe: io.FileIO) -> None:
-        # Reads the guard's report until EOF, then reaps the guard; owns the end of the run.
+        # Reads the guard's report until EOF, then reaps the guard; owns the end of the run, or of
+        # the standby guard if it never got its start line.
         loop = asyncio.get_running_loop()
         reader = asyncio.StreamReader()
         transport: asyncio.BaseTransport | None = None
@@ -331,17 +519,27 @@ class ScriptSupervisor:
             transport, _ = await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), pipe)
             while line := await reader.readline():
                 self._on_report(run, line.decode(errors="replace").split())
+            run.eof = True  # from now on, start() does not hand it a start line
             status = await self._reap_guard(run.proc)
+            if run.standby:
+                self._standby_exited(run, _describe(status))
+                return
             outcome = await self._outcome(run, status)
         except asyncio.CancelledError:
-            # The loop is going away without aclose(): the guard reads EOF and stops the script.
+            # The loop is going away without aclose(): the guard reads EOF and stops the script (a
+            # standby guard just exits).
             self._close_stdin(run)
             if self._run is run:
                 self._run = None
+            if self._standby is run:
+                self._standby = None
             raise
         except Exception as e:  # a bug of ours: still end the run, and say so
             self._log.exception("event=supervisor_error pid=%s", run.pid)
             run.proc.kill()
+            if run.standby:
+                self._standby_exited(run, f"supervisor error: {e!r}")
+                return
             if not run.started.done():
                 run.started.set_exception(ScriptStartError(f"supervisor error: {e!r}"))
             outcome = ScriptExit(None, time.monotonic(), f"supervisor error: {e!r}", run.requested)
@@ -349,6 +547,8 @@ class ScriptSupervisor:
             if transport is not None:
                 transport.close()
             self._close_stdin(run)
+            if run.standby:
+                run.done.set_result(None)
         try:
             # start() settles this as it returns or raises; until then the run is still its own.
             begun = await run.settled
@@ -369,9 +569,19 @@ class ScriptSupervisor:
             self._log.exception("event=on_exit_failed pid=%s", run.pid)
         finally:
             run.done.set_result(None)
+            self._schedule_standby(_STANDBY_AFTER_RUN_S)
 
     def _on_report(self, run: _Run, words: list[str]) -> None:
         try:
+            if words == ["ready"] and run.standby:
+                run.ready = True
+                self._standby_failures = 0
+                self._log.debug(
+                    "event=standby_guard_ready guard_pid=%d ready_ms=%.1f",
+                    run.proc.pid,
+                    (time.monotonic() - run.spawned_at) * 1000.0,
+                )
+                return
             if words[0] == "started" and len(words) == 2:
                 run.pid = int(words[1])
                 if not run.started.done():
@@ -406,7 +616,7 @@ class ScriptSupervisor:
             return ScriptExit(None, time.monotonic(), run.start_error, run.requested)
         error = f"the guard exited unexpectedly ({_describe(guard_status)})"
         if not run.started.done():
-            run.started.set_exception(ScriptStartError(error))
+            run.started.set_exception(_GuardLost(error))
         if run.pid is not None:
             # protocol.md §6: the script died of PDEATHSIG with its guard; kill the rest of its group.
             error += "; killed the script's process group"

@@ -5,6 +5,11 @@ in its own session, so that the guard starts fast and no terminal signal reaches
 
     python -I -S guard.py --report-fd N --stop-timeout G --kill-margin K --deadline D -- argv...
 
+or, ahead of time, a standby guard that waits for the start, so that starting the script costs only
+a fork and an exec, not the 20-80 ms of a Python interpreter's start-up::
+
+    python -I -S guard.py --report-fd N --stop-timeout G --kill-margin K --standby -- argv...
+
 Why a separate process (research/safety.md §6, Goals R5): a daemon that is SIGKILLed or frozen (SIGSTOP,
 swap, a long GC pause) cannot enforce its own lease, and its script would run on beside a new master.
 The guard is small, never blocks, and enforces the kill deadline on its own clock: ``time.monotonic()``
@@ -20,8 +25,16 @@ Rules (protocol.md §4.3), with kill deadline D, stop timeout G and kill margin 
 
 Input, stdin, one command per line; deadlines are ``time.monotonic()`` values (``repr`` of a float):
 
-    renew <D>   move the kill deadline later (an earlier value is ignored)
-    stop <D>    stop now; D may move the deadline earlier, never later
+    start <D> <json>   standby only, and first: start the script with kill deadline D and the
+                       environment {"env": {name: value}} (JSON on one line); a standby guard runs with
+                       the daemon's environment, the script gets exactly this one
+    renew <D>          move the kill deadline later (an earlier value is ignored)
+    stop <D>           stop now; D may move the deadline earlier, never later
+
+A standby guard reports ``ready`` and then sleeps in poll() (no timer: idle costs no CPU) until the
+start line. EOF or SIGTERM before it, the daemon's way of closing a standby guard (EOF also comes when
+the daemon dies), make it exit 0 at once, having started nothing; other lines before it are reported
+on stderr and ignored. From the start line on, it is a guard like any other.
 
 EOF on stdin (the daemon died, or closed the pipe) is ``stop`` with the current deadline; so is SIGTERM
 sent to the guard itself. SIGINT and SIGHUP are ignored: they are meant for the daemon. Renewals sent
@@ -31,6 +44,7 @@ lease's slack); other early commands wait until the script has started.
 
 Output, on the report fd, one line each, in this order:
 
+    ready                              standby only: waiting for the start line
     started <pid>                      the script was exec'd; its pid is also its process group id
     exited <returncode> <reaped_at>    returncode as in subprocess (-N: killed by signal N); reaped_at
                                        the monotonic time by which the group was dead and reaped
@@ -80,10 +94,15 @@ _BLOCKED_AROUND_FORK = frozenset({*_IGNORED, signal.SIGTERM, signal.SIGCHLD})
 # How often the final sweep looks again when a SIGKILLed process is slow to die (D state).
 _SWEEP_RETRY_MS = 10
 _EXIT_USAGE = 2
+_USAGE = "guard.py --report-fd N --stop-timeout G --kill-margin K (--deadline D | --standby) -- argv..."
 
 
 class _UsageError(Exception):
     pass
+
+
+class _StartError(Exception):
+    """A standby guard's start line it cannot act on: reported as ``error``, nothing started."""
 
 
 def _log(message: str) -> None:
@@ -156,6 +175,25 @@ def _noop(signum: int, frame: object) -> None:
     pass
 
 
+class _Prctl:
+    """prctl(2) through ctypes. Importing ctypes takes a few ms, and the daemon never needs it: a
+    guard started for one run loads it when it spawns the script, a standby guard before it reports
+    ready."""
+
+    def __init__(self) -> None:
+        import ctypes
+
+        self.libc = ctypes.CDLL(None, use_errno=True)
+
+    def __call__(self, option: int, value: int) -> None:
+        import ctypes  # already loaded: a lookup in sys.modules
+
+        zero = ctypes.c_ulong(0)
+        if self.libc.prctl(option, ctypes.c_ulong(value), zero, zero, zero) != 0:
+            err = ctypes.get_errno()
+            raise OSError(err, os.strerror(err))
+
+
 class _Guard:
     def __init__(self, report_fd: int, stop_timeout_s: float, kill_margin_s: float, deadline: float) -> None:
         self.report_fd = report_fd
@@ -167,6 +205,7 @@ class _Guard:
         self.kill_sent = False
         self.pending = b""  # a partial command line from stdin
         self.early: list[str] = []  # commands read before the script started, for run() to act on
+        self.prctl: _Prctl | None = None
         self.wake_r, wake_w = os.pipe()
         os.set_blocking(self.wake_r, False)
         os.set_blocking(wake_w, False)
@@ -175,6 +214,54 @@ class _Guard:
         self.poller.register(self.wake_r, select.POLLIN)
         self.poller.register(0, select.POLLIN)
 
+    # ---- standing by ------------------------------------------------------------------------------
+
+    def await_start(self) -> dict[str, str] | None:
+        """Standby: sleep until the start line, then take its kill deadline and return the script's
+        environment; lines after it stay in ``pending`` for ``read_early_commands``. None on EOF or
+        SIGTERM: the daemon closed us, or died."""
+        while True:
+            for fd, events in self.poller.poll():  # no timeout: a standby guard costs no CPU
+                if fd == self.wake_r:
+                    try:
+                        received = os.read(self.wake_r, 512)
+                    except BlockingIOError:
+                        continue
+                    if signal.SIGTERM in received:
+                        return None
+                    continue
+                data = b""
+                if not events & select.POLLNVAL:
+                    with contextlib.suppress(OSError):
+                        data = os.read(0, 65536)
+                if not data:
+                    return None
+                self.pending += data
+                while b"\n" in self.pending:
+                    raw, self.pending = self.pending.split(b"\n", 1)
+                    line = raw.decode(errors="replace")
+                    if line.startswith("start "):
+                        return self._start_order(line)
+                    _log(f"standby: ignoring a line that is not a start command: {line!r}")
+
+    def _start_order(self, line: str) -> dict[str, str]:
+        # "start <deadline> <json>": the deadline as in every command, the JSON an object {"env": {}}.
+        import json  # loaded by main() before "ready": a lookup in sys.modules
+
+        _, value, body = (*line.split(None, 2), "", "")[:3]
+        try:
+            deadline = float(value)
+            order = json.loads(body)
+        except ValueError as e:  # json.JSONDecodeError is a ValueError
+            raise _StartError(f"bad start command: {e}") from None
+        env = order.get("env") if isinstance(order, dict) else None
+        if not math.isfinite(deadline) or not isinstance(env, dict):
+            raise _StartError("bad start command: want 'start <finite deadline> {\"env\": {...}}'")
+        if not all(isinstance(k, str) and isinstance(v, str) for k, v in env.items()):
+            raise _StartError("bad start command: environment names and values must be strings")
+        self.deadline = deadline
+        return env
+
     # ---- starting ---------------------------------------------------------------------------------
 
     def read_early_commands(self) -> None:
@@ -182,6 +269,7 @@ class _Guard:
         loaded host can take longer than the lease's slack), so that the start-up check sees the
         current deadline. Any other command, and every one after it, waits in ``early`` for
         ``replay_early_commands``, which needs the script's pid; EOF stays for run() to see."""
+        self._take_early(b"")  # what a standby guard read along with its start line
         poller = select.poll()
         poller.register(0, select.POLLIN)
         while poller.poll(0):
@@ -191,14 +279,17 @@ class _Guard:
                 return
             if not data:
                 return
-            lines = (self.pending + data).split(b"\n")
-            self.pending = lines.pop()
-            for raw in lines:
-                line = raw.decode(errors="replace")
-                if not self.early and line.startswith("renew "):
-                    self._command(line)
-                else:
-                    self.early.append(line)
+            self._take_early(data)
+
+    def _take_early(self, data: bytes) -> None:
+        lines = (self.pending + data).split(b"\n")
+        self.pending = lines.pop()
+        for raw in lines:
+            line = raw.decode(errors="replace")
+            if not self.early and line.startswith("renew "):
+                self._command(line)
+            else:
+                self.early.append(line)
 
     def replay_early_commands(self) -> None:
         """Once the script has started: act on the commands ``read_early_commands`` kept."""
@@ -206,18 +297,15 @@ class _Guard:
         for line in early:
             self._command(line)
 
-    def spawn(self, argv: list[str]) -> str | None:
-        """Fork and exec the script; None on success, else why it did not start."""
-        import ctypes  # only here: a few ms of import, and the daemon never needs it
+    def load_prctl(self) -> _Prctl:
+        if self.prctl is None:
+            self.prctl = _Prctl()
+        return self.prctl
 
-        libc = ctypes.CDLL(None, use_errno=True)
-
-        def prctl(option: int, value: int) -> None:
-            zero = ctypes.c_ulong(0)
-            if libc.prctl(option, ctypes.c_ulong(value), zero, zero, zero) != 0:
-                err = ctypes.get_errno()
-                raise OSError(err, os.strerror(err))
-
+    def spawn(self, argv: list[str], env: dict[str, str] | None) -> str | None:
+        """Fork and exec the script, with environment ``env`` (None: ours); None on success, else
+        why it did not start."""
+        prctl = self.load_prctl()
         try:
             prctl(_PR_SET_CHILD_SUBREAPER, 1)
         except OSError as e:
@@ -245,7 +333,10 @@ class _Guard:
                     os._exit(1)
                 os.dup2(devnull, 0)
                 signal.pthread_sigmask(signal.SIG_SETMASK, mask)
-                os.execvp(argv[0], argv)
+                if env is None:
+                    os.execvp(argv[0], argv)
+                else:  # the program is looked up in env's PATH, as it would be by our own exec
+                    os.execvpe(argv[0], argv, env)
             except BaseException as e:
                 reason = e.strerror if isinstance(e, OSError) and e.strerror else repr(e)
                 os.write(err_w, f"cannot execute {argv[0]!r}: {reason}".encode(errors="replace"))
@@ -438,31 +529,38 @@ class _Guard:
                 self._sweep()
 
 
-def _parse(args: list[str]) -> tuple[int, float, float, float, list[str]]:
+def _parse(args: list[str]) -> tuple[int, float, float, float | None, list[str]]:
+    """(report fd, G, K, the kill deadline or None for a standby guard, argv)."""
     # Hand-rolled: argparse alone costs more start-up time than the rest of the guard.
     options: dict[str, str] = {}
     names = ("--report-fd", "--stop-timeout", "--kill-margin", "--deadline")
     i = 0
     while i < len(args) and args[i] != "--":
+        if args[i] == "--standby":
+            options[args[i]] = ""
+            i += 1
+            continue
         if args[i] not in names or i + 1 >= len(args):
             raise _UsageError(f"unexpected argument {args[i]!r}")
         options[args[i]] = args[i + 1]
         i += 2
     argv = args[i + 1 :]
-    missing = [name for name in names if name not in options]
+    standby = "--standby" in options
+    if standby and "--deadline" in options:
+        raise _UsageError("--deadline and --standby exclude each other")
+    missing = [name for name in names if name not in options and not (standby and name == "--deadline")]
     if missing:
         raise _UsageError(f"missing {', '.join(missing)}")
     if not argv:
         raise _UsageError("no script given after --")
     try:
         report_fd = int(options["--report-fd"])
-        grace, margin, deadline = (
-            float(options[name]) for name in ("--stop-timeout", "--kill-margin", "--deadline")
-        )
+        grace, margin = (float(options[name]) for name in ("--stop-timeout", "--kill-margin"))
+        deadline = None if standby else float(options["--deadline"])
     except ValueError as e:
         raise _UsageError(str(e)) from None
-    if not (all(map(math.isfinite, (grace, margin, deadline))) and grace >= 0 and margin >= 0):
-        raise _UsageError("--stop-timeout and --kill-margin must be >= 0, all three finite")
+    if not (all(map(math.isfinite, (grace, margin, deadline or 0.0))) and grace >= 0 and margin >= 0):
+        raise _UsageError("--stop-timeout and --kill-margin must be >= 0, all numbers finite")
     return report_fd, grace, margin, deadline, argv
 
 
@@ -471,13 +569,31 @@ def main(args: list[str]) -> int:
         report_fd, grace, margin, deadline, argv = _parse(args)
         os.set_inheritable(report_fd, False)  # the script must not hold our report pipe
     except (_UsageError, OSError) as e:
-        _log(f"usage: guard.py --report-fd N --stop-timeout G --kill-margin K --deadline D -- argv...: {e}")
+        _log(f"usage: {_USAGE}: {e}")
         return _EXIT_USAGE
     for signum in _IGNORED:
         signal.signal(signum, signal.SIG_IGN)
-    guard = _Guard(report_fd, grace, margin, deadline)
+    # A standby guard's deadline comes with its start line; until then it has no script to guard.
+    guard = _Guard(report_fd, grace, margin, -math.inf if deadline is None else deadline)
     signal.signal(signal.SIGTERM, _noop)
     signal.signal(signal.SIGCHLD, _noop)
+    env: dict[str, str] | None = None
+    if deadline is None:
+        # Load now, while nothing waits, what starting the script would load: json for the start
+        # line, ctypes for prctl, and warnings, which os.execvp imports (in the forked child!) to
+        # search PATH. A guard started for one run never needs json.
+        import json  # noqa: F401
+        import warnings  # noqa: F401
+
+        guard.load_prctl()
+        _report(report_fd, "ready")
+        try:
+            env = guard.await_start()
+        except _StartError as e:
+            _report(report_fd, f"error {e}")
+            return 0
+        if env is None:  # closed (EOF or SIGTERM) before any start: nothing to do
+            return 0
     guard.read_early_commands()
     left = guard.deadline - time.monotonic()
     if left <= grace + margin:
@@ -489,7 +605,7 @@ def main(args: list[str]) -> int:
         )
         return 0
     try:
-        problem = guard.spawn(argv)
+        problem = guard.spawn(argv, env)
         if problem is not None:
             _report(report_fd, f"error {problem}")
             return 0

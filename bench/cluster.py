@@ -16,9 +16,10 @@ asserts (issue 3 "Measured, not asserted"):
 - idle CPU (% of one core, from /proc/<pid>/stat utime + stime over ``--idle-seconds``) and RSS (VmRSS)
   of each daemon, and of the master's guard, with default timing.
 
-A script's ``start`` line comes after two Python interpreters have started (the guard and the
-workload): every "until the script runs" figure includes them, as an operator would see it. The last
-line says whether the workload's records show any two runs overlapping (they must not).
+A script's ``start`` line comes after the workload's Python interpreter has started (the guard's was
+started ahead of time, in standby, unless it was not ready yet: see pyquorum.supervisor): every
+"until the script runs" figure includes it, as an operator would see it. The last line says whether
+the workload's records show any two runs overlapping (they must not).
 """
 
 from __future__ import annotations

@@ -811,6 +811,13 @@ def test_guard_line_protocol(tag: str, spawn: Callable[..., subprocess.Popen[byt
 # ---- the standby guard ----------------------------------------------------------------------------
 
 
+def cpu_time_ticks(pid: int) -> int:
+    """utime + stime of ``pid``, in clock ticks (/proc/<pid>/stat fields 14 and 15)."""
+    data = Path(f"/proc/{pid}/stat").read_bytes()
+    fields = data[data.rfind(b")") + 2 :].split()
+    return int(fields[11]) + int(fields[12])
+
+
 def guard_command(report_w: int, mode: list[str], argv: list[str]) -> list[str]:
     """guard.py's command line, as the supervisor builds it; ``mode`` is --deadline D or --standby."""
     return [
@@ -971,8 +978,8 @@ def test_supervisor_starts_a_fresh_guard_if_the_standby_guard_dies_at_the_start(
 def test_guard_standby_exits_quietly_when_closed(
     tag: str, spawn: Callable[..., subprocess.Popen[bytes]], tmp_path: Path, how: str
 ) -> None:
-    """A standby guard that is closed, by EOF on its stdin or SIGTERM, exits 0 at once, says and
-    starts nothing."""
+    """A standby guard sleeps without using the CPU; closed, by EOF on its stdin or SIGTERM, it exits
+    0 at once, says and starts nothing."""
     marker = tmp_path / "ran"
     report_r, report_w = os.pipe()
     guard = spawn(
@@ -984,7 +991,9 @@ def test_guard_standby_exits_quietly_when_closed(
     os.close(report_w)
     with os.fdopen(report_r, "rb") as report:
         assert report.readline() == b"ready\n"
-        time.sleep(0.1)
+        cpu_ticks = cpu_time_ticks(guard.pid)
+        time.sleep(0.5)
+        assert cpu_time_ticks(guard.pid) - cpu_ticks <= 1  # a tick is 10 ms; poll() without a timer
         assert alive(guard.pid)
         assert guard.stdin is not None
         if how == "EOF":

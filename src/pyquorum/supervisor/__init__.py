@@ -229,8 +229,9 @@ class ScriptSupervisor:
         pid = None if run is None else await self._await_started(run, retry_if_lost=True)
         from_standby = pid is not None
         if run is not None and pid is None:
-            # The standby guard died just as it was given the start (nothing of it is left: see
-            # _await_started); a fresh guard starts the run, by the deadline as renewed meanwhile.
+            # The standby guard died just as it was given the start, and has been reaped: a fresh
+            # guard starts the run at once (no stop or renewal can slip in between), by the
+            # deadline as renewed meanwhile.
             deadline = run.deadline
         if pid is None or run is None:
             self._cancel_standby_timer()
@@ -250,7 +251,8 @@ class ScriptSupervisor:
     async def _await_started(self, run: _Run, *, retry_if_lost: bool) -> int | None:
         """Make ``run`` the current run and wait until its script has started; its pid. If it
         cannot start, nothing of it is left when this raises, or, with ``retry_if_lost``, returns
-        None because its guard died without a word (the caller may start a fresh guard)."""
+        None because its guard died without a word and was reaped, with no stop asked (the caller
+        may start a fresh guard, before it next awaits anything)."""
         self._run = run
         try:
             # guard.py refuses when SIGTERM is already due; this bounds a guard that hangs instead,
@@ -273,15 +275,16 @@ class ScriptSupervisor:
             run.settled.set_result(False)
             run.requested = True
             run.proc.kill()  # Popen checks that it has not reaped the guard yet
-            if not isinstance(e, asyncio.CancelledError):
-                # Let the watcher reap the guard, so that `running` is False when we raise.
-                with contextlib.suppress(asyncio.TimeoutError):
-                    await asyncio.wait_for(asyncio.shield(run.done), _FORCED_CLOSE_WAIT_S)
-            if lost and self._run is None:
+            if lost:  # _GuardLost comes once the guard is reaped; the script never reported started
+                self._run = None
                 self._log.warning(
                     "event=standby_guard_lost guard_pid=%d action=start_a_fresh_guard", run.proc.pid
                 )
                 return None
+            if not isinstance(e, asyncio.CancelledError):
+                # Let the watcher reap the guard, so that `running` is False when we raise.
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(asyncio.shield(run.done), _FORCED_CLOSE_WAIT_S)
             raise
 
     def renew(self, deadline: float) -> None:
@@ -443,7 +446,7 @@ class ScriptSupervisor:
             return None
         try:
             # Its stdin pipe is empty: the whole line fits unless the environment is larger than
-            # the pipe (64 KiB, or 4 KiB when the user's pipe quota is spent).
+            # the pipe (64 KiB, but a page or two once the user's pipe quota is spent).
             written = os.write(standby.stdin_fd, line)
         except OSError as e:  # EAGAIN: nothing fitted; EPIPE: it has just died
             self._log.debug("event=standby_guard_write_failed guard_pid=%d error=%r", standby.proc.pid, e)

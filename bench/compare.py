@@ -163,10 +163,12 @@ def undo(system: System, fault: str, target: int, dropped_before: int) -> str:
 
 
 def kill_extras(system: System) -> list[int]:
-    """In each lane, SIGKILL every script but the newest: what the system itself did not end."""
+    """In each lane, SIGKILL every script but the lock holder's (``System.extras``): what the system
+    itself did not end."""
     victims = []
-    for runs in system.live_pids().values():
-        victims += [pid for pid, _ in sorted(runs, key=lambda r: r[1])[:-1]]
+    for lane, runs in system.live_pids().items():
+        if len(runs) > 1:
+            victims += system.extras(lane, runs)
     kill_all(victims, signal.SIGKILL)
     wait_for("the extra scripts to be gone", lambda: not any(alive(p) for p in victims), 10.0)
     return victims
@@ -211,28 +213,45 @@ def run_round(system: System, fault: str, index: int, rng: random.Random) -> tup
     killed = kill_extras(system)
     if killed:
         rnd.evidence += f"; the benchmark ended {len(killed)} script(s) the system left running"
-    trials = [report.measure(rnd, system.runs(), lane) for lane in lanes]
-    system.restore(target, fault)
+    return rnd, [report.measure(rnd, system.runs(), lane) for lane in lanes]
+
+
+def recover(system: System, rnd: Round) -> None:
+    """Bring ``system`` back to full strength after ``rnd``: every lane one script, every host ready."""
+    system.restore(rnd.target, rnd.fault)
     wait_for(f"{system.name}: one script per lane again", system.steady, 30.0)
-    return rnd, trials
 
 
 def run_system(system: System, plan: Plan, rng: random.Random, out: dict[str, Any]) -> None:
-    """Start ``system``, run rounds until every fault has ``plan.trials`` trials, stop it."""
+    """Start ``system``, run rounds until every fault has ``plan.trials`` trials. Rounds and trials
+    go into ``out`` as they happen, so a system that fails half-way keeps what it measured."""
     started = time.monotonic()
-    load_before = os.getloadavg()
+    entry = {**system.config(), "load_before": [round(x, 2) for x in os.getloadavg()]}
+    out["systems"].append(entry)
+    try:
+        _rounds(system, plan, rng, out)
+    finally:
+        entry.update(
+            seconds=round(time.monotonic() - started, 1),
+            load_after=[round(x, 2) for x in os.getloadavg()],
+            monitor_max_gap_ms=round(system.monitor.max_gap_s * 1000, 1),
+            problems=system.problems(),
+        )
+
+
+def _rounds(system: System, plan: Plan, rng: random.Random, out: dict[str, Any]) -> None:
+    started = time.monotonic()
     system.start()
     log(f"[{system.name}] up in {time.monotonic() - started:.1f} s; lanes {system.lanes}")
     wait_for(f"{system.name}: one script per lane", system.steady, 30.0)
     if isinstance(system, EtcdLock):
         probe_steady(system, 2.0 if plan.smoke else 10.0, out)
-    trials: list[Trial] = []
-    rounds: list[Round] = []
     need = {f: plan.trials for f in plan.faults}
     per_fault = math.ceil(plan.trials / system.lanes)
     queue = [f for f in plan.faults for _ in range(per_fault)]
     rng.shuffle(queue)
     max_rounds = 3 * len(queue) + 3
+    index = 0
     while any(v > 0 for v in need.values()):
         if not queue:
             queue = [f for f, v in need.items() if v > 0]
@@ -240,33 +259,23 @@ def run_system(system: System, plan: Plan, rng: random.Random, out: dict[str, An
         fault = queue.pop()
         if need[fault] <= 0:
             continue
-        if len(rounds) >= max_rounds:
+        if index >= max_rounds:
             raise BenchError(f"{system.name}: {max_rounds} rounds and still short of trials: {need}")
         if plan.fail_after is not None and out["rounds_done"] >= plan.fail_after:
             raise RuntimeError(f"--fail-after {plan.fail_after}: raising to test the clean-up")
-        rnd, new = run_round(system, fault, len(rounds), rng)
+        rnd, new = run_round(system, fault, index, rng)
+        index += 1
         out["rounds_done"] += 1
-        rounds.append(rnd)
-        trials += new
+        out["rounds"].append(asdict(rnd))
+        out["trials"] += [t.as_dict() for t in new]
         need[fault] -= len(new)
+        recover(system, rnd)
         takeovers = [t.takeover_s for t in new if t.takeover_s is not None]
         log(
-            f"[{system.name}] round {len(rounds)} {fault} h{rnd.target}: {len(new)} trials, "
+            f"[{system.name}] round {index} {fault} h{rnd.target}: {len(new)} trials, "
             f"successor after {statistics.median(takeovers) if takeovers else math.nan:.3f} s (median), "
             f"overlapped {sum(t.overlap_s > 0 for t in new)}/{len(new)}"
         )
-    out["systems"].append(
-        {
-            **system.config(),
-            "seconds": round(time.monotonic() - started, 1),
-            "load_before": [round(x, 2) for x in load_before],
-            "load_after": [round(x, 2) for x in os.getloadavg()],
-            "monitor_max_gap_ms": round(system.monitor.max_gap_s * 1000, 1),
-            "problems": system.problems(),
-        }
-    )
-    out["rounds"] += [asdict(r) for r in rounds]
-    out["trials"] += [t.as_dict() for t in trials]
 
 
 def probe_min_ttl(system: EtcdLock, out: dict[str, Any]) -> None:
@@ -477,7 +486,7 @@ def main(argv: list[str] | None = None) -> int:
                 if failed:
                     kept = args.out / f"failed-{system.name}"
                     shutil.rmtree(kept, ignore_errors=True)
-                    ignore = shutil.ignore_patterns("state", "etcd-h*", "*.key", "workload")
+                    ignore = shutil.ignore_patterns("state", "etcd-data-*", "*.key", "workload")
                     shutil.copytree(system.workdir, kept, ignore=ignore)
                     log(f"[{system.name}] its files are kept in {kept}")
             write_results(args.out, out)

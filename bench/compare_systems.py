@@ -12,10 +12,11 @@ script, inject a fault into one host (``crash_host``, ``crash_daemon``, ``freeze
 - ``EtcdLock``: one etcd member per host (a 3-member cluster, clients on 10.99.0.i:2379, peers on
   :2380, etcd's default heartbeat 100 ms and election timeout 1000 ms) and, per host and lane,
   ``etcdctl --endpoints=<all three> lock --ttl T lane<L> -- <script>``.
-- ``Keepalived``: one keepalived per host (VRRP only, unicast to the other hosts, advert_int 1, priority
-  100, state BACKUP with nopreempt), one vrrp_instance per lane (virtual_router_id 51 + L, virtual
-  address 10.99.0.(100 + L) on eth0: inside the test subnet only), whose notify_master /
-  notify_backup / notify_fault / notify_stop scripts start and stop the job.
+- ``Keepalived``: one keepalived per host (VRRP only, unicast to the other hosts, advert_int 1,
+  priority 150, 100, 50 on h1, h2, h3, state BACKUP with nopreempt), one vrrp_instance per lane
+  (virtual_router_id 51 + L, virtual address 10.99.0.(100 + L) on eth0: inside the test subnet
+  only), whose notify_master / notify_backup / notify_fault / notify_stop scripts start and stop
+  the job.
 
 Lanes. A lane is one copy of the job with its own lock (pyquorum cluster, etcd lock name, VRRP
 instance). All lanes start on the same host and every fault hits a whole host, so one fault is one
@@ -44,6 +45,7 @@ runs here are given a key: neither changes the timing studied.
 from __future__ import annotations
 
 import abc
+import collections
 import contextlib
 import json
 import os
@@ -97,7 +99,12 @@ PYQUORUM_PORT = 7000
 ETCD_CLIENT_PORT = 2379
 ETCD_PEER_PORT = 2380
 KEEPALIVED_ADVERT_INT_S = 1.0
-KEEPALIVED_PRIORITY = 100
+# Distinct priorities, as keepalived's examples give them: when the master fails, the best backup's
+# master-down timer (3 adverts + skew, skew = (256 - priority)/256 s) fires first and only it takes
+# over. 150, 100, 50 on h1, h2, h3 put 0.2 s between the timers: with 10 apart (39 ms) a loaded host
+# sometimes let the lower backup win, which nopreempt then keeps.
+KEEPALIVED_PRIORITY = 150
+KEEPALIVED_PRIORITY_STEP = 50
 VRID_BASE = 51
 VIP_BASE = 100  # lane L's virtual address is 10.99.0.(100 + L)
 # What the notify script allows the job between SIGTERM and SIGKILL: pyquorum's default stop timeout.
@@ -123,6 +130,16 @@ def _cmdline(pid: int) -> list[str]:
             return [part.decode(errors="replace") for part in f.read().split(b"\0") if part]
     except OSError:
         return []
+
+
+def _env_var(pid: int, name: str) -> str | None:
+    try:
+        with open(f"/proc/{pid}/environ", "rb") as f:
+            env = f.read().split(b"\0")
+    except OSError:
+        return None
+    prefix = f"{name}=".encode()
+    return next((v[len(prefix) :].decode() for v in env if v.startswith(prefix)), None)
 
 
 # ---- Debian packages ----------------------------------------------------------------------------
@@ -297,6 +314,11 @@ class System(abc.ABC):
     def problems(self) -> list[str]:
         """Alarms in the system's own logs (tracebacks, internal errors)."""
         return []
+
+    def extras(self, lane: int, runs: list[tuple[int, float]]) -> list[int]:
+        """Of ``lane``'s scripts (pid, start) still alive after a round, the ones the benchmark ends:
+        all but the newest, unless the system can say which one holds the lock."""
+        return [pid for pid, _ in sorted(runs, key=lambda r: r[1])[:-1]]
 
     # ---- shared machinery -----------------------------------------------------------------------
 
@@ -595,7 +617,7 @@ class EtcdLock(System):
         ip = self.net.ip(host)
         cluster = ",".join(f"h{h}=http://{self.net.ip(h)}:{ETCD_PEER_PORT}" for h in self.net.hosts)
         argv = [
-            "etcd", "--name", f"h{host}", "--data-dir", str(self.workdir / f"etcd-h{host}"),
+            "etcd", "--name", f"h{host}", "--data-dir", str(self.workdir / f"etcd-data-h{host}"),
             "--listen-peer-urls", f"http://{ip}:{ETCD_PEER_PORT}",
             "--initial-advertise-peer-urls", f"http://{ip}:{ETCD_PEER_PORT}",
             "--listen-client-urls", f"http://{ip}:{ETCD_CLIENT_PORT}",
@@ -677,31 +699,72 @@ class EtcdLock(System):
         return f"SIGTERM to the process groups of etcdctl {groups} (etcdctl and its command)"
 
     def restore(self, host: int, fault: str) -> None:
+        """Restart the member if it is down; keep each lane's true lock holder (its script's
+        ETCD_LOCK_KEY is the lane's first key) and queue every other etcdctl again, host by host.
+        An etcdctl's session can expire while it waits or while it holds the lock (its host frozen
+        or cut off, or its gRPC connection stuck on a member that was), and etcdctl neither notices
+        nor exits: only a fresh one is surely in the queue. Each lane's queue is rebuilt in the same
+        order (holder, then the other hosts from h1 up), so the lanes stay aligned."""
         if self.members[host].poll() is not None:
             self.reap()
             self._start_member(host)
         wait_for(f"{self.name}: etcd cluster health after h{host}", self._healthy, 60.0, 0.2)
-        holders = self.live()
+        keep = {lane: h for lane in range(self.lanes) if (h := self._true_holder(lane)) is not None}
+        stale = [key for key, p in self.lockers.items() if keep.get(key[1]) != key[0] and p.poll() is None]
+        for h, lane in stale:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.lockers[(h, lane)].pid, signal.SIGTERM)
+        for h, lane in stale:
+            proc = self.lockers[(h, lane)]
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(5)
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+        self.reap()
+        first = collections.Counter(keep.values()).most_common(1)[0][0] if keep else self.net.hosts[0]
+        orders = {}
         for lane in range(self.lanes):
-            proc = self.lockers[(host, lane)]
-            if proc.poll() is None and host not in holders[lane]:
-                # after a freeze or an isolation its session may have expired while it waited (its key
-                # is gone, and etcdctl does not notice): queue it again from scratch
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(proc.pid, signal.SIGTERM)
-                with contextlib.suppress(subprocess.TimeoutExpired):
-                    proc.wait(5)
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(proc.pid, signal.SIGKILL)
-            if proc.poll() is not None:
-                self.reap()
-                self._start_locker(host, lane)
-        wait_for(
-            f"{self.name}: every lane's queue full again after h{host}",
-            partial(self._all_queued, self.net.n),
-            30.0,
-            0.1,
-        )
+            holder = keep.get(lane, first)
+            orders[lane] = [holder, *(h for h in self.net.hosts if h != holder)]
+        try:
+            wanted = {lane: int(lane in keep) for lane in range(self.lanes)}
+            wait_for(f"{self.name}: stale keys gone", lambda: self._queues() == wanted, 30.0, 0.1)
+            for k in range(self.net.n):
+                for lane, order in orders.items():
+                    if not (k == 0 and lane in keep):
+                        self._start_locker(order[k], lane)
+                wait_for(f"{self.name}: queues of {k + 1}", partial(self._all_queued, k + 1), 30.0, 0.1)
+        except BenchError as exc:
+            running = {f"h{h}.l{lane}": p.poll() is None for (h, lane), p in self.lockers.items()}
+            raise BenchError(f"{exc}: keys per lane {self._queues()}; etcdctl running {running}") from exc
+
+    def _queues(self) -> dict[int, int]:
+        return {lane: self._queued(lane) for lane in range(self.lanes)}
+
+    def _owner_key(self, lane: int) -> str | None:
+        """The lane's first key by creation: the lock's owner (concurrency.Mutex)."""
+        out = self.etcdctl(1, "get", "--prefix", f"lane{lane}/", "--keys-only", "--sort-by=CREATE")
+        keys = [line.strip() for line in out.splitlines() if line.strip()]
+        return keys[0] if keys else None
+
+    def _true_holder(self, lane: int) -> int | None:
+        """The host whose live script in ``lane`` was given the owner key, or None."""
+        owner = self._owner_key(lane)
+        if owner is None:
+            return None
+        for v in self.monitor.unended():
+            h, _, run_lane = v.host.partition(".l")
+            if int(run_lane) == lane and alive(v.pid) and _env_var(v.pid, "ETCD_LOCK_KEY") == owner:
+                return int(h[1:])
+        return None
+
+    def extras(self, lane: int, runs: list[tuple[int, float]]) -> list[int]:
+        """Every script but the one whose ETCD_LOCK_KEY is the lane's first key (the lock's owner)."""
+        owner = self._owner_key(lane)
+        keep = [pid for pid, _ in runs if owner is not None and _env_var(pid, "ETCD_LOCK_KEY") == owner]
+        if len(keep) != 1:
+            return super().extras(lane, runs)
+        return [pid for pid, _ in runs if pid != keep[0]]
 
     def successor_timeout_s(self) -> float:
         return self.ttl_s + 15.0
@@ -775,6 +838,10 @@ exit 0
 """
 
 
+def _priority(host: int) -> int:
+    return KEEPALIVED_PRIORITY - KEEPALIVED_PRIORITY_STEP * (host - 1)
+
+
 class Keepalived(System):
     """keepalived (VRRP, unicast) per host, one vrrp_instance per lane, notify scripts run the job."""
 
@@ -815,7 +882,7 @@ class Keepalived(System):
                 "    nopreempt",
                 "    interface eth0",
                 f"    virtual_router_id {VRID_BASE + lane}",
-                f"    priority {KEEPALIVED_PRIORITY}",
+                f"    priority {_priority(host)}",
                 f"    advert_int {KEEPALIVED_ADVERT_INT_S:g}",
                 f"    unicast_src_ip {self.net.ip(host)}",
                 "    unicast_peer {",
@@ -859,8 +926,8 @@ class Keepalived(System):
         }
 
     def start(self) -> None:
-        # With equal priorities the highest address wins a tie; started first, h1 is alone when its
-        # master-down timer fires, so it becomes master of every lane.
+        # h1 has the highest priority and, started first, is alone when its master-down timer fires:
+        # it becomes master of every lane.
         self._start(1)
         self.wait_all_lanes_on(1, 30.0)
         for h in self.net.hosts[1:]:
@@ -894,16 +961,19 @@ class Keepalived(System):
         return KEEPALIVED_ADVERT_INT_S
 
     def config(self) -> dict[str, Any]:
-        skew = (256 - KEEPALIVED_PRIORITY) / 256
+        # the backup that takes over from h1 is h2: priority 100
+        skew = (256 - _priority(2)) / 256
         return {
             "system": self.name,
             "kind": self.kind,
             "nodes": self.net.n,
             "lanes": self.lanes,
             "advert_int_s": KEEPALIVED_ADVERT_INT_S,
-            "priority": KEEPALIVED_PRIORITY,
+            "priority": {f"h{h}": _priority(h) for h in self.net.hosts},
             "documented_failover_s": round(3 * KEEPALIVED_ADVERT_INT_S + skew, 3),
-            "documented_as": "3 x advert_int + skew, skew = (256 - priority)/256 (keepalived.conf(5))",
+            "documented_as": "3 x advert_int + skew, skew = (256 - priority)/256 (keepalived.conf(5)), "
+            f"priority {_priority(2)} (h1's {_priority(1)} gives "
+            f"{3 * KEEPALIVED_ADVERT_INT_S + (256 - _priority(1)) / 256:.2f} s)",
             "documented_planned_s": round(skew, 3),
             "command": "keepalived --dont-fork --vrrp -f h<i>.conf (unicast, state BACKUP, nopreempt)",
         }

@@ -86,6 +86,9 @@ OBSERVE_S = 1.0
 # After the fault is undone: how long the system gets to end a duplicate script by itself (three
 # keepalived adverts; pyquorum never has one to end).
 SETTLE_S = 3.0
+# The smoke mode exercises the same code with shorter watches (its overlaps are more often censored).
+SMOKE_OBSERVE_S = 0.5
+SMOKE_SETTLE_S = 1.5
 REFERENCE = "pyquorum-default-3"
 ETCD_TTL_DEFAULT_S = 10
 # The same lock file as tests/netns/test_netns.py LOCK_PATH: one user of the netns hosts at a time.
@@ -123,6 +126,8 @@ class Plan:
     trials: int
     lanes: dict[str, int]
     smoke: bool
+    observe_s: float = OBSERVE_S
+    settle_s: float = SETTLE_S
     fail_after: int | None = None
 
 
@@ -174,7 +179,9 @@ def kill_extras(system: System) -> list[int]:
     return victims
 
 
-def run_round(system: System, fault: str, index: int, rng: random.Random) -> tuple[Round, list[Trial]]:
+def run_round(
+    system: System, fault: str, index: int, rng: random.Random, plan: Plan
+) -> tuple[Round, list[Trial]]:
     held = holders(system)
     target = collections.Counter(held.values()).most_common(1)[0][0]
     lanes = sorted(lane for lane, h in held.items() if h == target)
@@ -201,12 +208,12 @@ def run_round(system: System, fault: str, index: int, rng: random.Random) -> tup
         if all_succeeded() and (fault != "planned-stop" or rnd.agent_gone is not None):
             break
         time.sleep(0.005)
-    time.sleep(OBSERVE_S)
+    time.sleep(plan.observe_s)
     rnd.t_heal = time.monotonic()
     note = undo(system, fault, target, dropped_before)
     if note:
         rnd.evidence += "; " + note
-    settle_until = time.monotonic() + SETTLE_S
+    settle_until = time.monotonic() + plan.settle_s
     while time.monotonic() < settle_until and any(len(r) > 1 for r in system.live_pids().values()):
         time.sleep(0.01)
     rnd.t_end = time.monotonic()
@@ -229,7 +236,7 @@ def run_system(system: System, plan: Plan, rng: random.Random, out: dict[str, An
     entry = {**system.config(), "load_before": [round(x, 2) for x in os.getloadavg()]}
     out["systems"].append(entry)
     try:
-        _rounds(system, plan, rng, out)
+        _rounds(system, plan, rng, out, entry)
     finally:
         entry.update(
             seconds=round(time.monotonic() - started, 1),
@@ -239,9 +246,14 @@ def run_system(system: System, plan: Plan, rng: random.Random, out: dict[str, An
         )
 
 
-def _rounds(system: System, plan: Plan, rng: random.Random, out: dict[str, Any]) -> None:
+def _rounds(
+    system: System, plan: Plan, rng: random.Random, out: dict[str, Any], entry: dict[str, Any]
+) -> None:
     started = time.monotonic()
     system.start()
+    entry.update(system.config())
+    if isinstance(system, EtcdLock) and system.ttl_probe:
+        log(f"[{system.name}] etcdctl lease grant 1..5 s -> granted {system.ttl_probe}: TTL {system.ttl_s} s")
     log(f"[{system.name}] up in {time.monotonic() - started:.1f} s; lanes {system.lanes}")
     wait_for(f"{system.name}: one script per lane", system.steady, 30.0)
     if isinstance(system, EtcdLock):
@@ -263,7 +275,7 @@ def _rounds(system: System, plan: Plan, rng: random.Random, out: dict[str, Any])
             raise BenchError(f"{system.name}: {max_rounds} rounds and still short of trials: {need}")
         if plan.fail_after is not None and out["rounds_done"] >= plan.fail_after:
             raise RuntimeError(f"--fail-after {plan.fail_after}: raising to test the clean-up")
-        rnd, new = run_round(system, fault, index, rng)
+        rnd, new = run_round(system, fault, index, rng, plan)
         index += 1
         out["rounds_done"] += 1
         out["rounds"].append(asdict(rnd))
@@ -276,22 +288,6 @@ def _rounds(system: System, plan: Plan, rng: random.Random, out: dict[str, Any])
             f"successor after {statistics.median(takeovers) if takeovers else math.nan:.3f} s (median), "
             f"overlapped {sum(t.overlap_s > 0 for t in new)}/{len(new)}"
         )
-
-
-def probe_min_ttl(system: EtcdLock, out: dict[str, Any]) -> None:
-    """Ask the cluster for leases of 1..5 s and record what it grants: etcd raises a TTL below its
-    minimum (1.5 election timeouts, rounded up) without an error."""
-    granted = {str(t): system.granted_ttl_s(t) for t in range(1, 6)}
-    out["etcd_ttl_probe"] = granted
-    log(f"[etcd] lease grant 1..5 s -> granted {granted}")
-
-
-def min_ttl(probe: dict[str, int | None]) -> int:
-    """The smallest requested TTL that is granted as requested."""
-    for requested, granted in sorted(probe.items(), key=lambda kv: int(kv[0])):
-        if granted == int(requested):
-            return int(requested)
-    raise BenchError(f"etcd granted no TTL as requested: {probe}")
 
 
 def probe_steady(system: EtcdLock, seconds: float, out: dict[str, Any]) -> None:
@@ -322,27 +318,12 @@ def build(name: str, lab: Lab, lanes: int, out: dict[str, Any]) -> System:
         timing = DEFAULT if profile == "default" else TUNED
         return Pyquorum(name, lab.network(int(n)), workdir, lanes, timing, lab.key_file)
     if name.startswith("etcd-"):
-        ttl = out["etcd_min_ttl_s"] if name == "etcd-min-3" else ETCD_TTL_DEFAULT_S
-        label = f"etcd-ttl{ttl}-3" if name == "etcd-min-3" else name
-        return EtcdLock(label, lab.network(3), workdir, lanes, ttl)
+        return EtcdLock(
+            name, lab.network(3), workdir, lanes, None if name == "etcd-min-3" else ETCD_TTL_DEFAULT_S
+        )
     if name == "keepalived-3":
         return Keepalived(name, lab.network(3), workdir, lanes)
     raise ValueError(name)
-
-
-def find_min_ttl(lab: Lab, out: dict[str, Any]) -> None:
-    """Start an etcd cluster just to ask which TTLs it grants (see ``probe_min_ttl``)."""
-    with exclusive():
-        probe = EtcdLock("etcd-probe", lab.network(3), lab.tmp / "etcd-probe", 1, ETCD_TTL_DEFAULT_S)
-        try:
-            for h in probe.net.hosts:
-                probe._start_member(h)
-            wait_for("etcd cluster health (TTL probe)", probe._healthy, 60.0, 0.2)
-            probe_min_ttl(probe, out)
-        finally:
-            probe.close()
-    out["etcd_min_ttl_s"] = min_ttl(out["etcd_ttl_probe"])
-    log(f"[etcd] smallest TTL granted as requested: {out['etcd_min_ttl_s']} s")
 
 
 def write_results(out_dir: Path, out: dict[str, Any]) -> None:
@@ -418,7 +399,9 @@ def make_plan(args: argparse.Namespace) -> Plan:
     if trials < 1:
         raise SystemExit("compare.py: --trials must be at least 1")
     lanes = {k: 1 for k in LANES} if args.smoke else dict(LANES)
-    return Plan(systems, faults, trials, lanes, args.smoke, args.fail_after)
+    if args.smoke:
+        return Plan(systems, faults, trials, lanes, True, SMOKE_OBSERVE_S, SMOKE_SETTLE_S, args.fail_after)
+    return Plan(systems, faults, trials, lanes, False, fail_after=args.fail_after)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -448,8 +431,8 @@ def main(argv: list[str] | None = None) -> int:
         "smoke": plan.smoke,
         "machine": machine(),
         "versions": versions(),
-        "observe_s": OBSERVE_S,
-        "settle_s": SETTLE_S,
+        "observe_s": plan.observe_s,
+        "settle_s": plan.settle_s,
         "command": "python bench/compare.py " + " ".join(argv if argv is not None else sys.argv[1:]),
         "systems": [],
         "rounds": [],
@@ -468,8 +451,6 @@ def main(argv: list[str] | None = None) -> int:
     try:
         lab = Lab()
         log(f"run {lab.run}: {', '.join(plan.systems)}; {plan.trials} trials per fault; seed {args.seed}")
-        if "etcd-min-3" in plan.systems:
-            find_min_ttl(lab, out)
         for name in plan.systems:
             with exclusive():
                 system = build(name, lab, plan.lanes[_kind(name)], out)

@@ -20,6 +20,8 @@ The measures, per lane and round (fault at ``t_before``, effective at ``t_after`
 - **failover** = new start - old's last line (its last sign of life). If the old run wrote a line
   after the new one started there was no gap: failover is None and the trial counts as overlapped;
 - **takeover** = new start - ``t_before``: how long until a successor ran, gap or not;
+  ``successors`` counts the runs that started on other hosts before ``t_end``: more than one means
+  the lock was handed out twice;
 - **overlap** = the time, between ``t_before`` and ``t_end``, during which two runs of the lane were
   alive at once. ``overlap_at_heal``: two were still alive when the benchmark began to undo the fault;
   ``overlap_censored``: two were still alive at ``t_end``, when the benchmark stopped looking and killed
@@ -98,6 +100,7 @@ class Trial:
     target: int
     old_pid: int | None = None
     new_host: int | None = None
+    successors: int = 0  # runs that started in the lane after the fault, on other hosts
     failover_s: float | None = None
     takeover_s: float | None = None
     overlap_s: float = 0.0
@@ -142,6 +145,7 @@ def measure(rnd: Round, runs: Iterable[Run], lane: int) -> Trial:
     trial.old_pid = old.pid
     later = [r for r in mine if r.start > rnd.t_before and r.host != rnd.target]
     new = later[0] if later else None
+    trial.successors = sum(1 for r in later if r.start < rnd.t_end)
     if new is not None:
         trial.new_host = new.host
         trial.takeover_s = new.start - rnd.t_before
@@ -204,6 +208,7 @@ class Row:
     overlap_p99_s: float
     overlap_at_heal: int
     overlap_censored: int
+    two_successors: int
     minority_ran: int | None
     minority_median_s: float | None
     outlived: int | None
@@ -241,6 +246,7 @@ def summarize(trials: Sequence[Trial], reference: str | None) -> list[Row]:
                     overlap_p99_s=percentile(overlaps, 99),
                     overlap_at_heal=sum(1 for t in ts if t.overlap_at_heal),
                     overlap_censored=sum(1 for t in ts if t.overlap_censored),
+                    two_successors=sum(1 for t in ts if t.successors > 1),
                     minority_ran=sum(1 for t in minority if t.minority_ran) if minority else None,
                     minority_median_s=(
                         statistics.median(t.minority_s for t in minority if t.minority_s is not None)
@@ -285,10 +291,10 @@ def markdown(rows: Sequence[Row], reference: str | None) -> str:
         out.append(f"**{FAULT_TITLES[fault]}**\n")
         out.append(
             f"| system | trials | failover median | p90 | p99 | {ref} | successor after (median) "
-            "| overlapped | overlap median | overlap p99 | still two at heal | minority ran beside majority "
-            "| script outlived daemon |"
+            "| overlapped | overlap median | overlap p99 | still two at heal | lock given twice "
+            "| minority ran beside majority | script outlived daemon |"
         )
-        out.append("|" + "---|" * 13)
+        out.append("|" + "---|" * 14)
         for r in these:
             gap_note = "" if r.with_gap == r.trials else f" ({r.with_gap} with a gap)"
             ratio = "—" if r.vs_reference is None else f"{r.vs_reference:.2f}"
@@ -301,7 +307,8 @@ def markdown(rows: Sequence[Row], reference: str | None) -> str:
                 f"| {_s(r.failover_p99_s)} | {ratio} | {takeover} | {r.overlapped}/{r.trials} "
                 f"| {_s(r.overlap_median_s, censored and r.overlap_median_s > 0)} "
                 f"| {_s(r.overlap_p99_s, censored)} | {r.overlap_at_heal}/{r.trials} "
-                f"| {_count(r.minority_ran, r.trials)} | {_count(r.outlived, r.trials)} |"
+                f"| {r.two_successors}/{r.trials} | {_count(r.minority_ran, r.trials)} "
+                f"| {_count(r.outlived, r.trials)} |"
             )
         out.append("")
     return "\n".join(out)

@@ -606,9 +606,12 @@ class EtcdLock(System):
 
     kind = "etcd"
 
-    def __init__(self, name: str, net: Network, workdir: Path, lanes: int, ttl_s: int) -> None:
+    def __init__(self, name: str, net: Network, workdir: Path, lanes: int, ttl_s: int | None) -> None:
+        """``ttl_s=None``: find the smallest TTL the cluster grants as requested (``probe_ttl``) once
+        the members are up, use it, and rename the system after it (``etcd-ttl<T>-3``)."""
         super().__init__(name, net, workdir, lanes)
-        self.ttl_s = ttl_s
+        self.ttl_s = ttl_s or 0
+        self.ttl_probe: dict[int, int | None] = {}
         self.members: dict[int, subprocess.Popen[bytes]] = {}
         self.lockers: dict[tuple[int, int], subprocess.Popen[bytes]] = {}
         self.endpoints = ",".join(f"http://{net.ip(h)}:{ETCD_CLIENT_PORT}" for h in net.hosts)
@@ -665,6 +668,16 @@ class EtcdLock(System):
         out = self.etcdctl(1, "get", "--prefix", f"lane{lane}/", "--keys-only", timeout_s=5.0)
         return sum(1 for line in out.splitlines() if line.strip())
 
+    def probe_ttl(self) -> int:
+        """Ask for leases of 1..5 s and return the smallest TTL granted as requested. etcd raises a
+        TTL below its minimum (1.5 election timeouts, rounded up to whole seconds) without an error;
+        ``ttl_probe`` keeps what was granted for each request."""
+        self.ttl_probe = {t: self.granted_ttl_s(t) for t in range(1, 6)}
+        for requested, granted in sorted(self.ttl_probe.items()):
+            if granted == requested:
+                return requested
+        raise BenchError(f"etcd granted no TTL as requested: {self.ttl_probe}")
+
     def granted_ttl_s(self, requested_s: int) -> int | None:
         """What the cluster grants for ``lease grant requested_s``: etcd raises a TTL below its minimum."""
         out = self.etcdctl(1, "lease", "grant", str(requested_s))
@@ -677,6 +690,9 @@ class EtcdLock(System):
         for h in self.net.hosts:
             self._start_member(h)
         wait_for(f"{self.name}: etcd cluster health", self._healthy, 60.0, 0.2)
+        if not self.ttl_s:
+            self.ttl_s = self.probe_ttl()
+            self.name = f"etcd-ttl{self.ttl_s}-{self.net.n}"
         for i, h in enumerate(self.net.hosts, start=1):
             for lane in range(self.lanes):
                 self._start_locker(h, lane)
@@ -779,6 +795,7 @@ class EtcdLock(System):
             "nodes": self.net.n,
             "lanes": self.lanes,
             "ttl_s": self.ttl_s,
+            "ttl_probe": {str(k): v for k, v in self.ttl_probe.items()} or None,
             "etcd_heartbeat_ms": 100,
             "etcd_election_timeout_ms": 1000,
             "documented_failover_s": float(self.ttl_s),

@@ -77,9 +77,10 @@ from tests.netns.cluster import (
     sweep_processes,
     tagged_pids,
 )
-from tests.netns.hosts import Network
+from tests.netns.hosts import PREFIX, Network, namespaces
 
 __all__ = [
+    "PREFIX",
     "BenchError",
     "EtcdLock",
     "Keepalived",
@@ -90,6 +91,8 @@ __all__ = [
     "install_packages",
     "kill_all",
     "missing_packages",
+    "namespaces",
+    "tagged_pids",
     "unavailable",
     "versions",
     "wait_for",

@@ -144,9 +144,9 @@ COMMAND = [sys.executable, str(ROOT / "bench" / "compare.py")]
 
 
 def _why_not() -> str | None:
-    from tests.netns import hosts
+    from compare_systems import unavailable
 
-    reason = hosts.why_unavailable()
+    reason = unavailable()
     if reason is not None:
         return reason
     missing = [cmd for cmd in ("etcd", "etcdctl", "keepalived") if shutil.which(cmd) is None]
@@ -164,11 +164,10 @@ def hosts_ok() -> None:
 
 def _leftovers(pid: int) -> tuple[list[str], list[str], list[Path]]:
     """Namespaces, tagged processes and temp dirs of the run whose benchmark process was ``pid``."""
-    from tests.netns import hosts
-    from tests.netns.cluster import tagged_pids
+    from compare_systems import PREFIX, namespaces, tagged_pids
 
-    prefix = f"{hosts.PREFIX}{pid}x"
-    names = [ns for ns in hosts.namespaces() if ns.startswith(prefix)]
+    prefix = f"{PREFIX}{pid}x"
+    names = [ns for ns in namespaces() if ns.startswith(prefix)]
     procs = [f"{p} {tag}" for p, tag in tagged_pids(prefix).items()]
     dirs = list(Path("/tmp").glob(f"{prefix}*"))
     return names, procs, dirs

@@ -188,10 +188,13 @@ def run_round(
     time.sleep(rng.uniform(0, system.period_s()))
     agents_before = system.agents(target)
     dropped_before = system.net.dropped() if fault == "isolate" else 0
+    context = system.context()
     t_before = time.monotonic()
     evidence = inject(system, fault, target)
     t_after = time.monotonic()
     rnd = Round(system.name, fault, index, target, lanes, t_before, t_after, evidence=evidence)
+    if context:
+        rnd.evidence = f"{context}; {evidence}"
     if fault == "daemon-crash":
         rnd.agent_gone = t_after
     give_up = t_before + system.successor_timeout_s()

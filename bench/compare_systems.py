@@ -318,6 +318,10 @@ class System(abc.ABC):
         """Alarms in the system's own logs (tracebacks, internal errors)."""
         return []
 
+    def context(self) -> str:
+        """State worth recording just before a fault (read before the clock starts)."""
+        return ""
+
     def extras(self, lane: int, runs: list[tuple[int, float]]) -> list[int]:
         """Of ``lane``'s scripts (pid, start) still alive after a round, the ones the benchmark ends:
         all but the newest, unless the system can say which one holds the lock."""
@@ -805,6 +809,10 @@ class EtcdLock(System):
             "documented_as": "the session TTL (etcdctl lock --ttl)",
             "command": f"etcdctl --endpoints=<3 members> lock --ttl={self.ttl_s} laneL -- SCRIPT",
         }
+
+    def context(self) -> str:
+        leader = self.etcd_leader()
+        return f"etcd leader h{leader}" if leader is not None else "etcd leader unknown"
 
     def etcd_leader(self) -> int | None:
         """The host of etcd's Raft leader now, or None."""

@@ -217,11 +217,17 @@ def versions() -> dict[str, str]:
 
 
 class Lab:
-    """This run's networks, temp dir and key. ``close()`` removes everything it made."""
+    """This run's networks, temp dir and key. ``close()`` removes everything it made; creating one
+    first removes what runs that were SIGKILLed left (their processes, namespaces and temp dirs, found
+    by the dead pid in their names; a live run's are never touched)."""
 
     def __init__(self) -> None:
         sweep_processes()
         hosts.sweep()
+        for path in Path(tempfile.gettempdir()).glob(f"{PREFIX}*"):
+            owner = path.name[len(PREFIX) :].split("x", 1)[0]
+            if path.is_dir() and owner.isdigit() and not Path(f"/proc/{owner}").exists():
+                shutil.rmtree(path, ignore_errors=True)
         self.run = hosts.run_id()
         self.tmp = Path(tempfile.mkdtemp(prefix=f"{hosts.PREFIX}{self.run}-"))
         self.key_file = self.tmp / "cluster.key"

@@ -214,29 +214,29 @@ def proc_pid_of(stdout: str) -> int:
 def _interrupt(tmp_path: Path, args: list[str], after: str, sig: signal.Signals | None) -> tuple[int, str]:
     """Run the benchmark, wait for a line containing ``after``, send ``sig`` (None: wait for it to
     fail by itself); return its exit code and output."""
-    proc = subprocess.Popen(
+    lines = []
+    with subprocess.Popen(
         [*COMMAND, *args, "--out", str(tmp_path / "out")],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
-    )
-    lines = []
-    try:
-        assert proc.stdout is not None
-        give_up = time.monotonic() + 300
-        for line in proc.stdout:
-            lines.append(line)
-            if after in line and sig is not None:
-                proc.send_signal(sig)
-                break
-            if time.monotonic() > give_up:
-                break
-        code = proc.wait(120)
-        lines += proc.stdout.readlines()
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+    ) as proc:
+        try:
+            assert proc.stdout is not None
+            give_up = time.monotonic() + 300
+            for line in proc.stdout:
+                lines.append(line)
+                if after in line and sig is not None:
+                    proc.send_signal(sig)
+                    break
+                if time.monotonic() > give_up:
+                    break
+            code = proc.wait(120)
+            lines += proc.stdout.readlines()
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
     return code, "".join(lines)
 
 

@@ -75,12 +75,25 @@ class ScriptState(enum.Enum):
     STOPPING = "stopping"  # stop requested, not yet reaped
 
 
+# protocol.md §3.9: ``voted_for`` of a node that lost its state and then learned the cluster's terms: it
+# may have voted in this term before, for someone it no longer knows, so it votes for nobody in it.
+UNKNOWN_VOTE = "?"
+
+
 @dataclass(frozen=True, slots=True)
 class HardState:
-    """What must survive a restart: persisted before any message that depends on it is sent."""
+    """What must survive a restart: persisted before any message that depends on it is sent.
+
+    ``promise_s`` (protocol.md §3.6): the longest ``E + D`` under which this node may have acknowledged a
+    master and not yet waited out; the next run's restart embargo covers it. ``recovering``
+    (protocol.md §3.9): this node's state was lost, so it may have voted in terms it does not remember;
+    it grants no vote and does not campaign until it has heard the term of every other member.
+    """
 
     term: int = 0
     voted_for: str | None = None
+    promise_s: float = 0.0
+    recovering: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -162,8 +175,18 @@ BROKEN_VARIANTS = frozenset(
         "lease_from_ack_time",  # lease counted from the ack's arrival, not the round's send (§4.2)
         "resign_before_stop",  # resigns before the script is reaped (§3.7)
         "no_quorum_check",  # master never steps down without acks (§4.3)
+        "resign_any_role",  # resign() on any role, dropping the stickiness to the master it follows (§3.7)
+        "embargo_ignores_promise",  # restart embargo E of this run only, not the last run's E + D (§3.6)
+        "amnesia_votes",  # a node that lost its state votes at once, as if brand new (§3.9)
+        "no_demotion",  # a master that lost its lease proposes first again next time (§3.3)
     }
 )
+
+# protocol.md §3.3: a master that stepped down because it lost its lease proposes last for this many
+# election timeouts: a node that can send but hardly receive would otherwise win every election (it
+# proposes first) and lose every lease. Ten E: long past the election that follows, short enough that a
+# node whose network was repaired soon ranks by its address again.
+DEMOTION_E = 10.0
 
 
 class Node:
@@ -202,6 +225,19 @@ class Node:
         self.role = Role.SLAVE
         self.master: str | None = None
         self.started_at = now
+        e, d = timing.election_timeout_s, timing.start_delay_s
+        # protocol.md §3.6: the restart embargo covers what the previous run promised (its E + D) as well
+        # as this run's E, so that lowering E or D one node at a time cannot shorten a lease's protection.
+        previous = 0.0 if "embargo_ignores_promise" in broken else hs.promise_s
+        self.embargo_s = max(e, previous - d)
+        # Until the embargo has passed, the previous run's promise may still be live: keep it on disk.
+        self.promise_s = max(previous, e + d)
+        self._promise_settled = False
+        self._hs_dirty = self.promise_s != hs.promise_s
+        # protocol.md §3.9: a node that lost its state heard nothing yet; it needs every member's term.
+        self.recovering = hs.recovering and "amnesia_votes" not in broken
+        self.heard_terms: dict[str, int] = {}
+        self.demoted_until = now
         self.last_heard: dict[str, float] = {}
         # protocol.md §3.3: the last time we accepted a live master's heartbeat (or sent one as master)
         self.last_master_heard: float | None = None
@@ -230,6 +266,9 @@ class Node:
         self.final = False
         self.finished = False
         self._ready = Ready()
+        if self.recovering and not self.peers:
+            # a cluster of one has nobody to ask: it can only take its own (lost) word (§3.9, limits)
+            self._finish_recovery()
 
     # ------------------------------------------------------------------ inputs
 
@@ -241,6 +280,8 @@ class Node:
         if self.finished or sender not in self.members or sender == self.me:
             return
         self.last_heard[sender] = now
+        if self.recovering:
+            self._learn_term(sender, msg, now)
         if isinstance(msg, PreVoteRequest):
             self._on_prevote_request(sender, msg, now)
             return
@@ -272,6 +313,10 @@ class Node:
         """Advance timers: heartbeats, elections, the lease. Call at ``next_wakeup()`` or later."""
         if self.finished:
             return
+        if not self._promise_settled and now >= self.started_at + self.embargo_s:
+            # protocol.md §3.6: what the previous run promised has been waited out
+            self._promise_settled = True
+            self._set_promise(self.timing.election_timeout_s + self.timing.start_delay_s)
         if self.role is Role.MASTER:
             self._tick_master(now)
         elif self.role in (Role.PRECANDIDATE, Role.CANDIDATE):
@@ -298,10 +343,16 @@ class Node:
         if self.leaving:
             self._finish_leaving(now)
 
-    def resign(self, now: float, reason: str) -> None:
+    def resign(self, now: float, reason: str) -> bool:
         """Give up mastership (e.g. the script keeps failing): stop the script, then tell the peers
-        (protocol.md §3.7). The node stays a member and may become master again later."""
+        (protocol.md §3.7). The node stays a member and may become master again later.
+
+        Only a master resigns: on any other role this changes nothing and returns False (the leaving
+        path would drop the stickiness that the lease of the master we follow counts on)."""
+        if self.role is not Role.MASTER and "resign_any_role" not in self.broken:
+            return False
         self._leave(now, reason, final=False)
+        return True
 
     def shutdown(self, now: float) -> None:
         """Planned stop: stop the script, resign so a peer takes over at once, then ``finished``."""
@@ -313,7 +364,7 @@ class Node:
         """What to do now (see the module docstring for the order). Then call ``advance()``."""
         rd = self._ready
         if self._hs_dirty:
-            rd.hard_state = HardState(self.term, self.voted_for)
+            rd.hard_state = self.hard_state
         rd.finished = self.finished
         return rd
 
@@ -350,7 +401,7 @@ class Node:
 
     @property
     def hard_state(self) -> HardState:
-        return HardState(self.term, self.voted_for)
+        return HardState(self.term, self.voted_for, self.promise_s, self.recovering)
 
     # ------------------------------------------------------------------ helpers
 
@@ -378,7 +429,9 @@ class Node:
             return "leaving"
         if self.role is Role.MASTER:
             return "i am master"
-        if "no_restart_embargo" not in self.broken and now - self.started_at < e:
+        if self.recovering:
+            return "recovering"
+        if "no_restart_embargo" not in self.broken and now - self.started_at < self.embargo_s:
             return "restart embargo"
         if (
             "no_prevote_stickiness" not in self.broken
@@ -411,6 +464,33 @@ class Node:
             self.voted_for = None
             self._hs_dirty = True
 
+    def _set_promise(self, promise_s: float) -> None:
+        if promise_s != self.promise_s:
+            self.promise_s = promise_s
+            self._hs_dirty = True
+
+    def _learn_term(self, sender: str, msg: Message, now: float) -> None:
+        """protocol.md §3.9: a recovering node collects every other member's current term; once it has
+        them all, no term it may have voted in is above their maximum, so it takes that term with an
+        unknown vote (it votes for nobody in it) and is an ordinary member again."""
+        if isinstance(msg, PreVoteRequest):
+            term = msg.term - 1  # a pre-vote asks for the sender's term + 1
+        elif isinstance(msg, PreVoteResponse):
+            term = msg.voter_term
+        else:
+            term = msg.term
+        self.heard_terms[sender] = max(term, self.heard_terms.get(sender, 0))
+        if len(self.heard_terms) == len(self.peers):
+            self._finish_recovery()
+
+    def _finish_recovery(self) -> None:
+        floor = max([self.term, *self.heard_terms.values()])
+        self.recovering = False
+        self._set_term(floor)
+        self.voted_for = UNKNOWN_VOTE
+        self._hs_dirty = True
+        self._emit(f"recovered term={self.term} heard={len(self.heard_terms)}/{len(self.peers)}")
+
     def _become_slave(self, now: float, term: int, reason: str) -> None:
         old_role, old_term = self.role, self.term
         self._set_term(term)
@@ -434,7 +514,9 @@ class Node:
     def _election_due_at(self) -> float:
         """protocol.md §3.3: no election before E after start and after the last live master."""
         e = self.timing.election_timeout_s
-        due = max(self.started_at + e, self.quiet_until)
+        if self.recovering:
+            return float("inf")  # protocol.md §3.9: no candidacy before every member's term is known
+        due = max(self.started_at + self.embargo_s, self.quiet_until)
         if self.last_master_heard is not None:
             due = max(due, self.last_master_heard + e)
         return due
@@ -449,6 +531,8 @@ class Node:
             # first and a node that cannot win (one-way link) is followed by the next.
             alive = self._alive(now)
             rank = alive.index(self.me)
+            if now < self.demoted_until:
+                rank = len(alive)  # protocol.md §3.3: after losing its lease, a node proposes last
             self.attempt_at = due + rank * self.timing.slot_s
         if now >= self.attempt_at:
             self._become_precandidate(now)
@@ -660,6 +744,8 @@ class Node:
             reason = f"lost quorum acked={acked}/{len(self.members)} needed={self.quorum}"
             if self.script_state is ScriptState.RUNNING and self.kill_deadline is not None:
                 reason += f" stopping script deadline_in={self.kill_deadline - now:.3f}s"
+            if "no_demotion" not in self.broken:
+                self.demoted_until = now + DEMOTION_E * self.timing.election_timeout_s
             self._become_slave(now, self.term, reason)
             return
         self._maybe_start_script(now)
@@ -688,7 +774,8 @@ class Node:
     def _finish_leaving(self, now: float) -> None:
         # protocol.md §3.7: Resign only after the script is reaped, so lifting the peers'
         # stickiness cannot let a new master start while our script lives.
-        if self.role is Role.MASTER:
+        was_master = self.role is Role.MASTER
+        if was_master:
             if "resign_before_stop" not in self.broken:
                 self._send_resign(now)
             self._become_slave(now, self.term, "resigned")
@@ -699,4 +786,7 @@ class Node:
             self.leaving = False
             # do not campaign again at once: give the others two election timeouts
             self.quiet_until = now + 2 * self.timing.election_timeout_s
-            self.last_master_heard = None
+            if was_master or "resign_any_role" in self.broken:
+                # our own rounds made us sticky to ourselves; a master we now follow (we were deposed
+                # while waiting for the script) keeps the stickiness its lease counts on (§3.7)
+                self.last_master_heard = None

@@ -22,6 +22,7 @@ import stat
 import sys
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -37,7 +38,9 @@ USAGE = f"""\
 {PROG} [-h] [--version] [-b BIND] [-p PORT] [-s SCRIPT] [-v] [-vv] [options] SERVER [SERVER ...]
        {PROG} keygen [--add] PATH
        {PROG} demo [--rounds N] [--interval SECONDS] [-p PORT]
-       {PROG} status [--state-dir DIR | -b BIND [-p PORT]] [--json]"""
+       {PROG} status [--state-dir DIR | -b BIND [-p PORT]] [--json]
+       {PROG} init [daemon options] SERVER [SERVER ...]
+       {PROG} accept-members [daemon options] SERVER [SERVER ...]"""
 
 DESCRIPTION = """\
 Quorum-based leader election: the servers elect one master, and the master runs SCRIPT. Give this
@@ -48,7 +51,7 @@ EPILOG = f"""\
 SERVER is an IPv4 or IPv6 address or a host name, with an optional port (default: -p):
   10.0.0.2  10.0.0.2:6000  fd00::2  [fd00::2]:6000  db2  db2:6000
 Host names are resolved once, at start-up, preferring the bind address's family. A server whose
-name is also a subcommand (keygen, demo, status) must be written with its port.
+name is also a subcommand (keygen, demo, status, init, accept-members) must be written with its port.
 
 The default --state-dir is /var/lib/pyquorum/<ip>_<port> when running as root, otherwise
 $XDG_STATE_HOME/pyquorum/<ip>_<port> (~/.local/state/pyquorum/<ip>_<port>), so that several nodes
@@ -59,6 +62,8 @@ subcommands:
                         existing file, for rotation. Copy it to every server.
   demo                  a local 3-node cluster on 127.0.0.1 that fails over every few seconds
   status                print a running node's state (from its state dir's status.json)
+  init                  mark this never-run node as new, so it votes at once (docs/protocol.md §8)
+  accept-members        record a new member list, after stopping the cluster (docs/protocol.md §8)
 
 exit codes: 0 stopped cleanly, 1 failed while running, 2 bad input. See 'pyquorum SUBCOMMAND -h'.
 Version {__version__}."""
@@ -124,12 +129,12 @@ def _daemon(argv: list[str]) -> int:
         signal.signal(signal.SIGHUP, previous)
 
 
-def _daemon_parser() -> _Parser:
+def _daemon_parser(prog: str = PROG, description: str = DESCRIPTION) -> _Parser:
     p = _Parser(
-        prog=PROG,
-        usage=USAGE,
-        description=DESCRIPTION,
-        epilog=EPILOG,
+        prog=prog,
+        usage=USAGE if prog == PROG else None,
+        description=description,
+        epilog=EPILOG if prog == PROG else None,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--version", action="version", version=f"{PROG} {__version__}")
@@ -455,6 +460,60 @@ def _demo(argv: list[str]) -> int:
     return demo.run(rounds=args.rounds, interval_s=args.interval, own_process=True, port=args.port)
 
 
+def _init(argv: list[str]) -> int:
+    config = build_config(
+        _daemon_parser(
+            f"{PROG} init",
+            "Mark a node that has never run as new: it then votes at once, instead of waiting to hear "
+            "every member as a node without a state file does (it may have lost its state). Use it to "
+            "start a brand-new cluster while some of its servers are not running yet. Give the "
+            "daemon's own options. Never use it on a node that has run before: it could vote twice in "
+            "a term (docs/protocol.md §3.9, §8).",
+        ).parse_args(argv)
+    )
+    from pyquorum.runtime.storage import PersistedState, StateStore
+
+    with StateStore(config.state_dir) as store:
+        if store.state_file.exists():
+            raise ConfigError(
+                [
+                    f"{store.state_file} exists: this node has run before, and 'init' is only for a "
+                    "node that never has; just start it"
+                ]
+            )
+        store.save(PersistedState(members=config.members))
+    print(f"{config.state_dir}: new node {config.node_id}, members {','.join(config.members)}")
+    return 0
+
+
+def _accept_members(argv: list[str]) -> int:
+    config = build_config(
+        _daemon_parser(
+            f"{PROG} accept-members",
+            "Record a new member list in this node's state directory, so that the daemon starts with "
+            "it. Only after stopping pyquorum on enough servers that neither the old nor the new list "
+            "has a running majority, and waiting the election timeout plus the start delay "
+            "(docs/protocol.md §8). Give the daemon's own options with the NEW list.",
+        ).parse_args(argv)
+    )
+    from pyquorum.runtime.storage import StateStore
+
+    with StateStore(config.state_dir) as store:  # refuses while this node's daemon runs
+        state = store.load()
+        if not store.state_file.exists():
+            raise ConfigError([f"{store.state_file} does not exist: nothing to change; just start the node"])
+        if state.members == config.members:
+            print(f"{config.state_dir}: members already {','.join(config.members)}")
+            return 0
+        store.save(replace(state, members=config.members))
+    old = ",".join(state.members) if state.members else "(not recorded)"
+    print(
+        f"{config.state_dir}: members {old} -> {','.join(config.members)}; start every server with "
+        "the new list"
+    )
+    return 0
+
+
 def _status(argv: list[str]) -> int:
     p = _Parser(
         prog=f"{PROG} status",
@@ -557,4 +616,6 @@ _SUBCOMMANDS: dict[str, Callable[[list[str]], int]] = {
     "keygen": _keygen,
     "demo": _demo,
     "status": _status,
+    "init": _init,
+    "accept-members": _accept_members,
 }

@@ -1,4 +1,5 @@
-"""The state file: durable, atomic, never silently reset, never shared. Reference: protocol.md §2."""
+"""The state file: durable, atomic, never silently reset, never shared. Reference: protocol.md §3.4,
+§3.6 (the promise), §3.9 (a missing file is a node that may have lost its state), §1 (the members)."""
 
 from __future__ import annotations
 
@@ -31,17 +32,44 @@ def _leftovers(directory: Path) -> list[str]:
     return sorted(p.name for p in directory.iterdir() if p.name.endswith(".tmp"))
 
 
-def test_storage_missing_file_is_fresh_state(store: StateStore) -> None:
-    assert store.load() == PersistedState(term=0, voted_for=None, boot_epoch=0)
+def test_storage_missing_file_is_a_node_that_may_have_lost_its_state(store: StateStore) -> None:
+    """Reference: protocol.md §3.9: never silently treated as a brand-new node."""
+    assert store.load() == PersistedState(term=0, voted_for=None, boot_epoch=0, recovering=True)
+    assert store.bump_epoch() == 1
+    assert store.load().recovering  # persisted at once: a crash while recovering stays recovering
 
 
 def test_storage_round_trip(store: StateStore) -> None:
-    state = PersistedState(term=7, voted_for="[::1]:51621", boot_epoch=3)
+    state = PersistedState(
+        term=7,
+        voted_for="[::1]:51621",
+        boot_epoch=3,
+        promise_s=1.25,
+        recovering=True,
+        members=("[::1]:51621", "[::1]:51622", "[::1]:51623"),
+    )
     store.save(state)
     assert store.load() == state
     assert StateStore(store.state_dir).load() == state  # another reader sees the same
     store.save(PersistedState(term=8))
     assert store.load() == PersistedState(term=8, voted_for=None, boot_epoch=0)
+
+
+def test_storage_reads_a_file_written_before_promise_recovering_and_members(store: StateStore) -> None:
+    old = {"version": 1, "term": 4, "voted_for": None, "boot_epoch": 2}
+    store.state_file.write_text(json.dumps(old))
+    assert store.load() == PersistedState(term=4, boot_epoch=2, promise_s=0.0, recovering=False, members=None)
+
+
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [("promise_s", "1"), ("promise_s", -1), ("recovering", 1), ("members", "a,b"), ("members", [])],
+)
+def test_storage_refuses_bad_new_fields(store: StateStore, key: str, value: object) -> None:
+    data = {"version": 1, "term": 4, "voted_for": None, "boot_epoch": 2, key: value}
+    store.state_file.write_text(json.dumps(data))
+    with pytest.raises(ConfigError, match=key):
+        store.load()
 
 
 def test_storage_creates_private_directory_and_file(tmp_path: Path) -> None:

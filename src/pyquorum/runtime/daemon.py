@@ -31,7 +31,7 @@ import signal
 import socket
 import time
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from pyquorum import __version__
@@ -42,7 +42,8 @@ from pyquorum.core.messages import Message
 from pyquorum.core.node import HardState, Node, Ready, Role, StartScript
 from pyquorum.keys import KeyRing, load_keyring
 from pyquorum.replay import ReplayGuard
-from pyquorum.runtime.storage import PersistedState, StateStore, write_status
+from pyquorum.runtime.restart import Action, Decision, RestartPolicy
+from pyquorum.runtime.storage import PersistedState, StateStore, member_change_problem, write_status
 from pyquorum.supervisor import ScriptExit, ScriptStartError, ScriptSupervisor
 
 log = logging.getLogger("pyquorum")
@@ -119,8 +120,13 @@ class Daemon:
         self._wake = asyncio.Event()
         self._finished = asyncio.Event()
         self._run: _ScriptRun | None = None
-        self._failures: list[float] = []
-        self._consecutive_failures = 0
+        self.restart_policy = RestartPolicy(
+            config.restart,
+            backoff_s=config.restart_backoff_s,
+            backoff_max_s=config.restart_backoff_max_s,
+            max_failures=config.max_failures,
+            window_s=config.failure_window_s,
+        )
         self._signals = 0
         self._last_status: tuple[object, ...] | None = None
         self._status_written = float("-inf")
@@ -143,6 +149,12 @@ class Daemon:
     def _open_state(self) -> PersistedState:
         self.store.acquire()
         state = self.store.load()
+        if state.members is not None and state.members != self.members:
+            # protocol.md §1, §8: two member lists can elect two masters; never change it silently
+            self.store.release()
+            raise ConfigError([member_change_problem(self.store.state_file, state.members, self.members)])
+        if state.members is None:
+            self.store.save(replace(state, members=self.members))
         self.epoch = self.store.bump_epoch()
         return state
 
@@ -190,7 +202,7 @@ class Daemon:
                 self.timing,
                 now=now,
                 rng=random.Random(int.from_bytes(os.urandom(8), "big")),
-                hard_state=HardState(state.term, state.voted_for),
+                hard_state=HardState(state.term, state.voted_for, state.promise_s, state.recovering),
             )
             if self.config.script:
                 self.supervisor = ScriptSupervisor(
@@ -214,6 +226,15 @@ class Daemon:
                 self.config.script or "-",
                 self.timing.describe(),
             )
+            if state.recovering:
+                log.warning(
+                    "event=recovering term=%d: no state file in %s (a new node, or its state was lost): "
+                    "it may have voted before, so it grants no vote and does not campaign until it has "
+                    "heard the current term of every member (docs/protocol.md §3.9); it follows a master "
+                    "meanwhile. For a brand-new cluster with members not yet running, see 'pyquorum init'",
+                    state.term,
+                    self.store.state_dir,
+                )
             if self.keyring is None:
                 log.warning(
                     "cluster traffic is UNAUTHENTICATED: anyone who can send UDP to %s can disrupt "
@@ -418,7 +439,10 @@ class Daemon:
     def _carry_out(self, rd: Ready) -> None:
         if rd.hard_state is not None:
             # protocol.md §3.4: durable BEFORE any message of this Ready leaves
-            self.store.save(PersistedState(rd.hard_state.term, rd.hard_state.voted_for, self.epoch))
+            hs = rd.hard_state
+            self.store.save(
+                PersistedState(hs.term, hs.voted_for, self.epoch, hs.promise_s, hs.recovering, self.members)
+            )
         for dest, msg in rd.messages:
             self._send(dest, msg)
         for action in rd.script:
@@ -472,7 +496,11 @@ class Daemon:
         except ScriptStartError as exc:
             log.error("event=script_start_failed term=%d error=%s", action.token, exc)
             self._run = None
-            self._script_failed(time.monotonic(), f"could not start: {exc}")
+            now = time.monotonic()
+            decision = self.restart_policy.start_failed(
+                now, run_term=action.token, term=self.node.term, is_master=self.node.role is Role.MASTER
+            )
+            self._apply(decision, now, action.token, f"could not start: {exc}")
             return
         run = self._run
         if run is not None and run.stop_deadline is not None:
@@ -499,7 +527,7 @@ class Daemon:
         run, self._run = self._run, None
         ran_for = now - run.started_at if run is not None else 0.0
         requested = exit_.requested or (run is not None and run.stop_deadline is not None)
-        if requested or self.node.role is not Role.MASTER or self.node.leaving:
+        if requested or run is None or self.node.role is not Role.MASTER or self.node.leaving:
             log.info(
                 "event=script_stopped term=%s returncode=%s ran_for=%.3fs",
                 run.token if run else "?",
@@ -509,56 +537,52 @@ class Daemon:
             self.node.script_stopped(now)
             self._process()
             return
-        if exit_.returncode == 0 and self.config.restart == "on-failure":
-            log.warning(
-                "event=script_exited term=%d returncode=0 ran_for=%.3fs: not restarted (--restart "
-                "on-failure); this node stays master",
-                self.node.term,
-                ran_for,
-            )
-            self.node.script_stopped(now, restart_after=None)
-            self._process()
-            return
+        decision = self.restart_policy.ended(
+            now,
+            run_term=run.token,
+            term=self.node.term,
+            is_master=True,
+            returncode=exit_.returncode,
+            ran_for_s=ran_for,
+        )
         what = f"returncode={exit_.returncode}" + (f" error={exit_.error}" if exit_.error else "")
-        if ran_for > self.config.failure_window_s:
-            self._consecutive_failures = 0
-        self._script_failed(now, f"exited {what} after {ran_for:.3f}s")
+        self._apply(decision, now, run.token, f"exited {what} after {ran_for:.3f}s")
 
-    def _script_failed(self, now: float, what: str) -> None:
-        cfg = self.config
-        self._failures = [t for t in self._failures if now - t < cfg.failure_window_s] + [now]
-        self._consecutive_failures += 1
-        if cfg.restart == "never":
+    def _apply(self, decision: Decision, now: float, run_term: int, what: str) -> None:
+        """Carry out the restart policy's answer for a run of ``run_term`` that ended by itself."""
+        cfg, term = self.config, self.node.term
+        if decision.action is Action.IGNORE:
+            # protocol.md §3.7: a run of an earlier term says nothing about the role we hold now
+            log.info("event=script_ended term=%d run_term=%d %s: %s", term, run_term, what, decision.why)
+            self.node.script_stopped(now)
+        elif decision.action is Action.LEAVE:
             log.warning(
-                "event=script_exited term=%d %s: not restarted (--restart never)", self.node.term, what
-            )
-            self.node.script_stopped(now, restart_after=None)
-        elif len(self._failures) >= cfg.max_failures:
-            log.error(
-                "event=script_failing term=%d %s: %d failures in %.0fs, resigning so another node can try",
-                self.node.term,
+                "event=script_exited term=%d %s: not restarted (%s); this node stays master",
+                term,
                 what,
-                len(self._failures),
-                cfg.failure_window_s,
+                decision.why,
             )
-            self._failures.clear()
-            self._consecutive_failures = 0
             self.node.script_stopped(now, restart_after=None)
-            self.node.resign(now, "script keeps failing")
-        else:
-            backoff = min(
-                cfg.restart_backoff_max_s, cfg.restart_backoff_s * 2 ** (self._consecutive_failures - 1)
+        elif decision.action is Action.RESIGN:
+            log.error(
+                "event=script_failing term=%d %s: %s, resigning so another node can try",
+                term,
+                what,
+                decision.why,
             )
+            self.node.script_stopped(now, restart_after=None)
+            self.node.resign(now, "script keeps failing")  # a no-op unless master (protocol.md §3.7)
+        else:
             log.warning(
                 "event=script_exited term=%d %s: restarting in %.1fs (failure %d of %d allowed in %.0fs)",
-                self.node.term,
+                term,
                 what,
-                backoff,
-                len(self._failures),
+                decision.delay_s,
+                decision.failures,
                 cfg.max_failures,
                 cfg.failure_window_s,
             )
-            self.node.script_stopped(now, restart_after=backoff)
+            self.node.script_stopped(now, restart_after=decision.delay_s)
         self._process()
 
     # ------------------------------------------------------------------ status
@@ -606,7 +630,7 @@ def _is_alarm(text: str) -> bool:
     """Events an operator should see at the default level: losing mastership against our will."""
     if text.startswith("became slave"):
         return "reason=resigned" not in text
-    return text.startswith(("election failed", "ignored master"))
+    return text.startswith(("election failed", "ignored master", "recovered"))
 
 
 # Rejections that happen in a healthy cluster (first contact before the epoch handshake, a peer's

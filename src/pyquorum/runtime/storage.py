@@ -1,15 +1,20 @@
-"""The node's durable state: term, vote and boot epoch, in one small file (protocol.md §2).
+"""The node's durable state: term, vote, promise, boot epoch and member list, in one small file
+(protocol.md §3.4, §3.6, §3.9, §1).
 
 A node must never forget a vote it gave or a term it saw: a node that restarts with an older term could
 vote twice in one term and let two masters win it. So ``save()`` returns only once the new state is on
 disk (temp file, fsync, rename over the old file, fsync of the directory), and the daemon calls it
 BEFORE it sends any message that depends on that state. A crash at any moment leaves either the old
 file or the new one, never a mix. A state file that cannot be read is an error the operator must look
-at, never a silent reset to term 0.
+at, never a silent reset to term 0. A state file that does not exist is a node that may have lost its
+state: it loads as ``recovering`` (protocol.md §3.9), unless ``pyquorum init`` recorded a new node.
 
 The state directory holds (one directory per node; ``StateStore`` owns it):
 
-- ``state.json``  ``{"version": 1, "term": 7, "voted_for": "10.0.0.2:51621", "boot_epoch": 3}``
+- ``state.json``  ``{"version": 1, "term": 7, "voted_for": "10.0.0.2:51621", "boot_epoch": 3,
+                  "promise_s": 1.0, "recovering": false, "members": ["10.0.0.1:51621", ...]}``;
+                  the last three keys are absent in files written before they existed, and then read
+                  as 0, false and unknown (the current list is recorded)
 - ``lock``        flock()ed by the running daemon, and holding its pid, so that two daemons never
                   share one directory (and so one term and vote)
 - ``status.json`` the daemon's current state for ``pyquorum status`` and the demo, rewritten on every
@@ -63,11 +68,16 @@ STATUS_KEYS = (
 
 @dataclass(frozen=True, slots=True)
 class PersistedState:
-    """What survives a restart. ``boot_epoch`` counts the daemon's starts (see ``bump_epoch``)."""
+    """What survives a restart. ``boot_epoch`` counts the daemon's starts (see ``bump_epoch``);
+    ``promise_s`` and ``recovering`` are the core's (``HardState``); ``members`` is the member list the
+    node last ran with (None: not recorded yet), which it must not silently change (protocol.md §1)."""
 
     term: int = 0
     voted_for: str | None = None
     boot_epoch: int = 0
+    promise_s: float = 0.0
+    recovering: bool = False
+    members: tuple[str, ...] | None = None
 
 
 class StateStore:
@@ -148,12 +158,13 @@ class StateStore:
         self.release()
 
     def load(self) -> PersistedState:
-        """The saved state; a fresh one (term 0, no vote, epoch 0) if there is no file yet. Raise
-        ``ConfigError`` if the file exists but cannot be read or trusted."""
+        """The saved state; if there is no file, a recovering one (term 0, no vote, epoch 0: the node
+        may have lost its state, protocol.md §3.9). Raise ``ConfigError`` if the file exists but
+        cannot be read or trusted."""
         try:
             text = self.state_file.read_text(encoding="utf-8")
         except FileNotFoundError:
-            return PersistedState()
+            return PersistedState(recovering=True)
         except (OSError, UnicodeDecodeError) as exc:
             raise self._corrupt(str(getattr(exc, "strerror", None) or exc)) from None
         try:
@@ -173,24 +184,45 @@ class StateStore:
                 ]
             )
         term, voted_for, epoch = data.get("term"), data.get("voted_for"), data.get("boot_epoch")
+        promise, recovering = data.get("promise_s", 0.0), data.get("recovering", False)
+        members = data.get("members")
         if not _is_count(term):
             raise self._corrupt(f"term {term!r} is not a non-negative integer")
         if voted_for is not None and not isinstance(voted_for, str):
             raise self._corrupt(f"voted_for {voted_for!r} is neither a node id nor null")
         if not _is_count(epoch):
             raise self._corrupt(f"boot_epoch {epoch!r} is not a non-negative integer")
-        return PersistedState(term=term, voted_for=voted_for, boot_epoch=epoch)
+        if isinstance(promise, bool) or not isinstance(promise, (int, float)) or not 0 <= promise < 1e6:
+            raise self._corrupt(f"promise_s {promise!r} is not a number of seconds")
+        if not isinstance(recovering, bool):
+            raise self._corrupt(f"recovering {recovering!r} is neither true nor false")
+        if members is not None and not (
+            isinstance(members, list) and members and all(isinstance(m, str) for m in members)
+        ):
+            raise self._corrupt(f"members {members!r} is not a list of node ids")
+        return PersistedState(
+            term=term,
+            voted_for=voted_for,
+            boot_epoch=epoch,
+            promise_s=float(promise),
+            recovering=recovering,
+            members=None if members is None else tuple(members),
+        )
 
     def save(self, state: PersistedState) -> None:
         """Write ``state`` durably; when this returns, a crash cannot lose it. Needs the lock."""
         if self._lock_fd is None:
             raise LocalProtocolError("StateStore.save() without the lock: call acquire() first")
-        data = {
+        data: dict[str, Any] = {
             "version": STATE_VERSION,
             "term": state.term,
             "voted_for": state.voted_for,
             "boot_epoch": state.boot_epoch,
+            "promise_s": state.promise_s,
+            "recovering": state.recovering,
         }
+        if state.members is not None:
+            data["members"] = list(state.members)
         _atomic_write(self.state_file, json.dumps(data) + "\n", durable=True, mode=0o600)
 
     def bump_epoch(self) -> int:
@@ -269,8 +301,25 @@ def _read_pid(fd: int) -> int | None:
 
 def _start_afresh(state_file: Path) -> list[str]:
     return [
-        f"if it cannot be repaired, move it aside (mv {state_file} {state_file}.bad) and start "
-        "this node only when 'pyquorum status' on another server shows a master: the node then "
-        "adopts the current term, and the vote it forgot cannot be given twice in a term that "
-        "already has a master"
+        f"if it cannot be repaired, move it aside (mv {state_file} {state_file}.bad) and start the "
+        "node: without a state file it recovers, voting only once it has heard the current term of "
+        "every member (docs/protocol.md §3.9); restart no other node until its log says "
+        "event=recovered"
     ]
+
+
+def member_change_problem(state_file: Path, recorded: tuple[str, ...], members: tuple[str, ...]) -> str:
+    """The refusal of a node started with another member list than the one it last ran with
+    (protocol.md §1 and §8), with what to do."""
+    added = [m for m in members if m not in recorded]
+    removed = [m for m in recorded if m not in members]
+    change = ", ".join([*(f"+{m}" for m in added), *(f"-{m}" for m in removed)])
+    return (
+        f"this node last ran with the members {','.join(recorded)} ({state_file}), not "
+        f"{','.join(members)} ({change}). Two member lists can each elect a master, so a node never "
+        "changes its list by itself. To change it safely: (1) stop pyquorum on enough servers that "
+        "neither list has a running majority (simplest: on all of them); (2) wait the election timeout "
+        "plus the start delay after the last stop; (3) on each server run 'pyquorum accept-members' "
+        "with the new list and the daemon's other options; (4) start every server with the new list "
+        "(docs/protocol.md §8). To keep the old list, start this node with it"
+    )

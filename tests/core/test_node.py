@@ -17,7 +17,7 @@ from pyquorum.core.messages import (
     VoteRequest,
     VoteResponse,
 )
-from pyquorum.core.node import UNKNOWN_VOTE, HardState, Node, Ready, Role, StartScript, StopScript
+from pyquorum.core.node import UNKNOWN_VOTE, EventKind, HardState, Node, Ready, Role, StartScript, StopScript
 
 A, B, C = "127.0.0.1:51621", "127.0.0.2:51621", "127.0.0.3:51621"
 T = Timing()
@@ -176,7 +176,7 @@ def test_master_renews_the_kill_deadline_and_steps_down_in_time() -> None:
     (stop,) = rd.script
     assert isinstance(stop, StopScript)
     assert stop.kill_deadline - (t + T.stop_begin_s) == pytest.approx(T.stop_timeout_s + T.kill_margin_s)
-    assert any("lost quorum" in e.text for e in rd.events)
+    assert any(e.kind is EventKind.STEPPED_DOWN and e.get("reason") == "lost_quorum" for e in rd.events)
 
 
 def test_shutdown_resigns_only_after_the_script_is_reaped() -> None:

@@ -432,7 +432,7 @@ def _check_logs(report: Report, directory: Path, steps: list[dict[str, Any]]) ->
     elections = 0
     for log in sorted(directory.glob("h*.log")):
         text = log.read_text(errors="replace")
-        elections += len(re.findall(r" became master term=", text))
+        elections += len(re.findall(r"event=became_master term=", text))
         for alarm in _LOG_ALARMS:
             if alarm in text:
                 line = next(ln for ln in text.splitlines() if alarm in ln)

@@ -74,7 +74,7 @@ def write(
         end = max((r.end for r in runs), default=1.0)
         steps.append({"t": end + 0.5, "kind": "shutdown", **ALL_UP})
     (tmp / "faults.jsonl").write_text("".join(json.dumps(s) + "\n" for s in steps))
-    for name, text in (logs or {"h1.log": " became master term=1 votes=2/3\n"}).items():
+    for name, text in (logs or {"h1.log": " event=became_master term=1 votes=2 members=3\n"}).items():
         (tmp / name).write_text(text)
     return tmp
 
@@ -242,7 +242,10 @@ def test_checker_process_fault_that_failed_is_not_injected(tmp_path: Path) -> No
 
 
 def test_checker_reports_tracebacks_and_bad_exit_codes(tmp_path: Path) -> None:
-    logs = {"h1.log": " became master term=1\n", "h2.log": "Traceback (most recent call last):\n  boom\n"}
+    logs = {
+        "h1.log": " event=became_master term=1\n",
+        "h2.log": "Traceback (most recent call last):\n  boom\n",
+    }
     steps = steps_with(
         {"t": 5.0, "kind": "stopped", "host": 3, "exit_code": 1, **ALL_UP},
         {"t": 11.0, "kind": "closed", "final_exit_codes": [[1, 0], [2, None]], "leftovers": [99], **ALL_UP},
@@ -257,7 +260,7 @@ def test_checker_reports_tracebacks_and_bad_exit_codes(tmp_path: Path) -> None:
 
 def test_checker_stable_scenario_reports_a_new_election(tmp_path: Path) -> None:
     runs = [R("h1", 10, 1, 1.0, 5.0), R("h2", 20, 2, 5.6, 10.5)]
-    logs = {"h1.log": " became master term=1\n", "h2.log": " became master term=2\n"}
+    logs = {"h1.log": " event=became_master term=1\n", "h2.log": " event=became_master term=2\n"}
     steps = steps_with({"t": 1.5, "kind": "steady", **ALL_UP})
     report = check(write(tmp_path, runs, steps, logs=logs, stable=True))
     assert any(p.startswith("spurious election") for p in report.problems)
@@ -265,7 +268,7 @@ def test_checker_stable_scenario_reports_a_new_election(tmp_path: Path) -> None:
     quiet = tmp_path / "quiet"
     quiet.mkdir()
     runs = [R("h1", 10, 1, 1.0, 10.5)]
-    report = check(write(quiet, runs, steps, logs={"h1.log": " became master term=1\n"}, stable=True))
+    report = check(write(quiet, runs, steps, logs={"h1.log": " event=became_master term=1\n"}, stable=True))
     assert report.problems == []
     assert report.availability == pytest.approx(1.0)
 

@@ -58,6 +58,7 @@ from pyquorum.core.node import (
     StopScript,
 )
 from pyquorum.core.quorum import quorum_size
+from tests.sim.variants import VARIANTS, rules_for
 
 SIM_VARIANTS = frozenset({"no_persist", "wall_clock"})
 EPS = 1e-9
@@ -147,8 +148,12 @@ class Cluster:
         self.rng = random.Random(seed)
         self.timing = timing or Timing()
         broken = frozenset(broken)
+        unknown = broken - SIM_VARIANTS - VARIANTS.keys()
+        if unknown:
+            raise ValueError(f"unknown broken variants {sorted(unknown)}")
         self.sim_broken = broken & SIM_VARIANTS
         self.core_broken = broken - SIM_VARIANTS
+        self.rules = rules_for(self.core_broken)
         self.n = n
         self.quorum = quorum_size(n)
         self.names = [f"127.0.0.{i + 1}:51621" for i in range(n)]
@@ -218,7 +223,7 @@ class Cluster:
             now=node.local(self.now),
             rng=random.Random(self.rng.getrandbits(64)),
             hard_state=disk,
-            broken=self.core_broken,
+            rules=self.rules,
         )
         if node.core.term < node.max_term:
             self.fail(f"term decreased on {node.name} across restart: {node.max_term} -> {node.core.term}")
@@ -300,7 +305,7 @@ class Cluster:
         if rd.hard_state is not None:
             node.disk = rd.hard_state
         for ev in rd.events:
-            self.log(f"{node.name} {ev.text}")
+            self.log(f"{node.name} {ev}")
         for dest, msg in rd.messages:
             self._observe_send(node, self.index[dest], msg, t_local)
             self._send(node.idx, self.index[dest], msg)

@@ -39,7 +39,7 @@ from pyquorum.codec import ClusterInfo, Codec, DatagramError, cluster_fingerprin
 from pyquorum.config import Config
 from pyquorum.core.errors import ConfigError, RemoteProtocolError
 from pyquorum.core.messages import Message
-from pyquorum.core.node import HardState, Node, Ready, Role, StartScript
+from pyquorum.core.node import EventKind, HardState, Node, Ready, Role, StartScript
 from pyquorum.keys import KeyRing, load_keyring
 from pyquorum.replay import ReplayGuard
 from pyquorum.runtime.restart import Action, Decision, RestartPolicy
@@ -453,8 +453,7 @@ class Daemon:
         if rd.kill_deadline is not None and self.supervisor is not None:
             self.supervisor.renew(rd.kill_deadline)
         for ev in rd.events:
-            level = logging.WARNING if _is_alarm(ev.text) else logging.INFO
-            log.log(level, "%s", ev.text)
+            log.log(_EVENT_LEVELS.get(ev.kind, logging.INFO), "%s", ev)
         self._write_status()
 
     def _send(self, dest: str, msg: Message | ClusterInfo) -> None:
@@ -626,11 +625,14 @@ class Daemon:
             log.debug("event=status_write_failed error=%s", exc)
 
 
-def _is_alarm(text: str) -> bool:
-    """Events an operator should see at the default level: losing mastership against our will."""
-    if text.startswith("became slave"):
-        return "reason=resigned" not in text
-    return text.startswith(("election failed", "ignored master", "recovered"))
+# The core's events an operator should see at the default level (WARNING): losing mastership against
+# our will, elections that fail, a peer that claims our role, the end of a recovery (protocol.md §3.9).
+_EVENT_LEVELS = {
+    EventKind.STEPPED_DOWN: logging.WARNING,
+    EventKind.ELECTION_FAILED: logging.WARNING,
+    EventKind.IGNORED_MASTER: logging.WARNING,
+    EventKind.RECOVERED: logging.WARNING,
+}
 
 
 # Rejections that happen in a healthy cluster (first contact before the epoch handshake, a peer's

@@ -141,17 +141,28 @@ async def main_async(args: argparse.Namespace) -> None:
         print(f"{'SIGKILL after its planned moment':<34} not reported by this guard")
 
 
+_hardening: list[str] = []
+
+
+def _first_hardening(record: logging.LogRecord) -> bool:
+    if "event=guard_hardened" in record.getMessage():
+        if _hardening:
+            return False
+        _hardening.append(record.getMessage())
+        return True
+    return record.levelno >= logging.WARNING
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--starts", type=int, default=30, help="starts of each kind (default: 30)")
     p.add_argument("--kills", type=int, default=30, help="unrenewed runs killed by the guard (default: 30)")
     p.add_argument("--load", type=int, default=0, metavar="N", help="busy processes meanwhile (default: 0)")
     args = p.parse_args()
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    # The supervisor logs a line or two per run: keep what the guard obtained, and any warning.
-    logging.getLogger("bench").addFilter(
-        lambda r: "guard_hardened" in r.getMessage() or r.levelno >= logging.WARNING
-    )
+    # The supervisor logs a line or two per run: keep warnings, and what the first guard obtained.
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
+    logging.getLogger("bench").setLevel(logging.INFO)
+    logging.getLogger("bench").addFilter(_first_hardening)
     print(f"G={G}s K={K}s, {os.cpu_count()} cores, load {os.getloadavg()[0]:.2f}, {args.load} busy processes")
     with busy_processes(args.load):
         asyncio.run(main_async(args))

@@ -18,6 +18,7 @@ import gc
 import json
 import logging
 import os
+import re
 import select
 import signal
 import subprocess
@@ -27,6 +28,7 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager, suppress
 from pathlib import Path
+from typing import BinaryIO
 
 import pytest
 
@@ -186,6 +188,33 @@ def read_json_line(proc: subprocess.Popen[bytes], timeout: float = 5.0) -> dict[
     return json.loads(line)  # type: ignore[no-any-return]
 
 
+HARDENED = re.compile(rb"hardened mlock=\S+ sched=\S+\n")
+
+
+def expect(report: BinaryIO, verb: bytes) -> list[bytes]:
+    """The next report line of a guard driven directly, which must be ``verb``; its other words."""
+    words = report.readline().split()
+    assert words[:1] == [verb], f"wanted {verb!r}, got {words!r}"
+    return words[1:]
+
+
+def expect_start(report: BinaryIO) -> int:
+    """A guard started for one run reports its hardening, then forked and started; the pid."""
+    assert HARDENED.fullmatch(report.readline())
+    (forked,) = expect(report, b"forked")
+    (started,) = expect(report, b"started")
+    assert forked == started
+    return int(started)
+
+
+def expect_exited(report: BinaryIO) -> tuple[int, float, dict[str, str]]:
+    """The guard's ``exited`` line: returncode, reaped_at, and deadline=, kill_due=, kill_sent=."""
+    returncode, reaped_at, *extra = expect(report, b"exited")
+    fields = dict(word.decode().split("=", 1) for word in extra)
+    assert sorted(fields) == ["deadline", "kill_due", "kill_sent"]
+    return int(returncode), float(reaped_at), fields
+
+
 # ---- the supervisor in the test's own event loop --------------------------------------------------
 
 
@@ -288,7 +317,8 @@ def test_supervisor_reports_the_scripts_exit(tag: str, script: str, returncode: 
         async with harness(["sh", "-c", script], tag, standby=standby) as h:
             deadline = await h.start(5.0)
             ended = await h.exit()
-            assert ended == ScriptExit(returncode, ended.reaped_at, None, requested=False)
+            # No SIGKILL was needed (kill_late_s None); the deadline in force at the end is reported.
+            assert ended == ScriptExit(returncode, ended.reaped_at, None, requested=False, deadline=deadline)
             assert ended.reaped_at <= deadline
 
     run(scenario)
@@ -794,19 +824,20 @@ def test_guard_line_protocol(tag: str, spawn: Callable[..., subprocess.Popen[byt
     )
     os.close(report_w)
     with os.fdopen(report_r, "rb") as report:
-        verb, pid = report.readline().split()
-        assert verb == b"started"
+        pid = expect_start(report)
         assert guard.stdin is not None
         guard.stdin.write(b"bogus\nrenew soon\nrenew inf\nrenew nan\nrenew 1 2\n")
         guard.stdin.flush()
         time.sleep(0.2)
-        assert alive(int(pid))
+        assert alive(pid)
         stop_at = time.monotonic()
         guard.stdin.write(f"stop {deadline + 100!r}\n".encode())  # never moves the deadline later
         guard.stdin.flush()
-        verb, returncode, reaped_at = report.readline().split()
-        assert (verb, int(returncode)) == (b"exited", -signal.SIGTERM)
-        assert stop_at <= float(reaped_at) <= stop_at + 0.1
+        returncode, reaped_at, fields = expect_exited(report)
+        assert returncode == -signal.SIGTERM
+        assert stop_at <= reaped_at <= stop_at + 0.1
+        assert float(fields["deadline"]) == deadline  # the later one in the stop did not count
+        assert fields["kill_due"] == fields["kill_sent"] == "-"  # sleep obeyed the SIGTERM
         assert report.readline() == b""
     assert guard.wait(timeout=2.0) == 0
     assert guard.stderr is not None
@@ -997,6 +1028,7 @@ def test_guard_standby_exits_quietly_when_closed(
     )
     os.close(report_w)
     with os.fdopen(report_r, "rb") as report:
+        assert HARDENED.fullmatch(report.readline())
         assert report.readline() == b"ready\n"
         cpu_ticks = cpu_time_ticks(guard.pid)
         time.sleep(0.5)
@@ -1034,6 +1066,7 @@ def test_guard_standby_line_protocol(
     os.close(report_w)
     env = {"PATH": os.environ["PATH"], TAG_VAR: tag, "ONLY": "this"}
     with os.fdopen(report_r, "rb") as report:
+        assert HARDENED.fullmatch(report.readline())
         assert report.readline() == b"ready\n"
         assert guard.stdin is not None
         guard.stdin.write(b"renew 1e9\nbogus\n")
@@ -1042,10 +1075,11 @@ def test_guard_standby_line_protocol(
         order = json.dumps({"env": env})
         guard.stdin.write(f"start {now + G + K / 2!r} {order}\nrenew {now + 5.0!r}\n".encode())
         guard.stdin.flush()
-        verb, pid = report.readline().split()
-        assert verb == b"started"
+        (forked,) = expect(report, b"forked")
+        (started,) = expect(report, b"started")
+        assert forked == started
         time.sleep(0.5)  # past the start line's own deadline: the renewal holds
-        assert alive(int(pid))
+        assert alive(int(started))
         lines = out.read_text().splitlines()
         shells = ("PWD=", "SHLVL=", "_=")  # what sh adds of its own
         assert sorted(line for line in lines if not line.startswith(shells)) == sorted(
@@ -1053,8 +1087,8 @@ def test_guard_standby_line_protocol(
         )
         guard.stdin.write(f"stop {now + 5.0!r}\n".encode())
         guard.stdin.flush()
-        verb, returncode, _ = report.readline().split()
-        assert (verb, int(returncode)) == (b"exited", -signal.SIGTERM)
+        returncode, _, _ = expect_exited(report)
+        assert returncode == -signal.SIGTERM
         assert report.readline() == b""
     assert guard.wait(timeout=2.0) == 0
     assert guard.stderr is not None
@@ -1080,6 +1114,7 @@ def test_guard_standby_refuses_a_bad_start_line(
     )
     os.close(report_w)
     with os.fdopen(report_r, "rb") as report:
+        assert HARDENED.fullmatch(report.readline())
         assert report.readline() == b"ready\n"
         assert guard.stdin is not None
         line = "start " + order.format(deadline=repr(time.monotonic() + 5.0))

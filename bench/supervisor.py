@@ -60,9 +60,7 @@ def summary(what: str, values_ms: Sequence[float]) -> str:
 
 @contextlib.contextmanager
 def busy_processes(count: int) -> Iterator[None]:
-    procs = [
-        subprocess.Popen([sys.executable, "-c", BUSY], start_new_session=True) for _ in range(count)
-    ]
+    procs = [subprocess.Popen([sys.executable, "-c", BUSY], start_new_session=True) for _ in range(count)]
     try:
         yield
     finally:

@@ -11,6 +11,7 @@ only wraps it. Standalone on purpose: it imports nothing from tests/.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import sys
 from typing import Any
@@ -33,8 +34,8 @@ def _install(variants: frozenset[str]) -> None:
     if "no_guard_deadline" in variants:
         start, renew = ScriptSupervisor.start, ScriptSupervisor.renew
 
-        async def late_start(self: ScriptSupervisor, deadline: float, env: dict[str, str]) -> None:
-            await start(self, deadline + GUARD_DELAY_S, env)
+        def late_start(self: ScriptSupervisor, deadline: float, env: dict[str, str]) -> asyncio.Task[None]:
+            return start(self, deadline + GUARD_DELAY_S, env)
 
         def late_renew(self: ScriptSupervisor, deadline: float) -> None:
             renew(self, deadline + GUARD_DELAY_S)

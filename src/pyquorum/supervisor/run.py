@@ -171,6 +171,7 @@ class GuardRun:
         self.pid: int | None = None  # the script's pid (= pgid), from "started"
         self.error: str | None = None  # the guard's "error" report: nothing started
         self.abandoned: str | None = None  # why we SIGKILLed the guard during the start
+        self.abandoned_at = 0.0
         self.exited: _Exited | None = None
         self.guard_status: int | None = None
         self.ended_at = 0.0  # when it was REAPED
@@ -317,6 +318,7 @@ class GuardRun:
         and its group is killed and waited for (ORPHANED) before the run is REAPED."""
         if self.abandoned is None and self.state is not RunState.REAPED:
             self.abandoned = why
+            self.abandoned_at = time.monotonic()
         self.kill()
 
     def kill(self) -> None:

@@ -69,6 +69,8 @@ _FORCED_CLOSE_WAIT_S: Final = 1.0
 # A new standby guard comes this long after a run ends (standby.py says why); a restart after a
 # failure waits longer than this anyway (config.DEFAULT_RESTART_BACKOFF_S).
 _STANDBY_AFTER_RUN_S: Final = 0.5
+# While an abandoned start's guard does not die: how often to say so.
+_COMPLAIN_S: Final = 1.0
 
 
 class ScriptSupervisor:
@@ -285,12 +287,25 @@ class ScriptSupervisor:
             if run.state is not RunState.STARTING:  # its guard has ended: wait for all of it
                 await run.changed()
                 continue
+            if run.abandoned is not None:
+                # We SIGKILLed the guard and it has not died yet: it is stuck (a frozen cgroup, D
+                # state). Nothing is reported until it has, however long that takes.
+                try:
+                    await asyncio.wait_for(run.changed(), _COMPLAIN_S)
+                except asyncio.TimeoutError:
+                    self._log.error(
+                        "event=guard_not_dying guard_pid=%d for_s=%.0f: SIGKILLed when the start was "
+                        "abandoned (%s), and still alive",
+                        run.proc.pid,
+                        time.monotonic() - run.abandoned_at,
+                        run.abandoned,
+                    )
+                continue
             # guard.py refuses when SIGTERM is already due; this bounds a guard that hangs instead,
             # by the deadline as renewed meanwhile (the guard reads renewals before it decides).
             wait_s = run.deadline - self._kill_margin_s - time.monotonic()
             if wait_s <= 0:
                 run.abandon("the script did not start before its kill deadline")
-                await run.changed()
                 continue
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(run.changed(), wait_s)

@@ -483,6 +483,49 @@ def test_supervisor_start_that_gives_up_leaves_no_unretrieved_exception(
     assert tagged(tag) == []
 
 
+def test_supervisor_second_start_during_a_run_raises_at_once_and_leaves_the_run_alone(tag: str) -> None:
+    """start() while a run is in progress is the caller's bug: RuntimeError at the call itself (the
+    daemon calls start() inside its Ready handling, which fails safe on it), and the run goes on."""
+
+    async def scenario() -> None:
+        async with harness(["sleep", "100"], tag) as h:
+            deadline = await h.start(5.0)
+            pid = h.sup.pid
+            with pytest.raises(RuntimeError, match="in progress"):
+                h.sup.start(deadline, h.env)
+            assert h.sup.pid == pid
+            assert pid is not None
+            assert alive(pid)
+            h.sup.stop(deadline)
+            assert (await h.exit()).returncode == -signal.SIGTERM
+
+    run(scenario)
+
+
+@with_standby
+def test_supervisor_cancelled_start_kills_the_run_without_on_exit(tag: str, standby: bool) -> None:
+    """Cancelling the task start() returned kills the run, whether or not the script has started;
+    on_exit is not called, and ``running`` is False once nothing of it is left."""
+
+    async def scenario() -> None:
+        async with harness(["sleep", "100"], tag, standby=standby) as h:
+            starting = h.sup.start(time.monotonic() + 5.0, h.env)
+            await asyncio.sleep(0)
+            starting.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await starting
+            give_up = time.monotonic() + 5.0
+            while h.sup.running:
+                assert time.monotonic() < give_up, "the cancelled run never ended"
+                await asyncio.sleep(0.01)
+            await asyncio.sleep(0.1)
+            assert h.exits == []
+            await h.only([] if not standby else [await h.standby()])
+
+    run(scenario)
+    assert tagged(tag) == []
+
+
 # ---- stopping -------------------------------------------------------------------------------------
 
 

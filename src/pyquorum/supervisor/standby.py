@@ -82,7 +82,12 @@ class StandbyPool:
         standby, self._standby = self._standby, None
         if standby is None:
             return None
-        if not standby.give_start(deadline, env):
+        try:
+            given = standby.give_start(deadline, env)
+        except BaseException:  # an environment that is not all strings: the caller's bug
+            self._close(standby)
+            raise
+        if not given:
             self._close(standby)
             return None
         return standby

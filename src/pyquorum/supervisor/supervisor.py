@@ -210,7 +210,9 @@ class ScriptSupervisor:
             return
         except asyncio.TimeoutError:
             self._log.error("event=script_stop_timeout pid=%s timeout_s=%s", run.pid, timeout)
-        run.kill()
+        current = self._run  # a lost standby guard may have been replaced meanwhile
+        if current is not None:
+            current.kill()
         try:
             await asyncio.wait_for(idle.wait(), _FORCED_CLOSE_WAIT_S)
         except asyncio.TimeoutError:
@@ -263,7 +265,10 @@ class ScriptSupervisor:
             self._end(run)  # REAPED, never started: nothing left, and no on_exit
             raise
         except asyncio.CancelledError:
-            run.abandon("start() was cancelled")  # REAPED later: _on_reaped ends it
+            if run.state is RunState.REAPED:  # a lost standby guard, not yet replaced
+                self._end(run)
+            else:
+                run.abandon("start() was cancelled")  # REAPED later: _on_reaped ends it
             raise
         self._note_hardening(run)
         self._log.info(

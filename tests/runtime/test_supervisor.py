@@ -820,6 +820,25 @@ def test_guard_hardens_itself_and_the_script_inherits_nothing(
     assert script == {"policy": os.SCHED_OTHER, "nice": os.getpriority(os.PRIO_PROCESS, 0), "locked_kb": 0}
 
 
+def test_script_keeps_the_daemons_nice_value_under_a_hardened_guard(
+    tag: str, spawn: Callable[..., subprocess.Popen[bytes]], tmp_path: Path
+) -> None:
+    """A daemon run at nice 5: its guard may take a real-time priority, whose SCHED_RESET_ON_FORK
+    would start the script at nice 0; the script gets 5, as it would without a guard."""
+    out = tmp_path / "sched.json"
+    daemon = spawn(
+        [sys.executable, "-c", DAEMON, json.dumps([*SCHED_REPORTER, str(out)]), "5.0", "0", repr(G), repr(K)],
+        stdout=subprocess.PIPE,
+        preexec_fn=lambda: os.nice(5),
+    )
+    read_json_line(daemon)
+    give_up = time.monotonic() + 5.0
+    while not out.exists() or not out.read_text():
+        assert time.monotonic() < give_up, "the script wrote nothing"
+        time.sleep(0.01)
+    assert json.loads(out.read_text()) == {"policy": os.SCHED_OTHER, "nice": 5, "locked_kb": 0}
+
+
 def _without_privileges() -> None:
     # In the child, before exec: no CAP_SYS_NICE or CAP_IPC_LOCK (as for an ordinary user), no
     # memory to lock, no real-time priority.

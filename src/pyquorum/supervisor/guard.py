@@ -73,13 +73,14 @@ ordinary process, below the kernel's own real-time threads), or, where that is r
 of -10. Neither reaches the script: the policy is set with SCHED_RESET_ON_FORK, so the script starts
 with the normal policy, and a lowered nice value is restored in the child before its exec; memory
 locks are never inherited across fork. Real-time scheduling needs root or CAP_SYS_NICE (or an
-RLIMIT_RTPRIO), locking memory root or CAP_IPC_LOCK (or an RLIMIT_MEMLOCK above the guard's 10-15 MB);
-an unprivileged guard gets neither, says so in its ``hardened`` line, and runs on as before. A guard
-that inherited a real-time policy (a daemon run under chrt) keeps it, and so does its script. The
-``exited`` line says how late the planned SIGKILL went out, so that the daemon logs every kill's
-lateness and its slack against the deadline. A SIGKILLed process still has to be scheduled to die,
-and under load an ordinary one can wait 10-15 ms for a CPU (measured: bench/supervisor.py): a guard
-that runs at a real-time priority lends it to the processes it has just SIGKILLed (``_signal_all``).
+RLIMIT_RTPRIO); locking memory needs root or CAP_IPC_LOCK (or an RLIMIT_MEMLOCK above the guard's
+16 MB: locked, its resident size grows from about 12 MB to that). An unprivileged guard gets neither,
+says so in its ``hardened`` line, and runs on as before. A guard that inherited a real-time policy (a
+daemon run under chrt) keeps it, and so does its script. The ``exited`` line says how late the
+planned SIGKILL went out, so that the daemon logs every kill's lateness and its slack against the
+deadline. A SIGKILLed process still has to be scheduled to die, and under load an ordinary one can
+wait 10-15 ms for a CPU (measured: bench/supervisor.py): a guard that runs at a real-time priority
+lends it to the processes it has just SIGKILLed (``_signal_all``).
 
 Containment. The script is exec'd without a shell, in a new session (its pid is its process group id),
 with stdin from /dev/null, the guard's stdout, stderr and environment, and PR_SET_PDEATHSIG=SIGKILL so
@@ -277,12 +278,15 @@ def _harden(prctl: _Prctl) -> tuple[str, int | None, tuple[int, int] | None]:
         name = "fifo" if policy == os.SCHED_FIFO else "rr"
         priority = os.sched_getparam(0).sched_priority
         return f"mlock={mlock} sched=inherited-{name}:{priority}", None, (policy, priority)
+    nice = os.getpriority(os.PRIO_PROCESS, 0)
     try:
         os.sched_setscheduler(0, os.SCHED_RR | os.SCHED_RESET_ON_FORK, os.sched_param(_RT_PRIORITY))
-        return f"mlock={mlock} sched=rr:{_RT_PRIORITY}", None, (os.SCHED_RR, _RT_PRIORITY)
+        # From a real-time parent SCHED_RESET_ON_FORK also sets the child's nice value to 0 (not
+        # only a negative one, as sched(7) says): give it back the daemon's.
+        restore = nice if nice != 0 else None
+        return f"mlock={mlock} sched=rr:{_RT_PRIORITY}", restore, (os.SCHED_RR, _RT_PRIORITY)
     except OSError as e:
         refused = _errno_name(e)
-    nice = os.getpriority(os.PRIO_PROCESS, 0)
     if nice <= _NICE:
         return f"mlock={mlock} sched=inherited-nice:{nice}", None, None
     try:

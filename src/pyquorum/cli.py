@@ -196,6 +196,14 @@ def _daemon_parser(prog: str = PROG, description: str = DESCRIPTION) -> _Parser:
         help=f"extra wait before a new master starts the script, which leaves more room for "
         f"--stop-timeout (default: {t.start_delay_s:g})",
     )
+    timing.add_argument(
+        "--kill-margin",
+        type=_seconds,
+        default=t.kill_margin_s,
+        metavar="SECONDS",
+        help="the script's guard sends SIGKILL this long before the kill deadline, for the process "
+        f"group to die and be reaped; at least 0.005 (default: {t.kill_margin_s:g})",
+    )
     other = p.add_argument_group("other options")
     other.add_argument(
         "--state-dir",
@@ -232,6 +240,7 @@ def build_config(args: argparse.Namespace) -> Config:
         election_timeout_s=args.election_timeout,
         stop_timeout_s=args.stop_timeout,
         start_delay_s=args.start_delay,
+        kill_margin_s=args.kill_margin,
     )
     try:
         ip = parse_bind(args.bind) if args.bind is not None else default_bind_address()

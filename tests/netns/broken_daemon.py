@@ -11,6 +11,7 @@ code is untouched; this only wraps it. Standalone on purpose: it imports nothing
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import os
 import sys
@@ -41,8 +42,8 @@ def _install(variants: frozenset[str]) -> None:
     if "no_guard_deadline" in variants:
         start, renew = ScriptSupervisor.start, ScriptSupervisor.renew
 
-        async def late_start(self: ScriptSupervisor, deadline: float, env: dict[str, str]) -> None:
-            await start(self, deadline + GUARD_DELAY_S, env)
+        def late_start(self: ScriptSupervisor, deadline: float, env: dict[str, str]) -> asyncio.Task[None]:
+            return start(self, deadline + GUARD_DELAY_S, env)
 
         def late_renew(self: ScriptSupervisor, deadline: float) -> None:
             renew(self, deadline + GUARD_DELAY_S)

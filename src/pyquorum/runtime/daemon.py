@@ -31,6 +31,7 @@ import signal
 import socket
 import time
 from collections import Counter
+from collections.abc import Awaitable
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -84,7 +85,6 @@ class _ScriptRun:
     token: int
     started_at: float
     task: asyncio.Task[None]
-    stop_deadline: float | None = None
 
 
 class _Protocol(asyncio.DatagramProtocol):
@@ -485,13 +485,17 @@ class Daemon:
             # which comes when it asks us to stop
             return
         now = time.monotonic()
-        task = asyncio.get_running_loop().create_task(self._start(action))
+        # The run exists from this call on: a stop the core asks for before the script has started
+        # is the supervisor's to remember and carry out. It raises RuntimeError only if a run is in
+        # progress, which the core never asks for (it starts only after script_stopped, which
+        # comes only once the supervisor's run is over): _process treats that as our own bug.
+        starting = self.supervisor.start(action.kill_deadline, self._script_env(action.token))
+        task = asyncio.get_running_loop().create_task(self._start(action, starting))
         self._run = _ScriptRun(action.token, now, task)
 
-    async def _start(self, action: StartScript) -> None:
-        assert self.supervisor is not None
+    async def _start(self, action: StartScript, starting: Awaitable[None]) -> None:
         try:
-            await self.supervisor.start(action.kill_deadline, self._script_env(action.token))
+            await starting
         except ScriptStartError as exc:
             log.error("event=script_start_failed term=%d error=%s", action.token, exc)
             self._run = None
@@ -501,9 +505,11 @@ class Daemon:
             )
             self._apply(decision, now, action.token, f"could not start: {exc}")
             return
-        run = self._run
-        if run is not None and run.stop_deadline is not None:
-            self.supervisor.stop(run.stop_deadline)
+        except Exception as exc:  # our own bug: fail safe, as _process does
+            log.exception("event=internal_error")
+            self._fatal = exc
+            self._finished.set()
+            return
         self._write_status(force=True)
 
     def _stop_script(self, deadline: float, reason: str) -> None:
@@ -512,10 +518,7 @@ class Daemon:
             # since what the core says in reply belongs to the next Ready.
             asyncio.get_running_loop().call_soon(self._virtual_script_stopped)
             return
-        run = self._run
-        if run is not None and not run.task.done():
-            run.stop_deadline = deadline  # still starting: stop as soon as it has started
-        self.supervisor.stop(deadline)
+        self.supervisor.stop(deadline)  # also during the start: the supervisor remembers it
 
     def _virtual_script_stopped(self) -> None:
         self.node.script_stopped(time.monotonic())
@@ -525,8 +528,7 @@ class Daemon:
         now = time.monotonic()
         run, self._run = self._run, None
         ran_for = now - run.started_at if run is not None else 0.0
-        requested = exit_.requested or (run is not None and run.stop_deadline is not None)
-        if requested or run is None or self.node.role is not Role.MASTER or self.node.leaving:
+        if exit_.requested or run is None or self.node.role is not Role.MASTER or self.node.leaving:
             log.info(
                 "event=script_stopped term=%s returncode=%s ran_for=%.3fs",
                 run.token if run else "?",

@@ -35,15 +35,16 @@ from dataclasses import dataclass
 from typing import Any
 
 from pyquorum import __version__
-from pyquorum.codec import ClusterInfo, Codec, DatagramError, cluster_fingerprint
 from pyquorum.config import Config
 from pyquorum.core.errors import ConfigError, RemoteProtocolError
 from pyquorum.core.messages import Message
 from pyquorum.core.node import HardState, Node, Ready, Role, StartScript
-from pyquorum.keys import KeyRing, load_keyring
-from pyquorum.replay import ReplayGuard
+from pyquorum.keyfile import load_keyring
 from pyquorum.runtime.storage import PersistedState, StateStore, write_status
 from pyquorum.supervisor import ScriptExit, ScriptStartError, ScriptSupervisor
+from pyquorum.wire.codec import ClusterInfo, Codec, DatagramError, cluster_fingerprint
+from pyquorum.wire.keyring import KeyRing
+from pyquorum.wire.replay import ReplayGuard
 
 log = logging.getLogger("pyquorum")
 

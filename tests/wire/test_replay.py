@@ -6,10 +6,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pyquorum.codec import ClusterInfo, Codec, Envelope, cluster_fingerprint
 from pyquorum.core.messages import Heartbeat, Message, VoteResponse
-from pyquorum.keys import KeyRing
-from pyquorum.replay import DEFAULT_WINDOW, ReplayGuard
+from pyquorum.wire.codec import ClusterInfo, Codec, Envelope, cluster_fingerprint
+from pyquorum.wire.keyring import KeyRing
+from pyquorum.wire.replay import DEFAULT_WINDOW, ReplayGuard
 
 A, B, C = "10.0.0.1:51621", "10.0.0.2:51621", "10.0.0.3:51621"
 MEMBERS = frozenset({A, B, C})

@@ -10,7 +10,7 @@ escapes ``decode``: the fuzz tests feed it arbitrary and mutated datagrams to ho
 
 What it must not know
 ---------------------
-Whether a datagram is fresh: that is ``pyquorum.replay.ReplayGuard``'s job, which the caller runs on
+Whether a datagram is fresh: that is ``pyquorum.wire.replay.ReplayGuard``'s job, which the caller runs on
 the returned ``Envelope`` before handing the message to ``Node.step``. Whether a datagram from
 another cluster (``env.cluster_fp != codec.cluster_fp``) matters: it still decodes; the caller
 checks its freshness without the echo rule, counts and logs it, and never gives it to the core.
@@ -76,7 +76,7 @@ from pyquorum.core.messages import (
     VoteRequest,
     VoteResponse,
 )
-from pyquorum.keys import KeyRing
+from pyquorum.wire.keyring import KeyRing
 
 __all__ = [
     "DEFAULT_MAX_DATAGRAM",

@@ -13,15 +13,6 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from pyquorum.codec import (
-    MSG_TYPE,
-    REASONS,
-    ClusterInfo,
-    Codec,
-    DatagramError,
-    Envelope,
-    cluster_fingerprint,
-)
 from pyquorum.core.errors import LocalProtocolError, RemoteProtocolError
 from pyquorum.core.messages import (
     MESSAGE_TYPES,
@@ -34,7 +25,16 @@ from pyquorum.core.messages import (
     VoteRequest,
     VoteResponse,
 )
-from pyquorum.keys import KeyRing
+from pyquorum.wire.codec import (
+    MSG_TYPE,
+    REASONS,
+    ClusterInfo,
+    Codec,
+    DatagramError,
+    Envelope,
+    cluster_fingerprint,
+)
+from pyquorum.wire.keyring import KeyRing
 
 A, B, C = "10.0.0.1:51621", "10.0.0.2:51621", "[fd00::3]:51621"
 MEMBERS = frozenset({A, B, C})

@@ -63,7 +63,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Final
 
-from pyquorum.codec import Envelope
+from pyquorum.wire.codec import Envelope
 
 __all__ = ["DEFAULT_WINDOW", "ReplayGuard"]
 

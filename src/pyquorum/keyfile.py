@@ -49,7 +49,7 @@ _HEADER: Final = (
 def load_keyring(path: str | os.PathLike[str]) -> KeyRing:
     """Read and check a key file. Raises ``ConfigError`` listing every problem found.
 
-    The caller (the daemon, at start-up and on reload) builds a new ``Codec`` with the result.
+    The caller (the daemon, at start-up and on reload) hands the result to its ``Endpoint``.
     """
     shown = os.fspath(path)
     return _parse(_read_key_file(shown), shown)

@@ -26,8 +26,8 @@ from pyquorum.core.messages import (
     VoteResponse,
 )
 from pyquorum.wire.codec import (
+    DECODE_REASONS,
     MSG_TYPE,
-    REASONS,
     ClusterInfo,
     Codec,
     DatagramError,
@@ -132,7 +132,7 @@ def build(
 def reject(c: Codec, data: bytes) -> DatagramError:
     with pytest.raises(DatagramError) as info:
         c.decode(data)
-    assert info.value.reason in REASONS
+    assert info.value.reason in DECODE_REASONS
     assert isinstance(info.value, RemoteProtocolError)
     return info.value
 
@@ -623,7 +623,7 @@ def check_decode(data: bytes, keyed: bool) -> bool:
         )
         assert again == data
         return True
-    assert reason in REASONS
+    assert reason in DECODE_REASONS
     return False
 
 

@@ -1,4 +1,34 @@
-"""The wire: bytes <-> messages (``codec``), freshness (``replay``) and the keys (``keyring``).
+"""The wire: bytes <-> messages, authentication, freshness, and the one way in and out.
 
-Everything here is pure: no sockets, clocks or files. Reading key files is ``pyquorum.keyfile``'s job.
+``endpoint`` (``Endpoint.receive`` / ``Endpoint.send``) is what the daemon and the simulation use;
+it runs ``codec`` (format, MAC, size limits) and ``replay`` (epochs, sequence numbers) in a fixed
+order and counts every refusal under one of ``reasons.REASONS``. ``keyring`` holds the keys; reading
+key files is ``pyquorum.keyfile``'s job. Everything here is pure: no sockets, clocks or files.
 """
+
+from __future__ import annotations
+
+from pyquorum.wire.codec import ClusterInfo, Codec, DatagramError, Envelope, cluster_fingerprint
+from pyquorum.wire.endpoint import Datagram, Deliver, Endpoint, Foreign, Received, Reject
+from pyquorum.wire.keyring import KeyRing
+from pyquorum.wire.reasons import REASONS, Reason, RejectCounts
+from pyquorum.wire.replay import ReplayGuard
+
+__all__ = [
+    "REASONS",
+    "ClusterInfo",
+    "Codec",
+    "Datagram",
+    "DatagramError",
+    "Deliver",
+    "Endpoint",
+    "Envelope",
+    "Foreign",
+    "KeyRing",
+    "Reason",
+    "Received",
+    "Reject",
+    "RejectCounts",
+    "ReplayGuard",
+    "cluster_fingerprint",
+]

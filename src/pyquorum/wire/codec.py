@@ -10,10 +10,11 @@ escapes ``decode``: the fuzz tests feed it arbitrary and mutated datagrams to ho
 
 What it must not know
 ---------------------
-Whether a datagram is fresh: that is ``pyquorum.wire.replay.ReplayGuard``'s job, which the caller runs on
-the returned ``Envelope`` before handing the message to ``Node.step``. Whether a datagram from
-another cluster (``env.cluster_fp != codec.cluster_fp``) matters: it still decodes; the caller
-checks its freshness without the echo rule, counts and logs it, and never gives it to the core.
+Whether a datagram is fresh: that is ``pyquorum.wire.replay.ReplayGuard``'s job. Whether a datagram
+from another cluster (``env.cluster_fp != codec.cluster_fp``) matters: it still decodes. What comes
+after decoding, and in which order (the source check, the fingerprint, the replay guard), is
+``pyquorum.wire.endpoint.Endpoint.receive``'s, which is the only caller of ``decode`` in the daemon.
+Which sequence number and epochs go into ``encode`` is ``Endpoint.send``'s.
 
 Wire format, version 1 (all integers big-endian)
 -----------------------------------------------
@@ -77,11 +78,12 @@ from pyquorum.core.messages import (
     VoteResponse,
 )
 from pyquorum.wire.keyring import KeyRing
+from pyquorum.wire.reasons import DECODE_REASONS, Reason
 
 __all__ = [
+    "DECODE_REASONS",
     "DEFAULT_MAX_DATAGRAM",
     "MAGIC",
-    "REASONS",
     "VERSION",
     "ClusterInfo",
     "Codec",
@@ -100,38 +102,23 @@ MAX_TERM: Final = 2**63 - 1  # terms and rounds above this are "term inflation" 
 MAX_U64: Final = 2**64 - 1
 MAX_ID_LEN: Final = 255
 
-REASONS: Final = frozenset(
-    {
-        "too-large",
-        "truncated",
-        "bad-magic",
-        "bad-version",
-        "unauthenticated",
-        "unexpected-mac",
-        "unknown-key",
-        "bad-mac",
-        "bad-checksum",
-        "unknown-sender",
-        "wrong-receiver",
-        "bad-type",
-        "bad-field",
-        "trailing-bytes",
-    }
-)
-"""Every ``DatagramError.reason``; the runtime counts rejects per reason."""
-
 
 class DatagramError(RemoteProtocolError):
     """A datagram ``Codec.decode`` refuses. Drop it, count ``reason``, log it rate-limited.
 
-    ``reason`` is one word of ``REASONS``; ``detail`` is a short sentence for a debug log. Neither
-    contains raw attacker bytes: ids are shown with ``repr`` and only after they were found printable.
+    ``reason`` is one word of ``DECODE_REASONS``; ``detail`` is a short sentence for a debug log.
+    Neither contains raw attacker bytes: ids are shown with ``repr`` and only after they were found
+    printable. ``sender`` is the member the datagram names as its sender when decoding got past that
+    field (with a key, past the MAC too, so it is authenticated), else None.
     """
 
-    def __init__(self, reason: str, detail: str) -> None:
+    def __init__(self, reason: Reason, detail: str, sender: str | None = None) -> None:
+        if reason not in DECODE_REASONS:
+            raise LocalProtocolError(f"{reason!r} is not a decode reason")  # our own bug
         super().__init__(f"{reason}: {detail}")
-        self.reason = reason
+        self.reason: Reason = reason
         self.detail = detail
+        self.sender = sender
 
 
 @dataclass(frozen=True, slots=True)
@@ -271,10 +258,10 @@ class _Reader:
 class Codec:
     """Encodes and decodes the datagrams of one node (``local``) of one cluster.
 
-    Build one per process life, and a new one when the key file is reloaded. ``keyring=None``
-    means an unauthenticated cluster: datagrams carry key_id 0 and a CRC-32, and a signed datagram
-    is refused ("unexpected-mac"). With a keyring, every datagram is signed with its sending key and
-    only datagrams signed with one of its keys are accepted.
+    Build one per process life, and a new one when the key file is reloaded (``Endpoint`` does
+    both). ``keyring=None`` means an unauthenticated cluster: datagrams carry key_id 0 and a CRC-32,
+    and a signed datagram is refused ("unexpected-mac"). With a keyring, every datagram is signed
+    with its sending key and only datagrams signed with one of its keys are accepted.
     """
 
     __slots__ = ("_max_datagram", "cluster_fp", "keyring", "local", "members")
@@ -320,8 +307,9 @@ class Codec:
     ) -> bytes:
         """The datagram that carries ``msg`` from ``self.local`` to ``receiver``.
 
-        ``echo_epoch`` is ``guard.peer_epoch(receiver)``; ``seq`` must grow with every datagram
-        this process sends (one counter for all peers is fine). Send the bytes to the configured
+        ``Endpoint.send`` is the caller that fills the envelope: ``echo_epoch`` is
+        ``ReplayGuard.peer_epoch(receiver)``; ``seq`` grows with every datagram this process sends
+        (one counter for all peers is fine). Send the bytes to the configured
         address of ``receiver``, never to the source address of a datagram being answered (that
         would make us a reflector for spoofed packets). Raises ``LocalProtocolError`` when a field
         is out of range or the result would exceed ``max_datagram``: that is our own bug.
@@ -395,10 +383,9 @@ class Codec:
         """Verify and parse one datagram. Raises ``DatagramError`` (a ``RemoteProtocolError``)
         and nothing else, whatever ``data`` holds.
 
-        Next, the caller checks ``env.cluster_fp == self.cluster_fp`` (a mismatch:
-        ``ReplayGuard.check(env, check_echo=False)``, then count and log it, never step it), then
-        ``ReplayGuard.check(env)``, and only then hands the message to
-        ``Node.step(env.sender, msg, now)`` (docs/security.md §3, "Then the daemon").
+        A decoded datagram is not yet fresh nor from our cluster: ``Endpoint.receive`` checks its
+        source, its fingerprint and its freshness next (docs/security.md §3), and only then is the
+        message given to ``Node.step``.
         """
         # security.md §3: size first, then magic and version, then the trailer, then parsing
         size = len(data)
@@ -417,17 +404,21 @@ class Codec:
         sender = r.node_id("sender")
         if sender not in self.members:
             raise DatagramError("unknown-sender", f"sender {sender!r} is not a member")
-        receiver = r.node_id("receiver")
-        if receiver != self.local:
-            raise DatagramError("wrong-receiver", f"addressed to {receiver!r}, not to us")
-        if sender == receiver:
-            raise DatagramError("bad-field", "a node does not send to itself")
-        sender_epoch, seq, echo_epoch, msg_type = _EPOCHS.unpack(r.take(_EPOCHS.size, "header"))
-        if sender_epoch == 0:
-            raise DatagramError("bad-field", "sender_epoch is 0")
-        msg = self._decode_payload(r, msg_type)
-        if r.pos != len(body):
-            raise DatagramError("trailing-bytes", f"{len(body) - r.pos} bytes after the payload")
+        try:
+            receiver = r.node_id("receiver")
+            if receiver != self.local:
+                raise DatagramError("wrong-receiver", f"addressed to {receiver!r}, not to us")
+            if sender == receiver:
+                raise DatagramError("bad-field", "a node does not send to itself")
+            sender_epoch, seq, echo_epoch, msg_type = _EPOCHS.unpack(r.take(_EPOCHS.size, "header"))
+            if sender_epoch == 0:
+                raise DatagramError("bad-field", "sender_epoch is 0")
+            msg = self._decode_payload(r, msg_type)
+            if r.pos != len(body):
+                raise DatagramError("trailing-bytes", f"{len(body) - r.pos} bytes after the payload")
+        except DatagramError as exc:
+            exc.sender = sender  # a member: the caller may name it (with a key, authenticated)
+            raise
         env = Envelope(sender, receiver, cluster_fp, key_id, sender_epoch, seq, echo_epoch)
         return env, msg
 

@@ -3,10 +3,11 @@
 What this module owns
 ---------------------
 One decision per datagram that ``Codec.decode`` accepted: hand it to the core, or drop it as
-stale, replayed or addressed to an earlier life of ours. It is pure: no clocks, no randomness. The
-freshness proof is two numbers every node already has, not time:
+stale, replayed or addressed to an earlier life of ours. It is pure: no clocks, no randomness. Its
+caller is ``pyquorum.wire.endpoint.Endpoint``. The freshness proof is two numbers every node already has, not
+time:
 
-* ``epoch``: a node's boot counter, persisted (fsync) before its first datagram and strictly
+* ``epoch``: a node's boot epoch, persisted (fsync) before its first datagram and strictly
   greater at every start. Every datagram carries the sender's epoch, and
 * ``echo_epoch``: the receiver's epoch as the sender last saw it, i.e. ``peer_epoch(receiver)``.
 
@@ -64,6 +65,7 @@ from dataclasses import dataclass
 from typing import Final
 
 from pyquorum.wire.codec import Envelope
+from pyquorum.wire.reasons import Reason
 
 __all__ = ["DEFAULT_WINDOW", "ReplayGuard"]
 
@@ -94,14 +96,14 @@ class ReplayGuard:
         self.window = window
         self._peers: dict[str, _PeerState] = {}
 
-    def check(self, env: Envelope, *, check_echo: bool = True) -> str | None:
+    def check(self, env: Envelope, *, check_echo: bool = True) -> Reason | None:
         """Decide on one decoded datagram: ``None`` means fresh, hand it to the core; otherwise
         the reason to drop it ("stale-epoch", "bad-echo", "too-old", "replayed"), to be counted.
 
         Call it only after ``Codec.decode`` succeeded (its sender is a member; with a key, the MAC
-        verified) and after comparing ``env.cluster_fp``. Pass ``check_echo=False`` only for a
-        datagram with another cluster's fingerprint (see the module docstring). A datagram is
-        recorded as seen only when accepted.
+        verified) and after comparing ``env.cluster_fp``, as ``Endpoint.receive`` does. Pass
+        ``check_echo=False`` only for a datagram with another cluster's fingerprint (see the module
+        docstring). A datagram is recorded as seen only when accepted.
         """
         peer = self._peers.get(env.sender)
         # rule 1: learn the sender's newest epoch from every datagram, accepted or not

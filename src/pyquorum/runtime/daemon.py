@@ -10,9 +10,9 @@ Whose fault is it
 -----------------
 A datagram that does not decode, is stale, replayed, from another cluster or from a stranger is a
 peer's fault: ``pyquorum.wire.Endpoint.receive`` refuses and counts it per reason (``status.json``
-shows the counters), and this module logs it at a rate limit, never a crash. A broken invariant of
-the core is ours: it stops the script and the daemon. The datagram path, hop by hop, is listed in
-``pyquorum.wire.endpoint``.
+shows the counters), and this module logs it at a rate limit, never a crash; a peer refused for
+longer than ``REFUSED_WARN_AFTER_S`` is a WARNING. A broken invariant of the core is ours: it stops
+the script and the daemon. The datagram path, hop by hop, is listed in ``pyquorum.wire.endpoint``.
 
 Time
 ----
@@ -59,6 +59,11 @@ SHUTDOWN_SLACK_S = 2.0
 # most this often: its counters (received, sent, rejected) and lease stay current while traffic
 # flows, and a flood of datagrams does not become a flood of file writes (a rewrite costs ~0.2 ms).
 STATUS_REFRESH_S = 0.5
+# A peer whose datagrams have all been refused for this long (none accepted meanwhile, no silence
+# longer than this in between) is logged as a WARNING naming it and the reason. A (re)start's
+# handshake refuses one datagram each way ("bad-echo", one heartbeat interval apart at most), and a
+# restarted peer's last datagrams in flight are "stale-epoch" for milliseconds: both stay at debug.
+REFUSED_WARN_AFTER_S = 3.0
 
 
 class _RateLimiter:
@@ -77,6 +82,36 @@ class _RateLimiter:
             return None
         self._last[key] = now
         return self._suppressed.pop(key, 0)
+
+
+class _RefusedPeers:
+    """For how long each peer's datagrams have been refused without one accepted (monotonic s).
+
+    A refusal after a silence longer than ``after_s`` starts a new episode, so one first-contact
+    refusal after a long silence is not mistaken for a long refusal.
+    """
+
+    def __init__(self, after_s: float) -> None:
+        self.after_s = after_s
+        self._episodes: dict[str, tuple[float, float]] = {}  # peer -> (first, last) refusal
+        self.warned: set[str] = set()
+
+    def refused(self, peer: str, now: float) -> float:
+        """Record one refusal of ``peer``'s datagram; return how long its refusals have lasted."""
+        first, last = self._episodes.get(peer, (now, now))
+        if now - last > self.after_s:
+            first = now
+        self._episodes[peer] = (first, now)
+        return now - first
+
+    def accepted(self, peer: str, now: float) -> float | None:
+        """Record an accepted datagram; if ``peer`` had been warned about, return for how long it
+        was refused (the caller logs the recovery), else None."""
+        episode = self._episodes.pop(peer, None)
+        if peer in self.warned:
+            self.warned.discard(peer)
+            return now - episode[0] if episode is not None else 0.0
+        return None
 
 
 @dataclass
@@ -115,6 +150,7 @@ class Daemon:
         self.sent = 0
         self._reject_log = _RateLimiter(REJECT_LOG_INTERVAL_S)
         self._info_sent = _RateLimiter(REJECT_LOG_INTERVAL_S)
+        self._refused = _RefusedPeers(REFUSED_WARN_AFTER_S)
         self._wake = asyncio.Event()
         self._finished = asyncio.Event()
         self._run: _ScriptRun | None = None
@@ -314,6 +350,7 @@ class Daemon:
         source = (str(addr[0]), int(addr[1]))
         result = self.endpoint.receive(data, source)
         if isinstance(result, Deliver):
+            self._on_accepted(result.sender)
             self.peer_key_ids[result.sender] = result.key_id
             self.node.step(result.sender, result.message, time.monotonic())
             self._process()
@@ -338,7 +375,29 @@ class Daemon:
                 self.endpoint.rejected[rej.reason],
                 suppressed,
             )
+        # the member it names, or else the member configured at its source (to name it, not to trust it)
+        peer = rej.sender or self.endpoint.member_at(source)
+        if peer is not None and peer != self.me:
+            refused_for = self._refused.refused(peer, now)
+            lasting = refused_for >= REFUSED_WARN_AFTER_S
+            if lasting and self._reject_log.allow(f"refused:{peer}", now) is not None:
+                self._refused.warned.add(peer)
+                log.warning(
+                    "event=peer_refused peer=%s reason=%s refused_for_s=%.1f detail=%s: no datagram from "
+                    "this peer was accepted meanwhile%s",
+                    peer,
+                    rej.reason,
+                    refused_for,
+                    rej.detail[:200],
+                    _REFUSED_HINTS.get(rej.reason, ""),
+                )
         self._write_status()
+
+    def _on_accepted(self, peer: str) -> None:
+        refused_for = self._refused.accepted(peer, time.monotonic())
+        if refused_for is not None:
+            # at the level of the warning it ends, so that whoever saw one sees the other
+            log.warning("event=peer_accepted peer=%s after_refused_s=%.1f", peer, refused_for)
 
     def _cluster_mismatch(self, sender: str, msg: Message | ClusterInfo) -> None:
         # counted ("cluster-mismatch") by the endpoint already; here the reports and the answer
@@ -581,8 +640,21 @@ def _is_alarm(text: str) -> bool:
 
 
 # Rejections that happen in a healthy cluster (first contact before the epoch handshake, a peer's
-# restart, duplicated datagrams): counted, logged at debug level only.
+# restart, duplicated datagrams): counted, logged at debug level only, unless they last
+# (REFUSED_WARN_AFTER_S).
 _ROUTINE_REJECTS = frozenset({"bad-echo", "stale-epoch", "replayed", "too-old"})
+
+# What a lasting refusal most likely means, appended to the peer_refused warning (docs/security.md §5).
+_REFUSED_HINTS = {
+    "stale-epoch": (
+        "; it sends from an older boot epoch than one we saw from it (its state dir was lost while its "
+        "wall clock was behind, or it runs an old pyquorum): restarting this node forgets the newer one"
+    ),
+    "bad-echo": (
+        "; it echoes an epoch of ours other than this life's: it has not accepted a datagram of ours "
+        "since we started (a one-way network problem, or it refuses us: see its log)"
+    ),
+}
 
 
 def run(config: Config) -> int:

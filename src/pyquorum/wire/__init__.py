@@ -12,7 +12,7 @@ from pyquorum.wire.codec import ClusterInfo, Codec, DatagramError, Envelope, clu
 from pyquorum.wire.endpoint import Datagram, Deliver, Endpoint, Foreign, Received, Reject
 from pyquorum.wire.keyring import KeyRing
 from pyquorum.wire.reasons import REASONS, Reason, RejectCounts
-from pyquorum.wire.replay import ReplayGuard
+from pyquorum.wire.replay import ReplayGuard, next_boot_epoch
 
 __all__ = [
     "REASONS",
@@ -31,4 +31,5 @@ __all__ = [
     "RejectCounts",
     "ReplayGuard",
     "cluster_fingerprint",
+    "next_boot_epoch",
 ]

@@ -61,9 +61,9 @@ import hashlib
 import hmac
 import struct
 import zlib
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import Final
+from typing import Final, NamedTuple
 
 from pyquorum.core.address import NodeAddress
 from pyquorum.core.errors import LocalProtocolError, RemoteProtocolError
@@ -121,12 +121,12 @@ class DatagramError(RemoteProtocolError):
         self.sender = sender
 
 
-@dataclass(frozen=True, slots=True)
-class Envelope:
+class Envelope(NamedTuple):
     """Who sent a datagram, to whom, and the fields ``ReplayGuard.check`` needs.
 
     ``key_id`` is the key that verified it (0: unauthenticated cluster); a peer still signing with
-    a retired key shows up here during a rotation (security.md §6).
+    a retired key shows up here during a rotation (security.md §6). Immutable; a named tuple rather
+    than a frozen dataclass because one is built per datagram and costs a fifth as much.
     """
 
     sender: str
@@ -214,15 +214,26 @@ class _Reader:
         self.pos = end
         return chunk
 
+    # u8, u64, term and flag check the bounds themselves rather than through take(): they run for
+    # every field of every datagram, and the calls saved are a fifth of decode's time
+
     def u8(self, what: str) -> int:
-        return self.take(1, what)[0]
+        pos = self.pos
+        if pos >= len(self.data):
+            raise DatagramError("truncated", f"datagram ends inside {what}")
+        self.pos = pos + 1
+        return self.data[pos]
 
     def u16(self, what: str) -> int:
         value: int = _U16.unpack(self.take(2, what))[0]
         return value
 
     def u64(self, what: str) -> int:
-        value: int = _U64.unpack(self.take(8, what))[0]
+        pos = self.pos
+        if pos + 8 > len(self.data):
+            raise DatagramError("truncated", f"datagram ends inside {what}")
+        self.pos = pos + 8
+        value: int = _U64.unpack_from(self.data, pos)[0]
         return value
 
     def term(self, what: str) -> int:
@@ -254,6 +265,18 @@ class _Reader:
             raise DatagramError("bad-field", f"{what} is empty")
         return self.text(what, length, ascii_only=True)
 
+    def known_id(self, what: str, known: Mapping[bytes, str]) -> str:
+        # node_id() for the ids we expect, by one dict lookup of the raw bytes; anything else takes
+        # the strict path, so the outcome (and every error) is exactly node_id()'s
+        data, pos = self.data, self.pos
+        if pos < len(data):
+            end = pos + 1 + data[pos]
+            found = known.get(data[pos + 1 : end]) if end <= len(data) else None
+            if found is not None:
+                self.pos = end
+                return found
+        return self.node_id(what)
+
 
 class Codec:
     """Encodes and decodes the datagrams of one node (``local``) of one cluster.
@@ -264,7 +287,17 @@ class Codec:
     with its sending key and only datagrams signed with one of its keys are accepted.
     """
 
-    __slots__ = ("_max_datagram", "cluster_fp", "keyring", "local", "members")
+    __slots__ = (
+        "_headers",
+        "_local_id",
+        "_max_datagram",
+        "_member_ids",
+        "_send_key",
+        "cluster_fp",
+        "keyring",
+        "local",
+        "members",
+    )
 
     def __init__(
         self,
@@ -289,6 +322,14 @@ class Codec:
         self.members = frozenset(members)
         self.keyring = keyring
         self._max_datagram = max_datagram
+        # Everything up to the epochs is fixed per receiver: packed once, not per datagram (a third
+        # of encode's time). A Codec is not changed after this: build a new one for new keys.
+        key_id = 0 if keyring is None else keyring.send_key_id
+        self._send_key = None if keyring is None else keyring.keys[key_id]
+        prefix = _PREFIX.pack(MAGIC, VERSION, key_id, self.cluster_fp) + _id_field(local)
+        self._headers = {peer: prefix + _id_field(peer) for peer in self.members if peer != local}
+        self._member_ids = {node.encode("ascii"): node for node in self.members}
+        self._local_id = {local.encode("ascii"): local}
 
     @property
     def max_datagram(self) -> int:
@@ -314,7 +355,8 @@ class Codec:
         would make us a reflector for spoofed packets). Raises ``LocalProtocolError`` when a field
         is out of range or the result would exceed ``max_datagram``: that is our own bug.
         """
-        if receiver not in self.members or receiver == self.local:
+        header = self._headers.get(receiver)
+        if header is None:
             raise LocalProtocolError(f"cannot send to {receiver!r}: not a peer member")
         if not 1 <= sender_epoch <= MAX_U64:
             raise LocalProtocolError(f"sender_epoch {sender_epoch} is outside 1..2**64-1")
@@ -324,23 +366,11 @@ class Codec:
         msg_type = MSG_TYPE.get(type(msg))
         if msg_type is None:
             raise LocalProtocolError(f"cannot encode {type(msg).__name__}")
-        key_id = 0 if self.keyring is None else self.keyring.send_key_id
-        local, remote = self.local.encode("ascii"), receiver.encode("ascii")
-        parts = [
-            _PREFIX.pack(MAGIC, VERSION, key_id, self.cluster_fp),
-            bytes((len(local),)),
-            local,
-            bytes((len(remote),)),
-            remote,
-            _EPOCHS.pack(sender_epoch, seq, echo_epoch, msg_type),
-            self._encode_payload(msg),
-        ]
-        body = b"".join(parts)
-        if self.keyring is None:
+        body = header + _EPOCHS.pack(sender_epoch, seq, echo_epoch, msg_type) + self._encode_payload(msg)
+        if self._send_key is None:
             datagram = body + _CRC.pack(zlib.crc32(body))
         else:
-            key = self.keyring.keys[key_id]
-            datagram = body + hmac.digest(key, body, "sha256")
+            datagram = body + hmac.digest(self._send_key, body, "sha256")
         if len(datagram) > self._max_datagram:
             raise LocalProtocolError(
                 f"{type(msg).__name__} is {len(datagram)} bytes, above max_datagram {self._max_datagram}"
@@ -401,11 +431,11 @@ class Codec:
         body = self._verify_trailer(data, key_id)
 
         r = _Reader(body, _PREFIX.size)
-        sender = r.node_id("sender")
+        sender = r.known_id("sender", self._member_ids)
         if sender not in self.members:
             raise DatagramError("unknown-sender", f"sender {sender!r} is not a member")
         try:
-            receiver = r.node_id("receiver")
+            receiver = r.known_id("receiver", self._local_id)
             if receiver != self.local:
                 raise DatagramError("wrong-receiver", f"addressed to {receiver!r}, not to us")
             if sender == receiver:
@@ -485,6 +515,11 @@ class Codec:
             members.append(node)
         timing = r.text("timing", r.u16("timing length"), ascii_only=False)
         return ClusterInfo(members=tuple(members), timing=timing)
+
+
+def _id_field(node: str) -> bytes:
+    raw = node.encode("ascii")
+    return bytes((len(raw),)) + raw
 
 
 def _term(value: int) -> bytes:

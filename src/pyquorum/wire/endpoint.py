@@ -65,7 +65,7 @@ costs no handshake.
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from pyquorum.core.address import NodeAddress
 from pyquorum.core.errors import LocalProtocolError
@@ -85,9 +85,11 @@ __all__ = ["Datagram", "Deliver", "Endpoint", "Foreign", "Received", "Reject"]
 
 Address = tuple[str, int]
 
+# The answers are named tuples: immutable, and one is built per datagram, which costs a frozen
+# dataclass several times as much.
 
-@dataclass(frozen=True, slots=True)
-class Deliver:
+
+class Deliver(NamedTuple):
     """A fresh datagram of our cluster: step ``message`` as from ``sender``. ``key_id`` is the key
     that verified it (0 without a key); a peer still signing with a retired key shows here."""
 
@@ -96,8 +98,7 @@ class Deliver:
     key_id: int
 
 
-@dataclass(frozen=True, slots=True)
-class Reject:
+class Reject(NamedTuple):
     """A refused datagram, already counted. ``detail`` is a short printable sentence for a log;
     ``sender`` is the member the datagram names as its sender when decoding got that far (with a
     key it is then authenticated; without one it is only a claim), else None."""
@@ -107,8 +108,7 @@ class Reject:
     sender: str | None
 
 
-@dataclass(frozen=True, slots=True)
-class Foreign:
+class Foreign(NamedTuple):
     """A member's datagram with another cluster's fingerprint, fresh (checked without the echo
     rule), counted as "cluster-mismatch". Never step it; ``message`` may be a ``ClusterInfo``."""
 
@@ -120,8 +120,7 @@ class Foreign:
 Received = Deliver | Reject | Foreign
 
 
-@dataclass(frozen=True, slots=True)
-class Datagram:
+class Datagram(NamedTuple):
     """What to send: ``data`` to ``address``, the receiver's configured (ip, port)."""
 
     data: bytes

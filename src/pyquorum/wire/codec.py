@@ -26,7 +26,7 @@ Wire format, version 1 (all integers big-endian)
     cluster_fp    8   cluster_fingerprint(members, timing)
     sender        u8 length + ASCII canonical node id (a member)
     receiver      u8 length + ASCII canonical node id (a member, and us)
-    sender_epoch  u64 the sender's boot counter, >= 1, strictly increasing across its restarts
+    sender_epoch  u64 the sender's boot epoch, >= 1, strictly increasing across its restarts
     seq           u64 per (sender, sender_epoch), increasing
     echo_epoch    u64 the receiver's epoch as last seen by the sender, 0 = unknown
     msg_type      u8  see MSG_TYPE below

@@ -28,7 +28,7 @@ running, so the real daemons send their real, signed datagrams to this test proc
 
 The test does not need the key for those. What it cannot do without sniffing is capture a datagram a
 running receiver has already *accepted* and replay it into the same life ("replayed", "too-old"): that
-is covered by tests/test_replay.py, not here.
+is covered by tests/wire/test_replay.py, not here.
 
 Cross-cluster traffic (another cluster fingerprint, signed with the right key) is sent while V is
 down, as V in V's then-current epoch, which is what a misconfigured V would send: the live nodes count

@@ -1,5 +1,5 @@
-"""The wire codec: exact format, authentication, every rejection reason. Fuzzing is in
-test_codec_fuzz.py. Reference: security.md §3 (what is protected) and §4 (wire format)."""
+"""The wire codec: exact format, authentication, every rejection reason; fuzzing at the end of
+this file. Reference: security.md §3 (what is protected) and §4 (wire format)."""
 
 from __future__ import annotations
 

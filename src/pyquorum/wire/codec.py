@@ -37,7 +37,7 @@ Wire format, version 1 (all integers big-endian)
 Decisions beyond the first sketch, and why:
 
 * ``receiver`` is in the header and must be our own id. Without it a datagram that A sent to B
-  could be replayed to C, whose epoch may well equal B's (boot counters are small integers): a
+  could be replayed to C, whose epoch may equal B's (nothing makes two nodes' epochs differ): a
   ``VoteResponse(granted=True)`` that A gave B would then count as a vote for C, two masters in one
   term. So ``Codec`` knows its ``local`` id and ``encode`` takes the ``receiver``, not the sender.
 * Unauthenticated datagrams carry a CRC-32. The UDP checksum is 16 bits and may be absent in IPv4;

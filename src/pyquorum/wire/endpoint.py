@@ -48,8 +48,9 @@ The datagram path, hop by hop
     -> Deliver: Node.step(sender, message, now)       core/node.py
        then Daemon._process: Node.ready() -> persist (fsync) -> Endpoint.send + sendto -> script
        -> Node.advance
-    -> Reject: a rate-limited log line (counted already); Foreign: a rate-limited report and a
-       ClusterInfo answer through Endpoint.send
+    -> Reject: Daemon._reject, a rate-limited log line (counted already) and, for a member
+       refused for seconds, a WARNING; Foreign: Daemon._cluster_mismatch, a rate-limited report
+       and a ClusterInfo answer through Endpoint.send
 
 The simulation (tests/sim/sim.py) puts every message through ``send`` and ``receive`` too.
 

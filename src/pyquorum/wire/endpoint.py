@@ -217,10 +217,8 @@ class Endpoint:
         order. Raises nothing for anything a peer can send; counts every ``Reject`` and ``Foreign``.
         """
         result = self._receive(data, source)
-        if isinstance(result, Reject):
-            self.rejected.add(result.reason)
-        elif isinstance(result, Foreign):
-            self.rejected.add("cluster-mismatch")
+        if not isinstance(result, Deliver):
+            self.rejected.add(result.reason if isinstance(result, Reject) else "cluster-mismatch")
         return result
 
     def _receive(self, data: bytes, source: Address) -> Received:

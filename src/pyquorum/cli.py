@@ -422,11 +422,11 @@ def _keygen(argv: list[str]) -> int:
     p.add_argument("--add", action="store_true", help="append a new key to an existing key file")
     p.add_argument("path", type=Path, metavar="PATH")
     args = p.parse_args(argv)
-    from pyquorum import keys
+    from pyquorum import keyfile
 
     path: Path = args.path.expanduser()
     try:
-        key_id = keys.keygen(path, add=args.add)
+        key_id = keyfile.keygen(path, add=args.add)
         mode = path.stat().st_mode
     except OSError as exc:
         _print_errors([f"{path}: {exc.strerror or exc}"])

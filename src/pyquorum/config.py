@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, get_args
 
-from pyquorum import keys
+from pyquorum import keyfile
 from pyquorum.core.address import NodeAddress, sort_nodes
 from pyquorum.core.errors import ConfigError
 from pyquorum.core.lease import Timing
@@ -238,7 +238,7 @@ class Config:
         if self.key_file is None:
             return []
         try:
-            keys.load_keyring(self.key_file)
+            keyfile.load_keyring(self.key_file)
         except ConfigError as exc:
             return list(exc.problems)
         except OSError as exc:

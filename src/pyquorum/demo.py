@@ -34,7 +34,7 @@ from types import FrameType
 from typing import IO, Any, TypeVar
 
 import pyquorum
-from pyquorum import keys
+from pyquorum import keyfile
 from pyquorum.core.lease import Timing
 from pyquorum.runtime.storage import STATUS_FILE_NAME, read_status
 
@@ -237,7 +237,7 @@ class _Demo:
         script.write_text(f"#!{sys.executable}\n{SAMPLE_SCRIPT}", encoding="utf-8")
         script.chmod(0o755)
         key_file = self.tmp / "cluster.key"
-        keys.keygen(key_file)
+        keyfile.keygen(key_file)
         ports = free_udp_ports(NODE_COUNT, self.port)
         names = [f"{HOST}:{port}" for port in ports]
         for i, port in enumerate(ports):

@@ -28,7 +28,7 @@ running, so the real daemons send their real, signed datagrams to this test proc
 
 The test does not need the key for those. What it cannot do without sniffing is capture a datagram a
 running receiver has already *accepted* and replay it into the same life ("replayed", "too-old"): that
-is covered by tests/test_replay.py, not here.
+is covered by tests/wire/test_replay.py, not here.
 
 Cross-cluster traffic (another cluster fingerprint, signed with the right key) is sent while V is
 down, as V in V's then-current epoch, which is what a misconfigured V would send: the live nodes count
@@ -61,8 +61,7 @@ from typing import Any
 
 import pytest
 
-from pyquorum import keys
-from pyquorum.codec import ClusterInfo, Codec, cluster_fingerprint
+from pyquorum import keyfile
 from pyquorum.core.messages import (
     Heartbeat,
     HeartbeatResponse,
@@ -73,7 +72,8 @@ from pyquorum.core.messages import (
     VoteRequest,
     VoteResponse,
 )
-from pyquorum.keys import KeyRing
+from pyquorum.wire.codec import ClusterInfo, Codec, cluster_fingerprint
+from pyquorum.wire.keyring import KeyRing
 from tests.runtime._hostile_cluster import HostileCluster, Node, wait_for
 
 pytestmark = pytest.mark.slow
@@ -403,8 +403,8 @@ def test_flood_changes_nothing(tmp_path: Path, attacker: socket.socket) -> None:
     seed = random.randrange(2**32)
     rng = random.Random(seed)
     key_file = tmp_path / "cluster.key"
-    keys.keygen(key_file)
-    ring = keys.load_keyring(key_file)
+    keyfile.keygen(key_file)
+    ring = keyfile.load_keyring(key_file)
     report = [f"seed={seed}"]
     with HostileCluster(tmp_path, key_files=key_file) as c:
         n0, others = c.nodes[0], c.nodes[1:]
@@ -608,13 +608,13 @@ def test_without_key_runs_unauthenticated(tmp_path: Path, attacker: socket.socke
 
 def test_key_rotation_with_sighup(tmp_path: Path, attacker: socket.socket) -> None:
     both = tmp_path / "keys"
-    assert keys.keygen(both) == 1
-    assert keys.keygen(both, add=True) == 2
+    assert keyfile.keygen(both) == 1
+    assert keyfile.keygen(both, add=True) == 2
     k1, k2 = key_lines(both)
     files = [tmp_path / f"node{i}.key" for i in range(3)]  # every host has its own copy
     for f in files:
         write_key_file(f, [k1])
-    ring1 = keys.load_keyring(files[0])
+    ring1 = keyfile.load_keyring(files[0])
     with HostileCluster(tmp_path, key_files=files) as c:
         c.start()
         master, term = c.wait_for_master()
@@ -688,7 +688,7 @@ def test_key_rotation_with_sighup(tmp_path: Path, attacker: socket.socket) -> No
 @pytest.mark.parametrize("mode", [0o644, 0o640, 0o604, 0o660])
 def test_refuses_key_file_readable_by_others(tmp_path: Path, mode: int) -> None:
     key_file = tmp_path / "cluster.key"
-    keys.keygen(key_file)
+    keyfile.keygen(key_file)
     os.chmod(key_file, mode)
     node = HostileCluster(tmp_path, key_files=key_file).nodes[0]
     proc = subprocess.run(node.argv, env=node.env, capture_output=True, text=True, timeout=30)

@@ -18,6 +18,12 @@ What is modelled
   configuration change), a lost state directory (restart with nothing on disk), SIGSTOP-like pauses
   (the node executes nothing; datagrams wait in its socket buffer; its clock runs on), planned
   shutdown, and ``resign()`` called on any node at any moment (the daemon may call it).
+* The wire: every message goes through the real ``pyquorum.wire.Endpoint`` as the daemon's do, so
+  the network carries bytes. Each life of a node has its own endpoint, with a boot epoch picked by
+  the daemon's rule from the one on its simulated disk (``next_boot_epoch``, a wall clock that never
+  goes back); epoch handshakes, replay refusals of duplicated datagrams, and datagrams from or to an
+  earlier life (delivered after a restart, and refused) are part of every run. ``keyed=True`` signs
+  with HMAC-SHA256, otherwise CRC-32 as without a key file.
 * The script, WORST CASE: once started it runs until the moment its stop is complete. A requested stop
   completes at min(request + G + K, kill deadline) on the node's clock; absent renewal, the guard
   kills it exactly at the kill deadline, even while the daemon is paused or dead. Scripts may also
@@ -35,10 +41,11 @@ Invariants checked after every event, on true simulated time (protocol.md §6)
 
 from __future__ import annotations
 
+import hashlib
 import heapq
 import random
 import typing
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
@@ -58,10 +65,12 @@ from pyquorum.core.node import (
     StopScript,
 )
 from pyquorum.core.quorum import quorum_size
+from pyquorum.wire import Deliver, Endpoint, KeyRing, Reject, cluster_fingerprint, next_boot_epoch
 from tests.sim.variants import VARIANTS, rules_for
 
 SIM_VARIANTS = frozenset({"no_persist", "wall_clock"})
 EPS = 1e-9
+WALL_CLOCK_BASE_S = 1.7e9  # the simulated wall clocks' reading at time 0, give or take a node's offset
 
 # event kinds
 _TICK, _DELIVER, _DEATH, _RESUME, _CALL = range(5)
@@ -106,7 +115,7 @@ class SimNode:
     paused: bool = False
     paused_until: float = 0.0
     last_resume: float = -1e9
-    inbox: list[tuple[int, Message]] = field(default_factory=list)
+    inbox: list[tuple[int, bytes]] = field(default_factory=list)
     deferred_stops: list[float | None] = field(default_factory=list)
     run: ScriptRun | None = None
     deadline_real: float = 0.0  # guard's current kill deadline, true time
@@ -117,6 +126,8 @@ class SimNode:
     timing: Timing = field(default_factory=Timing)  # this node's configuration (a rolling change differs)
     wiped: bool = False  # its state was lost and it has not yet heard every member since (§3.9)
     heard: set[int] = field(default_factory=set)  # members it received a datagram from since its boot
+    endpoint: Endpoint | None = None  # this life's wire
+    disk_epoch: int = 0  # the boot epoch on its disk, as state.json holds it
 
     def local(self, real: float) -> float:
         return self.offset + self.rate * real + self.jump
@@ -143,6 +154,7 @@ class Cluster:
         script: bool = True,
         trace_len: int = 300,
         rates: Iterable[float] | None = None,
+        keyed: bool = False,
     ) -> None:
         self.seed = seed
         self.rng = random.Random(seed)
@@ -158,6 +170,12 @@ class Cluster:
         self.quorum = quorum_size(n)
         self.names = [f"127.0.0.{i + 1}:51621" for i in range(n)]
         self.index = {name: i for i, name in enumerate(self.names)}
+        self.addresses = [(f"127.0.0.{i + 1}", 51621) for i in range(n)]
+        self.fingerprint = cluster_fingerprint(self.names, self.timing.describe())
+        key = hashlib.sha256(b"pyquorum simulation %d" % seed).digest()
+        self.keyring = KeyRing(send_key_id=1, keys={1: key}) if keyed else None
+        self.wire_rejects: Counter[str] = Counter()  # every refusal of every life's endpoint
+        self.wire_delivered = 0  # datagrams the endpoints handed on to a core
         self.now = 0.0
         self.net = NetConfig()
         self.cut: set[tuple[int, int]] = set()
@@ -213,9 +231,19 @@ class Cluster:
         node.paused = False
         node.inbox = []
         node.deferred_stops = []
-        disk = node.disk
+        disk, disk_epoch = node.disk, node.disk_epoch
         if "no_persist" in self.sim_broken:
-            disk = HardState()
+            disk, disk_epoch = HardState(), 0
+        # the daemon's order: the new epoch is on disk before its first datagram (docs/security.md §5)
+        wall_clock_us = int((WALL_CLOCK_BASE_S + node.offset + self.now) * 1e6)
+        node.disk_epoch = next_boot_epoch(disk_epoch, wall_clock_us)
+        node.endpoint = Endpoint(
+            local=node.name,
+            members=self.names,
+            cluster_fp=self.fingerprint,
+            keyring=self.keyring,
+            epoch=node.disk_epoch,
+        )
         node.core = Node(
             node.name,
             self.names,
@@ -254,7 +282,9 @@ class Cluster:
                 if gen == node.death_version and node.run is not None:
                     self._script_dies(node, "stopped")
                 continue
-            if gen != node.gen or node.core is None:
+            # a datagram is for the socket, not for one life: one sent to an earlier life arrives
+            # (and is refused by the endpoint) if the node is up again by then
+            if node.core is None or (gen != node.gen and kind != _DELIVER):
                 continue
             if kind == _TICK:
                 if payload != node.timer or node.paused:
@@ -262,13 +292,15 @@ class Cluster:
                 node.core.tick(node.local(self.now))
                 self._after(node)
             elif kind == _DELIVER:
-                src, msg = typing.cast("tuple[int, Message]", payload)
+                src, data = typing.cast("tuple[int, bytes]", payload)
                 if node.paused:
-                    node.inbox.append((src, msg))
+                    node.inbox.append((src, data))
                     continue
-                self._heard(node, src)
-                node.core.step(self.names[src], msg, node.local(self.now))
-                self._after(node)
+                msg = self._receive(node, src, data)
+                if msg is not None:
+                    self._heard(node, src)
+                    node.core.step(self.names[src], msg, node.local(self.now))
+                    self._after(node)
             elif kind == _RESUME and node.paused and payload == node.paused_until:
                 self._resume(node)
         self.now = max(self.now, t)
@@ -338,12 +370,31 @@ class Cluster:
             return
         if self.nodes[src].timing != self.nodes[dst].timing:
             return  # another fingerprint: the receiver counts nothing from it (protocol.md §1)
+        # Encoded only when the network carries it (two thirds of all sends hit a cut link): a
+        # dropped datagram would only have used up a sequence number, and receivers see gaps anyway.
+        sender = self.nodes[src].endpoint
+        assert sender is not None
+        data = sender.send(self.names[dst], msg).data  # the daemon's encode: seq, epoch, echo
         copies = 2 if net.duplicate and rng.random() < net.duplicate else 1
         for _ in range(copies):
             delay = net.delay_min + (net.delay_max - net.delay_min) * rng.random()
             if net.tail and rng.random() < net.tail:
                 delay += min(net.tail_max_s, net.tail_s * rng.paretovariate(1.2))
-            self._push(self.now + delay, _DELIVER, dst, self.nodes[dst].gen, (src, msg))
+            self._push(self.now + delay, _DELIVER, dst, self.nodes[dst].gen, (src, data))
+
+    def _receive(self, node: SimNode, src: int, data: bytes) -> Message | None:
+        """The daemon's receive path: the message to step, or None if the endpoint refused it."""
+        assert node.endpoint is not None
+        result = node.endpoint.receive(data, self.addresses[src])
+        if isinstance(result, Deliver):
+            self.wire_delivered += 1
+            return result.message
+        if isinstance(result, Reject):
+            self.wire_rejects[result.reason] += 1
+            self.log(f"{node.name} WIRE refused {result.reason} from {self.names[src]}")
+        else:
+            self.fail(f"{node.name} took a datagram of its own cluster for another's: {result}")
+        return None
 
     # ------------------------------------------------------------------ the script model
 
@@ -607,12 +658,14 @@ class Cluster:
             self._after(node)
         node.deferred_stops = []
         inbox, node.inbox = node.inbox, []
-        for src, msg in inbox:
+        for src, data in inbox:
             if node.core is None or node.paused:
                 return
-            self._heard(node, src)
-            node.core.step(self.names[src], msg, t)
-            self._after(node)
+            msg = self._receive(node, src, data)
+            if msg is not None:
+                self._heard(node, src)
+                node.core.step(self.names[src], msg, t)
+                self._after(node)
 
     def resign(self, who: int | str) -> None:
         """Call ``resign()`` on the node, whatever its role: the daemon may (protocol.md §3.7)."""
@@ -628,6 +681,7 @@ class Cluster:
         (node,) = self._nodes([who])
         self.crash(who)
         node.disk = HardState(recovering=True)
+        node.disk_epoch = 0  # lost with the state file: the wall clock keeps the epoch rising
         node.max_term = 0  # terms cannot be monotonic across a lost disk; votes must still be unique
         node.wiped = self.n > 1
         self.log(f"NEMESIS wipe {node.name}")

@@ -1,7 +1,7 @@
 """The protocol's messages: what one node says to another.
 
 Every message is a frozen, slotted dataclass. The sender's identity is NOT a field: it travels in the
-authenticated envelope (see ``pyquorum.codec``) and is handed to ``Node.step`` separately, so a message
+authenticated envelope (see ``pyquorum.wire.codec``) and is handed to ``Node.step`` separately, so a message
 can never claim to come from someone else than the envelope that carried it.
 
 Every message carries ``term``: the sender's current term (protocol.md §2). ``Node.step`` compares it

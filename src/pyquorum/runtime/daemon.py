@@ -9,8 +9,10 @@ order the core's docstring prescribes: persist (fsync), send, act on the script,
 Whose fault is it
 -----------------
 A datagram that does not decode, is stale, replayed, from another cluster or from a stranger is a
-peer's fault: it is dropped, counted per reason (``status.json`` shows the counters) and logged at a
-rate limit, never a crash. A broken invariant of the core is ours: it stops the script and the daemon.
+peer's fault: ``pyquorum.wire.Endpoint.receive`` refuses and counts it per reason (``status.json``
+shows the counters), and this module logs it at a rate limit, never a crash; a peer refused for
+longer than ``REFUSED_WARN_AFTER_S`` is a WARNING. A broken invariant of the core is ours: it stops
+the script and the daemon. The datagram path, hop by hop, is listed in ``pyquorum.wire.endpoint``.
 
 Time
 ----
@@ -36,16 +38,15 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from pyquorum import __version__
-from pyquorum.codec import ClusterInfo, Codec, DatagramError, cluster_fingerprint
 from pyquorum.config import Config
-from pyquorum.core.errors import ConfigError, RemoteProtocolError
+from pyquorum.core.errors import ConfigError
 from pyquorum.core.messages import Message
 from pyquorum.core.node import EventKind, HardState, Node, Ready, Role, StartScript
-from pyquorum.keys import KeyRing, load_keyring
-from pyquorum.replay import ReplayGuard
+from pyquorum.keyfile import load_keyring
 from pyquorum.runtime.restart import Action, Decision, RestartPolicy
 from pyquorum.runtime.storage import PersistedState, StateStore, member_change_problem, write_status
 from pyquorum.supervisor import ScriptExit, ScriptStartError, ScriptSupervisor
+from pyquorum.wire import ClusterInfo, Deliver, Endpoint, Foreign, KeyRing, Reject, cluster_fingerprint
 
 log = logging.getLogger("pyquorum")
 
@@ -60,6 +61,11 @@ SHUTDOWN_SLACK_S = 2.0
 # most this often: its counters (received, sent, rejected) and lease stay current while traffic
 # flows, and a flood of datagrams does not become a flood of file writes (a rewrite costs ~0.2 ms).
 STATUS_REFRESH_S = 0.5
+# A peer whose datagrams have all been refused for this long (none accepted meanwhile, no silence
+# longer than this in between) is logged as a WARNING naming it and the reason. A (re)start's
+# handshake refuses one datagram each way ("bad-echo", one heartbeat interval apart at most), and a
+# restarted peer's last datagrams in flight are "stale-epoch" for milliseconds: both stay at debug.
+REFUSED_WARN_AFTER_S = 3.0
 
 
 class _RateLimiter:
@@ -78,6 +84,36 @@ class _RateLimiter:
             return None
         self._last[key] = now
         return self._suppressed.pop(key, 0)
+
+
+class _RefusedPeers:
+    """For how long each peer's datagrams have been refused without one accepted (monotonic s).
+
+    A refusal after a silence longer than ``after_s`` starts a new episode, so one first-contact
+    refusal after a long silence is not mistaken for a long refusal.
+    """
+
+    def __init__(self, after_s: float) -> None:
+        self.after_s = after_s
+        self._episodes: dict[str, tuple[float, float]] = {}  # peer -> (first, last) refusal
+        self.warned: set[str] = set()
+
+    def refused(self, peer: str, now: float) -> float:
+        """Record one refusal of ``peer``'s datagram; return how long its refusals have lasted."""
+        first, last = self._episodes.get(peer, (now, now))
+        if now - last > self.after_s:
+            first = now
+        self._episodes[peer] = (first, now)
+        return now - first
+
+    def accepted(self, peer: str, now: float) -> float | None:
+        """Record an accepted datagram; if ``peer`` had been warned about, return for how long it
+        was refused (the caller logs the recovery), else None."""
+        episode = self._episodes.pop(peer, None)
+        if peer in self.warned:
+            self.warned.discard(peer)
+            return now - episode[0] if episode is not None else 0.0
+        return None
 
 
 @dataclass
@@ -108,7 +144,6 @@ class Daemon:
         self.members = tuple(config.members)
         self.timing = config.timing
         self.store = StateStore(config.state_dir)
-        self.rejected: Counter[str] = Counter()
         # the key id of each peer's last accepted datagram: shows who still signs with an old key
         # during a rotation (docs/security.md §6); one entry per member at most
         self.peer_key_ids: dict[str, int] = {}
@@ -116,7 +151,7 @@ class Daemon:
         self.sent = 0
         self._reject_log = _RateLimiter(REJECT_LOG_INTERVAL_S)
         self._info_sent = _RateLimiter(REJECT_LOG_INTERVAL_S)
-        self._seq = 0
+        self._refused = _RefusedPeers(REFUSED_WARN_AFTER_S)
         self._wake = asyncio.Event()
         self._finished = asyncio.Event()
         self._run: _ScriptRun | None = None
@@ -130,15 +165,8 @@ class Daemon:
         self._signals = 0
         self._last_status: tuple[object, ...] | None = None
         self._status_written = float("-inf")
-        self._addr: dict[str, tuple[str, int]] = {}
-        self._by_addr: dict[tuple[str, int], str] = {}
-        for addr in config.peers:
-            self._addr[str(addr)] = (str(addr.ip), addr.port)
-            self._by_addr[(str(addr.ip), addr.port)] = str(addr)
         self.epoch = 0
-        self.keyring: KeyRing | None = None
-        self.codec: Codec
-        self.guard: ReplayGuard
+        self.endpoint: Endpoint | None = None
         self.node: Node
         self.transport: asyncio.DatagramTransport | None = None
         self.supervisor: ScriptSupervisor | None = None
@@ -161,9 +189,9 @@ class Daemon:
     def _load_keys(self) -> KeyRing | None:
         return load_keyring(self.config.key_file) if self.config.key_file else None
 
-    def _make_codec(self) -> Codec:
+    def _make_endpoint(self, keyring: KeyRing | None) -> Endpoint:
         fp = cluster_fingerprint(self.members, self.config.cluster_text)
-        return Codec(local=self.me, cluster_fp=fp, members=frozenset(self.members), keyring=self.keyring)
+        return Endpoint(local=self.me, members=self.members, cluster_fp=fp, keyring=keyring, epoch=self.epoch)
 
     async def _open_socket(self) -> None:
         loop = asyncio.get_running_loop()
@@ -191,9 +219,8 @@ class Daemon:
         """Run until SIGTERM/SIGINT (exit 0 after a clean handover) or a fatal error."""
         state = self._open_state()
         try:
-            self.keyring = self._load_keys()
-            self.codec = self._make_codec()
-            self.guard = ReplayGuard(self.epoch)
+            keyring = self._load_keys()
+            self.endpoint = self._make_endpoint(keyring)
             await self._open_socket()
             now = time.monotonic()
             self.node = Node(
@@ -222,7 +249,7 @@ class Daemon:
                 ",".join(self.members),
                 state.term,
                 self.epoch,
-                "yes" if self.keyring else "NO",
+                "yes" if keyring else "NO",
                 self.config.script or "-",
                 self.timing.describe(),
             )
@@ -235,7 +262,7 @@ class Daemon:
                     state.term,
                     self.store.state_dir,
                 )
-            if self.keyring is None:
+            if keyring is None:
                 log.warning(
                     "cluster traffic is UNAUTHENTICATED: anyone who can send UDP to %s can disrupt "
                     "elections; create a key with 'pyquorum keygen' and use --key-file",
@@ -309,8 +336,8 @@ class Daemon:
         except ConfigError as exc:
             log.error("event=reload_failed keeping the old keys: %s", "; ".join(exc.problems))
             return
-        self.keyring = keyring
-        self.codec = self._make_codec()
+        assert self.endpoint is not None  # SIGHUP is handled only once the endpoint exists
+        self.endpoint.set_keyring(keyring)  # keeps the replay state: no handshake, no election
         log.warning("event=keys_reloaded keys=%r", keyring)  # ids only, never key bytes
         self._write_status(force=True)
 
@@ -338,54 +365,63 @@ class Daemon:
             self._process()
 
     def on_datagram(self, data: bytes, addr: tuple[Any, ...]) -> None:
+        """One datagram from the socket: the endpoint decides, the core steps what it delivers."""
         self.received += 1
-        try:
-            self._on_datagram(data, addr)
-        except RemoteProtocolError as exc:
-            self._reject(getattr(exc, "reason", "bad-datagram"), str(exc), addr)
+        assert self.endpoint is not None  # the socket opens after the endpoint exists
+        source = (str(addr[0]), int(addr[1]))
+        result = self.endpoint.receive(data, source)
+        if isinstance(result, Deliver):
+            self._on_accepted(result.sender)
+            self.peer_key_ids[result.sender] = result.key_id
+            self.node.step(result.sender, result.message, time.monotonic())
+            self._process()
+        elif isinstance(result, Foreign):
+            self._cluster_mismatch(result.sender, result.message)
+            self._write_status()
+        else:
+            self._reject(result, source)
 
-    def _on_datagram(self, data: bytes, addr: tuple[Any, ...]) -> None:
-        env, msg = self.codec.decode(data)
-        source = (addr[0], addr[1])
-        if self.keyring is None and self._addr.get(env.sender) != source:
-            # unauthenticated: the source address is all we have to tie a datagram to a member
-            raise DatagramError("wrong-source", f"claims to be {env.sender!r}")
-        if env.cluster_fp != self.codec.cluster_fp:
-            # docs/security.md §5: another cluster's node never completes our epoch handshake, so
-            # only the echo check is skipped; its stale or replayed datagrams are refused as usual
-            why = self.guard.check(env, check_echo=False)
-            if why is not None:
-                self._reject(why, f"from {env.sender} epoch={env.sender_epoch} seq={env.seq}", addr)
-                return
-            self._cluster_mismatch(env.sender, msg)
-            return
-        if isinstance(msg, ClusterInfo):
-            return  # same fingerprint: nothing to report
-        why = self.guard.check(env)
-        if why is not None:
-            self._reject(why, f"from {env.sender} epoch={env.sender_epoch} seq={env.seq}", addr)
-            return
-        self.peer_key_ids[env.sender] = env.key_id
-        self.node.step(env.sender, msg, time.monotonic())
-        self._process()
-
-    def _reject(self, reason: str, detail: str, addr: tuple[Any, ...]) -> None:
-        self.rejected[reason] += 1
-        suppressed = self._reject_log.allow(reason, time.monotonic())
+    def _reject(self, rej: Reject, source: tuple[str, int]) -> None:
+        # counted by the endpoint already; here only the logs
+        assert self.endpoint is not None
+        now = time.monotonic()
+        suppressed = self._reject_log.allow(rej.reason, now)
         if suppressed is not None:
             log.log(
-                logging.DEBUG if reason in _ROUTINE_REJECTS else logging.WARNING,
+                logging.DEBUG if rej.reason in _ROUTINE_REJECTS else logging.WARNING,
                 "event=datagram_rejected reason=%s source=%s detail=%s count=%d suppressed_since_last=%d",
-                reason,
-                addr[0] if addr else "?",
-                detail[:200],
-                self.rejected[reason],
+                rej.reason,
+                source[0],
+                rej.detail[:200],
+                self.endpoint.rejected[rej.reason],
                 suppressed,
             )
+        # the member it names, or else the member configured at its source (to name it, not to trust it)
+        peer = rej.sender or self.endpoint.member_at(source)
+        if peer is not None and peer != self.me:
+            refused_for = self._refused.refused(peer, now)
+            lasting = refused_for >= REFUSED_WARN_AFTER_S
+            if lasting and self._reject_log.allow(f"refused:{peer}", now) is not None:
+                self._refused.warned.add(peer)
+                log.warning(
+                    "event=peer_refused peer=%s reason=%s refused_for_s=%.1f detail=%s: no datagram from "
+                    "this peer was accepted meanwhile%s",
+                    peer,
+                    rej.reason,
+                    refused_for,
+                    rej.detail[:200],
+                    _REFUSED_HINTS.get(rej.reason, ""),
+                )
         self._write_status()
 
+    def _on_accepted(self, peer: str) -> None:
+        refused_for = self._refused.accepted(peer, time.monotonic())
+        if refused_for is not None:
+            # at the level of the warning it ends, so that whoever saw one sees the other
+            log.warning("event=peer_accepted peer=%s after_refused_s=%.1f", peer, refused_for)
+
     def _cluster_mismatch(self, sender: str, msg: Message | ClusterInfo) -> None:
-        self.rejected["cluster-mismatch"] += 1
+        # counted ("cluster-mismatch") by the endpoint already; here the reports and the answer
         now = time.monotonic()
         if isinstance(msg, ClusterInfo):
             if self._reject_log.allow(f"info:{sender}", now) is not None:
@@ -457,18 +493,11 @@ class Daemon:
         self._write_status()
 
     def _send(self, dest: str, msg: Message | ClusterInfo) -> None:
-        if self.transport is None:
+        if self.transport is None or self.endpoint is None:
             return
-        self._seq += 1
-        data = self.codec.encode(
-            msg,
-            receiver=dest,
-            sender_epoch=self.epoch,
-            seq=self._seq,
-            echo_epoch=self.guard.peer_epoch(dest),
-        )
+        datagram = self.endpoint.send(dest, msg)  # to dest's configured address, never a source
         self.sent += 1
-        self.transport.sendto(data, self._addr[dest])
+        self.transport.sendto(datagram.data, datagram.address)
 
     # ------------------------------------------------------------------ the script
 
@@ -604,6 +633,7 @@ class Daemon:
         self._last_status = key
         self._status_written = now
         lease = None if st is None or st.lease_deadline is None else round(st.lease_deadline - now, 3)
+        keyring = self.endpoint.keyring if self.endpoint is not None else None
         status: dict[str, Any] = {
             "node": self.me,
             "role": role or (st.role.value if st else "starting"),
@@ -611,15 +641,15 @@ class Daemon:
             "master": st.master if st else None,
             "script_pid": pid,
             "lease_remaining_s": lease,
-            "authenticated": self.keyring is not None,
-            "send_key_id": self.keyring.send_key_id if self.keyring is not None else None,
+            "authenticated": keyring is not None,
+            "send_key_id": keyring.send_key_id if keyring is not None else None,
             "peer_key_ids": dict(sorted(self.peer_key_ids.items())),
             "updated_monotonic": now,
             "pid": os.getpid(),
             "members": list(self.members),
             "received": self.received,
             "sent": self.sent,
-            "rejected": dict(self.rejected),
+            "rejected": self.endpoint.rejected.as_dict() if self.endpoint is not None else {},
         }
         try:
             write_status(self.store.status_file, status)
@@ -638,8 +668,21 @@ _EVENT_LEVELS = {
 
 
 # Rejections that happen in a healthy cluster (first contact before the epoch handshake, a peer's
-# restart, duplicated datagrams): counted, logged at debug level only.
+# restart, duplicated datagrams): counted, logged at debug level only, unless they last
+# (REFUSED_WARN_AFTER_S).
 _ROUTINE_REJECTS = frozenset({"bad-echo", "stale-epoch", "replayed", "too-old"})
+
+# What a lasting refusal most likely means, appended to the peer_refused warning (docs/security.md §5).
+_REFUSED_HINTS = {
+    "stale-epoch": (
+        "; it sends from an older boot epoch than one we saw from it (its state dir was lost while its "
+        "wall clock was behind, or it runs an old pyquorum): restarting this node forgets the newer one"
+    ),
+    "bad-echo": (
+        "; it echoes an epoch of ours other than this life's: it has not accepted a datagram of ours "
+        "since we started (a one-way network problem, or it refuses us: see its log)"
+    ),
+}
 
 
 def run(config: Config) -> int:

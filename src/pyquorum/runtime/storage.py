@@ -3,18 +3,21 @@
 
 A node must never forget a vote it gave or a term it saw: a node that restarts with an older term could
 vote twice in one term and let two masters win it. So ``save()`` returns only once the new state is on
-disk (temp file, fsync, rename over the old file, fsync of the directory), and the daemon calls it
-BEFORE it sends any message that depends on that state. A crash at any moment leaves either the old
-file or the new one, never a mix. A state file that cannot be read is an error the operator must look
-at, never a silent reset to term 0. A state file that does not exist is a node that may have lost its
-state: it loads as ``recovering`` (protocol.md §3.9), unless ``pyquorum init`` recorded a new node.
+disk (temp file, fsync, rename over the old file, fsync of the directory; a state directory it
+creates is made durable by an fsync of its parent too), and the daemon calls it BEFORE it sends any
+message that depends on that state. A crash at any moment leaves either the old file or the new one,
+never a mix. A state file that cannot be read is an error the operator must look at, never a silent
+reset to term 0. A state file that does not exist is a node that may have lost its state: it loads as
+``recovering`` (protocol.md §3.9), unless ``pyquorum init`` recorded a new node.
 
 The state directory holds (one directory per node; ``StateStore`` owns it):
 
-- ``state.json``  ``{"version": 1, "term": 7, "voted_for": "10.0.0.2:51621", "boot_epoch": 3,
-                  "promise_s": 1.0, "recovering": false, "members": ["10.0.0.1:51621", ...]}``;
-                  the last three keys are absent in files written before they existed, and then read
-                  as 0, false and unknown (the current list is recorded)
+- ``state.json``  ``{"version": 1, "term": 7, "voted_for": "10.0.0.2:51621",
+                  "boot_epoch": 1767225600000000, "promise_s": 1.0, "recovering": false,
+                  "members": ["10.0.0.1:51621", ...]}``: the boot epoch is the wall clock in
+                  microseconds at the last start, or the previous epoch + 1 if that is higher
+                  (``bump_epoch``); the last three keys are absent in files written before they
+                  existed, and then read as 0, false and unknown (the current list is recorded)
 - ``lock``        flock()ed by the running daemon, and holding its pid, so that two daemons never
                   share one directory (and so one term and vote)
 - ``status.json`` the daemon's current state for ``pyquorum status`` and the demo, rewritten on every
@@ -28,6 +31,7 @@ import fcntl
 import json
 import os
 import tempfile
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -35,6 +39,7 @@ from types import TracebackType
 from typing import Any, TypeGuard
 
 from pyquorum.core.errors import ConfigError, LocalProtocolError
+from pyquorum.wire.replay import next_boot_epoch
 
 STATE_VERSION = 1
 STATE_FILE_NAME = "state.json"
@@ -68,9 +73,10 @@ STATUS_KEYS = (
 
 @dataclass(frozen=True, slots=True)
 class PersistedState:
-    """What survives a restart. ``boot_epoch`` counts the daemon's starts (see ``bump_epoch``);
-    ``promise_s`` and ``recovering`` are the core's (``HardState``); ``members`` is the member list the
-    node last ran with (None: not recorded yet), which it must not silently change (protocol.md §1)."""
+    """What survives a restart. ``boot_epoch`` is the epoch of the daemon's last start (see
+    ``bump_epoch``); ``promise_s`` and ``recovering`` are the core's (``HardState``); ``members`` is the
+    member list the node last ran with (None: not recorded yet), which it must not silently change
+    (protocol.md §1)."""
 
     term: int = 0
     voted_for: str | None = None
@@ -104,7 +110,11 @@ class StateStore:
         if self._lock_fd is not None:
             return
         try:
+            created = _missing_dirs(self.state_dir)
             self.state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+            # a new directory's entry is durable only once its parent is synced, like a renamed file's
+            for directory in created:
+                _fsync_dir(directory.parent)
             fd = os.open(self.lock_file, os.O_RDWR | os.O_CREAT, 0o644)
         except OSError as exc:
             raise ConfigError(
@@ -225,11 +235,22 @@ class StateStore:
             data["members"] = list(state.members)
         _atomic_write(self.state_file, json.dumps(data) + "\n", durable=True, mode=0o600)
 
-    def bump_epoch(self) -> int:
-        """Count this start: load, add one to the boot epoch, save, and return the new epoch. Call
-        once at start-up, after ``acquire()`` and before sending anything."""
+    def bump_epoch(self, wall_clock_us: int | None = None) -> int:
+        """Mark this start: load, pick the new boot epoch, save it durably, and return it. Call once
+        at start-up, after ``acquire()`` and before sending anything.
+
+        The epoch is ``max(persisted + 1, wall clock in microseconds since 1970)``
+        (``pyquorum.wire.replay.next_boot_epoch``), so it cannot go backwards even when the state
+        file was lost: peers then recognise the new life at once instead of refusing it. The wall
+        clock (``wall_clock_us``, read here when not given) serves as an identity only, never for
+        timing."""
         state = self.load()
-        epoch = state.boot_epoch + 1
+        if wall_clock_us is None:
+            wall_clock_us = time.time_ns() // 1000
+        try:
+            epoch = next_boot_epoch(state.boot_epoch, wall_clock_us)
+        except ValueError as exc:
+            raise self._corrupt(str(exc)) from None
         self.save(replace(state, boot_epoch=epoch))
         return epoch
 
@@ -280,11 +301,25 @@ def _atomic_write(path: Path, text: str, *, durable: bool, mode: int) -> None:
         raise
     if durable:
         # The rename is durable only once the directory entry is on disk.
-        dir_fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
+        _fsync_dir(path.parent)
+
+
+def _fsync_dir(directory: Path) -> None:
+    dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def _missing_dirs(directory: Path) -> list[Path]:
+    # the directories mkdir(parents=True) will create, outermost first
+    missing = []
+    for candidate in [directory, *directory.parents]:
+        if candidate.exists():
+            break
+        missing.append(candidate)
+    return missing[::-1]
 
 
 def _is_count(value: object) -> TypeGuard[int]:

@@ -1,5 +1,5 @@
-"""The wire codec: exact format, authentication, every rejection reason. Fuzzing is in
-test_codec_fuzz.py. Reference: security.md §3 (what is protected) and §4 (wire format)."""
+"""The wire codec: exact format, authentication, every rejection reason; fuzzing at the end of
+this file. Reference: security.md §3 (what is protected) and §4 (wire format)."""
 
 from __future__ import annotations
 
@@ -13,15 +13,6 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from pyquorum.codec import (
-    MSG_TYPE,
-    REASONS,
-    ClusterInfo,
-    Codec,
-    DatagramError,
-    Envelope,
-    cluster_fingerprint,
-)
 from pyquorum.core.errors import LocalProtocolError, RemoteProtocolError
 from pyquorum.core.messages import (
     MESSAGE_TYPES,
@@ -34,7 +25,16 @@ from pyquorum.core.messages import (
     VoteRequest,
     VoteResponse,
 )
-from pyquorum.keys import KeyRing
+from pyquorum.wire.codec import (
+    DECODE_REASONS,
+    MSG_TYPE,
+    ClusterInfo,
+    Codec,
+    DatagramError,
+    Envelope,
+    cluster_fingerprint,
+)
+from pyquorum.wire.keyring import KeyRing
 
 A, B, C = "10.0.0.1:51621", "10.0.0.2:51621", "[fd00::3]:51621"
 MEMBERS = frozenset({A, B, C})
@@ -132,7 +132,7 @@ def build(
 def reject(c: Codec, data: bytes) -> DatagramError:
     with pytest.raises(DatagramError) as info:
         c.decode(data)
-    assert info.value.reason in REASONS
+    assert info.value.reason in DECODE_REASONS
     assert isinstance(info.value, RemoteProtocolError)
     return info.value
 
@@ -623,7 +623,7 @@ def check_decode(data: bytes, keyed: bool) -> bool:
         )
         assert again == data
         return True
-    assert reason in REASONS
+    assert reason in DECODE_REASONS
     return False
 
 

@@ -29,7 +29,8 @@ The properties (protocol.md §6), each a line in ``Report.problems`` when violat
   majority, so its kill deadline is at most ``t + L_kill``;
 - **failover** (§5.1): after each fault that should cause one, the first run that starts after the
   fault (measured from the moment before the fault, so never too short) starts within its bound;
-- **recovery** (§5.2): after each complete heal, a script runs within ``liveness_bound`` + allowances;
+- **recovery** (§5.2): after each complete heal, a script runs within ``Timing.liveness_bound_s`` plus
+  allowances;
 - **stable**: in a scenario marked stable (no faults, 5% loss), no run starts or ends between the
   "steady" mark and the shutdown, and there was exactly one election;
 - **logs**: no ``Traceback``, ``event=internal_error`` or ``event=fatal`` in any daemon log, and every
@@ -130,12 +131,6 @@ def timing_of(meta: dict[str, Any]) -> Timing:
         stop_timeout_s=meta["stop_timeout_s"],
         start_delay_s=meta.get("start_delay_s", 0.0),
     )
-
-
-def liveness_bound_s(timing: Timing, n: int) -> float:
-    """protocol.md §5.2 (tests/sim/nemesis.py ``liveness_bound``): every node up, network healthy."""
-    e, s, h = timing.election_timeout_s, timing.slot_s, timing.heartbeat_interval_s
-    return (2 * e + (n + 2) * s + 4 * h) * (1 + timing.drift_bound) + timing.start_delay_s + e
 
 
 # ---- reading ------------------------------------------------------------------------------------
@@ -371,7 +366,7 @@ def _check_recovery(
     worst: float | None = None
     for s in (s for s in steps if s["kind"] == "healed_all"):
         t = s["t"]
-        bound = liveness_bound_s(timing, n) + SPAWN_ALLOWANCE_S
+        bound = timing.liveness_bound_s(n) + SPAWN_ALLOWANCE_S
         if s.get("restarted"):
             bound += DAEMON_START_ALLOWANCE_S
         if any(r.start <= t < r.end_or_inf() and r.last >= t - 0.1 for r in runs):

@@ -34,7 +34,7 @@ from typing import Any
 
 from pyquorum.config import DEFAULT_RESTART_BACKOFF_S
 from pyquorum.core.lease import Timing
-from tests.netns.checker import SPAWN_ALLOWANCE_S, liveness_bound_s
+from tests.netns.checker import SPAWN_ALLOWANCE_S
 from tests.netns.cluster import Cluster
 from tests.netns.hosts import Network
 
@@ -89,7 +89,7 @@ class Harness:
 
     @property
     def liveness_bound(self) -> float:
-        return liveness_bound_s(self.timing, self.net.n) + SPAWN_ALLOWANCE_S
+        return self.timing.liveness_bound_s(self.net.n) + SPAWN_ALLOWANCE_S
 
     # ---- looking --------------------------------------------------------------------------------------
 

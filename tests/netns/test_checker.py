@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from tests.netns.checker import check, liveness_bound_s, timing_of
+from tests.netns.checker import check, timing_of
 from tests.netns.report import table
 
 META = {
@@ -283,7 +283,7 @@ def test_checker_availability_counts_only_time_with_a_healthy_majority(tmp_path:
 
 
 def test_checker_recovery_after_heal_within_the_liveness_bound(tmp_path: Path) -> None:
-    bound = liveness_bound_s(TIMING, 3)
+    bound = TIMING.liveness_bound_s(3)
     runs = [R("h1", 10, 1, 1.0, 2.0), R("h2", 20, 2, 3.0 + bound + 1.0, 9.0)]
     steps = steps_with({"t": 3.0, "kind": "healed_all", "restarted": [], **ALL_UP})
     report = check(write(tmp_path, runs, steps))

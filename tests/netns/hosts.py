@@ -34,6 +34,8 @@ import shutil
 import subprocess
 from collections.abc import Iterable
 
+from tests.harness.procfs import alive
+
 PREFIX = "pqt-"
 SUBNET = "10.99.0"
 SUBNET_CIDR = f"{SUBNET}.0/24"
@@ -63,16 +65,6 @@ def _run_owner(namespace: str) -> int | None:
     rest = namespace[len(PREFIX) :]
     pid = rest.split("x", 1)[0]
     return int(pid) if pid.isdigit() else None
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def namespaces() -> list[str]:
@@ -108,13 +100,13 @@ def why_unavailable() -> str | None:
 
 def sweep() -> list[str]:
     """Delete the namespaces of earlier runs whose test process is gone; return their names. The
-    processes those runs left are killed by ``cluster.sweep_processes`` first."""
+    processes those runs left are killed by ``procfs.sweep_stale`` first."""
     removed = []
     for ns in namespaces():
         if not ns.startswith(PREFIX):
             continue
         owner = _run_owner(ns)
-        if owner is not None and _alive(owner):
+        if owner is not None and alive(owner):
             continue
         _run([_IP, "netns", "del", ns], check=False)
         removed.append(ns)

@@ -18,7 +18,6 @@ import os
 import random
 import shutil
 import signal
-import subprocess
 import tempfile
 import time
 import uuid
@@ -33,8 +32,9 @@ REASON = hosts.why_unavailable()
 if REASON is not None:
     pytest.skip(f"netns fault-injection suite skipped: {REASON}", allow_module_level=True)
 
+from pyquorum import keys  # noqa: E402
+from tests.harness.procfs import alive, sweep, sweep_stale  # noqa: E402
 from tests.netns.checker import Report, check  # noqa: E402
-from tests.netns.cluster import kill_all, pyquorum_command, sweep_processes, tagged_pids  # noqa: E402
 from tests.netns.nemesis import nemesis  # noqa: E402
 from tests.netns.report import ROWS, table, write_row  # noqa: E402
 from tests.netns.scenarios import (  # noqa: E402
@@ -62,13 +62,13 @@ class Lab:
     """The run's networks, temp dir and key; everything it made goes away in ``close()``."""
 
     def __init__(self) -> None:
-        sweep_processes()
+        sweep_stale(hosts.PREFIX)
         hosts.sweep()
         _sweep_temp_dirs()
         self.run = hosts.run_id()
         self.tmp = Path(tempfile.mkdtemp(prefix=f"{hosts.PREFIX}{self.run}-"))
         self.key_file = self.tmp / "cluster.key"
-        subprocess.run([*pyquorum_command(), "keygen", str(self.key_file)], check=True, capture_output=True)
+        keys.keygen(self.key_file)
         self.networks: dict[int, hosts.Network] = {}
         self.closed = False
 
@@ -83,9 +83,7 @@ class Lab:
         if self.closed:
             return
         self.closed = True
-        left = list(tagged_pids(f"{hosts.PREFIX}{self.run}-"))
-        kill_all(left, signal.SIGCONT)
-        kill_all(left, signal.SIGKILL)
+        sweep(f"{hosts.PREFIX}{self.run}-")
         for net in self.networks.values():
             net.destroy()
         shutil.rmtree(self.tmp, ignore_errors=True)
@@ -113,7 +111,7 @@ class Lab:
 def _sweep_temp_dirs() -> None:
     for path in Path(tempfile.gettempdir()).glob(f"{hosts.PREFIX}*"):
         owner = path.name[len(hosts.PREFIX) :].split("x", 1)[0]
-        if owner.isdigit() and not Path(f"/proc/{owner}").exists():
+        if owner.isdigit() and not alive(int(owner)):
             shutil.rmtree(path, ignore_errors=True)
 
 

@@ -2,16 +2,15 @@
 
 What this owns. ``LocalCluster``: the nodes of one cluster on this machine, each named by its canonical
 id (``ip:port``) with a log file and a state dir under one directory; starting a node's daemon as a
-child of this process with its command line and environment; reading a node's status; which node is
-master; a poll loop that notices a daemon that died; stopping the daemons and sweeping every process
-they led to. Also the pieces: UDP ports free on loopback, the daemon's command line, /proc. It must not
-know which script the nodes run, what a test checks, or any network but the addresses it is given.
-Private (like trio's ``trio.testing``): its only users are the demo and tests/harness.
+child of this process with its command line and environment; the one reader of a node's status; which
+node is master; a poll loop that notices a daemon that died; stopping the daemons and sweeping every
+process they led to. Also UDP ports free on loopback and /proc. It must not know which script the nodes
+run, what a test checks, or any network but the addresses it is given. Private (like trio's
+``trio.testing``): its only users are the demo and tests/harness.
 
-The tag. Every daemon gets ``PYQUORUM_SWEEP_TAG=<tag>`` in its environment. The daemon hands its
-environment to its guard and its script (``runtime.daemon``), so /proc/<pid>/environ names the owner of
-every process a daemon led to, whatever session it moved to and whoever adopted it as an orphan;
-``sweep`` kills them all by that, the prefix of a tag covering a whole cluster.
+The tag. Every daemon gets ``PYQUORUM_SWEEP_TAG=<tag>-h<i>`` in its environment. The daemon hands its
+environment to its guard and its script (``runtime.daemon``), so /proc/<pid>/environ names the node of
+every process a daemon led to, whatever session it moved to and whoever adopted it as an orphan.
 
 Alive. A process is alive while /proc/<pid>/stat exists and its state is not Z (zombie) or X (dead):
 a zombie runs nothing and holds nothing but its pid, so it counts as gone, although ``os.kill(pid, 0)``
@@ -31,45 +30,19 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any, TypeVar
+from typing import Any, TypeVar
 
 from pyquorum.core.address import DEFAULT_PORT
 from pyquorum.core.lease import Timing
 from pyquorum.runtime import storage
 
 T = TypeVar("T")
-N = TypeVar("N")
 Status = dict[str, Any]
-
 TAG_VAR = "PYQUORUM_SWEEP_TAG"
 LOOPBACK = "127.0.0.1"
 # Below the kernel's ephemeral range (32768-60999), where other tests' UDP clients take their ports,
-# and away from pyquorum's DEFAULT_PORT (the demo's).
+# and away from DEFAULT_PORT (the demo's).
 PORT_RANGE = (20000, 32000)
-
-
-# ---- starting a daemon ----------------------------------------------------------------------------
-
-
-def package_env(**extra: str) -> dict[str, str]:
-    """This process's environment with this copy of pyquorum importable and unbuffered output, plus
-    ``extra``: what a daemon started from here needs, whatever the current directory."""
-    parent = str(Path(__file__).resolve().parent.parent)
-    path = os.environ.get("PYTHONPATH")
-    return {
-        **os.environ,
-        "PYTHONPATH": parent + (os.pathsep + path if path else ""),
-        "PYTHONUNBUFFERED": "1",
-        **extra,
-    }
-
-
-def timing_args(timing: Timing) -> list[str]:
-    """The command-line options that give a daemon ``timing``."""
-    t = timing
-    values = (t.heartbeat_interval_s, t.election_timeout_s, t.stop_timeout_s, t.start_delay_s)
-    names = ("--heartbeat-interval", "--election-timeout", "--stop-timeout", "--start-delay")
-    return [arg for name, value in zip(names, values, strict=True) for arg in (name, repr(value))]
 
 
 def daemon_argv(
@@ -91,26 +64,19 @@ def daemon_argv(
     argv += ["-b", ip, "-p", port, "--state-dir", str(state_dir)]
     argv += ["-s", str(script)] if script else []
     argv += ["--key-file", str(key_file)] if key_file else []
-    return [*argv, *(timing_args(timing) if timing else []), *extra, *peers]
+    if timing is not None:
+        t = timing
+        argv += [
+            "--heartbeat-interval",
+            repr(t.heartbeat_interval_s),
+            "--election-timeout",
+            repr(t.election_timeout_s),
+        ]
+        argv += ["--stop-timeout", repr(t.stop_timeout_s), "--start-delay", repr(t.start_delay_s)]
+    return [*argv, *extra, *peers]
 
 
-def spawn(
-    argv: Sequence[str], env: dict[str, str], out: IO[bytes] | int, cwd: Path
-) -> subprocess.Popen[bytes]:
-    """Start ``argv`` in a session of its own (a terminal's Ctrl-C does not reach it), stdout and
-    stderr to ``out``. Its pid is its process group's id for as long as it is our unreaped child."""
-    return subprocess.Popen(
-        argv,
-        stdin=subprocess.DEVNULL,
-        stdout=out,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-        env=env,
-        cwd=cwd,
-    )
-
-
-def udp_port_free(ip: str, port: int) -> bool:
+def _udp_port_free(ip: str, port: int) -> bool:
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
         try:
             sock.bind((ip, port))
@@ -123,7 +89,7 @@ def free_udp_ports(count: int, preferred: int = DEFAULT_PORT, host: str = LOOPBA
     """``preferred`` and the ports after it if all are free on ``host``, else (or if ``preferred`` is
     0) ports chosen by the kernel, all held at once so they are distinct."""
     wanted = list(range(preferred, preferred + count))
-    if preferred > 0 and wanted[-1] <= 65535 and all(udp_port_free(host, port) for port in wanted):
+    if preferred > 0 and wanted[-1] <= 65535 and all(_udp_port_free(host, port) for port in wanted):
         return wanted
     with contextlib.ExitStack() as stack:
         socks = [stack.enter_context(socket.socket(socket.AF_INET, socket.SOCK_DGRAM)) for _ in range(count)]
@@ -135,62 +101,10 @@ def free_udp_ports(count: int, preferred: int = DEFAULT_PORT, host: str = LOOPBA
 def free_udp_port(ips: Sequence[str]) -> int:
     """One port of ``PORT_RANGE`` free on every address of ``ips`` right now (someone may still take
     it before the daemons bind it: callers retry on "address in use")."""
-    rng = random.Random()
-    for _ in range(200):
-        port = rng.randrange(*PORT_RANGE)
-        if all(udp_port_free(ip, port) for ip in ips):
+    for port in random.sample(range(*PORT_RANGE), 200):
+        if all(_udp_port_free(ip, port) for ip in ips):
             return port
     raise OSError(f"no UDP port free on {', '.join(ips)}")
-
-
-# ---- observing ------------------------------------------------------------------------------------
-
-
-def read_status(state_dir: Path, pid: int | None) -> Status | None:
-    """The status that the daemon ``pid`` wrote in ``state_dir`` (see ``storage.STATUS_KEYS``); None
-    until it has written one (an earlier daemon's status does not count)."""
-    try:
-        status = storage.read_status(state_dir / storage.STATUS_FILE_NAME)
-    except (OSError, ValueError):  # written atomically: a bug elsewhere; the caller polls again
-        return None
-    return status if pid is not None and status is not None and status.get("pid") == pid else None
-
-
-def find_master(
-    statuses: Iterable[tuple[N, Status | None]], *, script: bool = True
-) -> tuple[N, Status] | None:
-    """The node whose status says master (and that its script runs, with ``script``); the highest
-    term if several say so: a stale master has not noticed yet."""
-    found = [
-        (node, st)
-        for node, st in statuses
-        if st is not None
-        and st.get("role") == "master"
-        and (not script or isinstance(st.get("script_pid"), int))
-    ]
-    return max(found, key=lambda f: int(f[1]["term"]), default=None)
-
-
-def wait_for(
-    probe: Callable[[], T | None],
-    timeout_s: float,
-    what: str,
-    *,
-    check: Callable[[], None] = lambda: None,
-    interval_s: float = 0.005,
-    sleep: Callable[[float], None] = time.sleep,
-) -> T:
-    """Call ``probe`` until it returns something other than None or False and return that; after
-    each miss ``check()`` may raise (a daemon died). Raises TimeoutError after ``timeout_s``."""
-    give_up = time.monotonic() + timeout_s
-    while True:
-        result = probe()
-        if result is not None and result is not False:
-            return result
-        check()
-        if time.monotonic() > give_up:
-            raise TimeoutError(f"no {what} within {timeout_s:.1f} s")
-        sleep(interval_s)
 
 
 # ---- processes ------------------------------------------------------------------------------------
@@ -215,18 +129,15 @@ def alive(pid: object) -> bool:
 def tagged_pids(prefix: str) -> dict[int, str]:
     """Live processes whose ``TAG_VAR`` starts with ``prefix``: pid -> tag. Only our own user's
     environments are readable, which covers all we start."""
-    key = f"{TAG_VAR}={prefix}".encode()
-    found = {}
-    for name in os.listdir("/proc"):
-        if not name.isdigit() or int(name) == os.getpid():
-            continue
-        try:
-            environ = Path(f"/proc/{name}/environ").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        tag = next((var for var in environ if var.startswith(key)), None)
-        if tag is not None and alive(int(name)):
-            found[int(name)] = tag.split(b"=", 1)[1].decode()
+    key, found = f"{TAG_VAR}={prefix}".encode(), {}
+    for name in (n for n in os.listdir("/proc") if n.isdigit() and int(n) != os.getpid()):
+        with contextlib.suppress(OSError):
+            tag = next(
+                (v for v in Path(f"/proc/{name}/environ").read_bytes().split(b"\0") if v.startswith(key)),
+                None,
+            )
+            if tag is not None and alive(int(name)):
+                found[int(name)] = tag.split(b"=", 1)[1].decode()
     return found
 
 
@@ -257,7 +168,7 @@ class Node:
     """One member: its canonical id, its files, its command line and its current daemon process."""
 
     index: int  # 1..N in the order of the addresses; its files are h<index>.log and state/h<index>
-    name: str  # the canonical id, as in PYQUORUM_NODE and status.json: "127.0.0.2:20123"
+    name: str  # the canonical id, as in PYQUORUM_NODE and status.json: "127.0.0.12:20123"
     log_path: Path
     state_dir: Path
     argv: list[str]
@@ -293,11 +204,11 @@ class Node:
 
 class LocalCluster:
     """The daemons of one cluster on this machine. Node ``i`` logs to ``<directory>/h<i>.log`` and
-    keeps its state in ``<directory>/state/h<i>``; its environment carries the tag ``<tag>-h<i>``.
-    The owner sets each node's ``argv`` and calls ``spawn``; ``stop`` then ``sweep`` end it all."""
+    keeps its state in ``<directory>/state/h<i>``. The owner sets each node's ``argv`` and calls
+    ``spawn``; ``stop`` then ``sweep`` end it all. Failures are raised as ``error``."""
 
     def __init__(
-        self, directory: Path, addresses: Sequence[str], tag: str, *, error: type[Exception] = RuntimeError
+        self, directory: Path, addresses: Sequence[str], tag: str, *, error: type[Exception]
     ) -> None:
         self.dir, self.tag, self.error = directory, tag, error
         self.env: dict[str, str] = {}  # added to every daemon's environment
@@ -315,10 +226,14 @@ class LocalCluster:
         return next(n for n in self.nodes if n.name == name)
 
     def node_env(self, node: Node) -> dict[str, str]:
-        return package_env(**self.env, **{TAG_VAR: f"{self.tag}-h{node.index}"})
+        """This environment with this copy of pyquorum importable, unbuffered output and the node's tag."""
+        path = [str(Path(__file__).resolve().parent.parent), *filter(None, [os.environ.get("PYTHONPATH")])]
+        tag = {TAG_VAR: f"{self.tag}-h{node.index}"}
+        return {**os.environ, "PYTHONPATH": os.pathsep.join(path), "PYTHONUNBUFFERED": "1", **self.env, **tag}
 
     def spawn(self, node: Node, out: int | None = None) -> None:
-        """Start the node's daemon (again), its output appended to its log (or to ``out``)."""
+        """Start the node's daemon (again) in a session of its own, its output appended to its log
+        (or to ``out``). Its pid is its process group's id while it is our unreaped child."""
         if node.running:
             raise ValueError(f"{node} is already running")
         node.incarnations += 1
@@ -327,17 +242,36 @@ class LocalCluster:
         with node.log_path.open("ab") as log:
             log.write(f"---- start #{node.incarnations} at {time.monotonic():.6f}\n".encode())
             log.flush()
-            node.proc = spawn(node.argv, self.node_env(node), log if out is None else out, self.dir)
+            node.proc = subprocess.Popen(
+                node.argv,
+                stdin=subprocess.DEVNULL,
+                stdout=log if out is None else out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+                env=self.node_env(node),
+                cwd=self.dir,
+            )
 
     def status(self, node: Node) -> Status | None:
-        """The status of the node's running daemon; None if it is not running or has not written one.
-        The one place that reads a node's status."""
-        return read_status(node.state_dir, node.pid if node.running else None)
+        """The status.json of the node's running daemon (``storage.STATUS_KEYS``); None if it does not
+        run or has not written one yet. The one place that reads a node's status."""
+        try:
+            st = storage.read_status(node.state_dir / storage.STATUS_FILE_NAME)
+        except (OSError, ValueError):  # written atomically: a bug elsewhere; the caller polls again
+            return None
+        return st if st is not None and node.running and st.get("pid") == node.pid else None
+
+    def master_status(self) -> tuple[Node, Status] | None:
+        """The node whose status says master (and that its script runs, if the nodes have one), with
+        that status; the highest term if several say so: a stale master has not noticed yet."""
+        found = [
+            (n, st) for n in self.nodes if (st := self.status(n)) is not None and st.get("role") == "master"
+        ]
+        found = [(n, st) for n, st in found if not self.with_script or isinstance(st.get("script_pid"), int)]
+        return max(found, key=lambda f: int(f[1]["term"]), default=None)
 
     def master(self) -> Node | None:
-        """The node whose daemon says it is master (and runs its script, if the nodes have one); the
-        highest term if several do."""
-        found = find_master(((n, self.status(n)) for n in self.nodes), script=self.with_script)
+        found = self.master_status()
         return None if found is None else found[0]
 
     def failure(self, text: str) -> Exception:
@@ -353,18 +287,18 @@ class LocalCluster:
         interval_s: float = 0.005,
         sleep: Callable[[float], None] = time.sleep,
     ) -> T:
-        """``wait_for`` that also fails as soon as a daemon exits that no one stopped or killed
-        (unless not ``watch_exits``); failures are ``self.failure(...)``."""
-
-        def check() -> None:
-            for n in self.nodes:
-                if watch_exits and n.proc is not None and n.proc.poll() is not None and not n.expect_exit:
+        """Call ``probe`` until it returns something other than None or False and return that. Fails
+        (``self.failure``) after ``timeout_s``, or as soon as a daemon exits that no one stopped or
+        killed, unless not ``watch_exits``."""
+        give_up = time.monotonic() + timeout_s
+        while (result := probe()) is None or result is False:
+            for n in self.nodes if watch_exits else []:
+                if n.proc is not None and n.proc.poll() is not None and not n.expect_exit:
                     raise self.failure(f"the daemon of {n} exited with code {n.proc.returncode} ({what})")
-
-        try:
-            return wait_for(probe, timeout_s, what, check=check, interval_s=interval_s, sleep=sleep)
-        except TimeoutError as exc:
-            raise self.failure(str(exc)) from None
+            if time.monotonic() > give_up:
+                raise self.failure(f"no {what} within {timeout_s:.1f} s")
+            sleep(interval_s)
+        return result
 
     def log(self, node: Node) -> str:
         try:
@@ -375,17 +309,16 @@ class LocalCluster:
     def stop(
         self, nodes: Iterable[Node] | None = None, *, grace_s: float, sig: int = signal.SIGTERM
     ) -> dict[str, int]:
-        """Send ``sig`` to the daemons of ``nodes`` (all by default) that run; reap each within
-        ``grace_s`` of that, else SIGKILL it first; return their exit codes by name. SIGTERM is a
-        planned stop: each daemon stops its script and resigns."""
+        """Send ``sig`` to the daemons of ``nodes`` (all by default) that run, reap each within
+        ``grace_s``, else SIGKILL it first; their exit codes by name. SIGTERM is a planned stop: each
+        daemon stops its script and resigns."""
         running = [n for n in (self.nodes if nodes is None else nodes) if n.running]
         for n in running:
             n.expect_exit = True
             # still our unreaped child: its pid, its session's process group id, cannot be reused
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(n.pid, sig)
-        give_up = time.monotonic() + grace_s
-        codes = {}
+        give_up, codes = time.monotonic() + grace_s, {}
         for n in running:
             assert n.proc is not None
             try:

@@ -33,7 +33,7 @@ from types import FrameType
 from typing import IO, Any, TypeVar
 
 from pyquorum import keys
-from pyquorum._localcluster import LocalCluster, Node, alive, daemon_argv, find_master, free_udp_ports
+from pyquorum._localcluster import LocalCluster, Node, alive, daemon_argv, free_udp_ports
 from pyquorum.core.address import DEFAULT_PORT
 from pyquorum.core.lease import Timing
 
@@ -267,7 +267,7 @@ class _Demo:
     def _master(self) -> tuple[Node, dict[str, Any]] | None:
         """The node whose daemon says it is master and runs its script (highest term wins)."""
         assert self.cluster is not None
-        return find_master((node, self.cluster.status(node)) for node in self.nodes)
+        return self.cluster.master_status()
 
     def _wait_for(self, probe: Callable[[], T | None], timeout_s: float, what: str) -> T:
         assert self.cluster is not None

@@ -42,7 +42,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterable, Iterator, Sequence, Set
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -78,16 +78,10 @@ class Unsupported(Exception):
 
 
 class Backend:
-    """Where the nodes live and how their network breaks; this one cannot break it."""
+    """Where a cluster's nodes live: their addresses, how a daemon is started there, and ``net``, the
+    network that faults can break (None: it cannot break, and network faults raise ``Unsupported``)."""
 
-    @property
-    def cuts(self) -> Set[tuple[int, int]]:
-        """The one-way cuts in force: (src, dst), dst does not hear src."""
-        return frozenset()
-
-    @property
-    def loss_percent(self) -> int:
-        return 0
+    net: hosts.Network | None = None
 
     def addresses(self, size: int) -> list[str]:
         raise NotImplementedError
@@ -99,34 +93,14 @@ class Backend:
     def wrap(self, host: int, argv: list[str]) -> list[str]:
         return argv
 
-    def _unsupported(self, what: str) -> None:
-        raise Unsupported(f"{type(self).__name__} cannot {what}: all its nodes share one network stack")
-
-    def isolate(self, host: int) -> None:
-        self._unsupported("isolate a node")
-
-    def partition(self, *groups: Iterable[int]) -> None:
-        self._unsupported("partition the network")
-
-    def cut(self, src: int, dst: int) -> None:
-        self._unsupported("cut a link")
-
-    def loss(self, percent: int) -> None:
-        self._unsupported("drop datagrams")
-
-    def heal(self) -> None:
-        pass  # nothing was broken
-
-    def apply(self) -> None:
-        pass
-
     def close(self) -> None:
         pass
 
 
 class Loopback(Backend):
     """127.0.0.<b+1> .. <b+N> (a random b from 10: parallel tests rarely share an address, 127.0.0.1 is
-    no member's) and one UDP port free on all of them; no root. Every address of 127/8 is local on Linux."""
+    no member's) and one UDP port free on all of them; no root. Every address of 127/8 is local on
+    Linux, and all nodes share one network stack: it cannot break."""
 
     def addresses(self, size: int) -> list[str]:
         base = random.randrange(10, 250 - size)
@@ -153,42 +127,13 @@ class Netns(Backend):
             self.net.create()
         return [f"{self.net.ip(h)}:{self.PORT}" for h in self.net.hosts]
 
-    @property
-    def network(self) -> hosts.Network:
-        assert self.net is not None, "addresses() makes the network"
-        return self.net
-
     def tag(self) -> str:
-        return self.network.base  # so that host i's tag <base>-h<i> is its namespace's name
+        assert self.net is not None
+        return self.net.base  # so that host i's tag <base>-h<i> is its namespace's name
 
     def wrap(self, host: int, argv: list[str]) -> list[str]:
-        return ["ip", "netns", "exec", self.network.ns(host), *argv]
-
-    @property
-    def cuts(self) -> Set[tuple[int, int]]:
-        return self.network.cuts
-
-    @property
-    def loss_percent(self) -> int:
-        return self.network.loss_percent
-
-    def isolate(self, host: int) -> None:
-        self.network.isolate(host)
-
-    def partition(self, *groups: Iterable[int]) -> None:
-        self.network.partition(*groups)
-
-    def cut(self, src: int, dst: int) -> None:
-        self.network.cut(src, dst)
-
-    def loss(self, percent: int) -> None:
-        self.network.loss(percent)
-
-    def heal(self) -> None:
-        self.network.heal()
-
-    def apply(self) -> None:
-        self.network.apply()
+        assert self.net is not None
+        return ["ip", "netns", "exec", self.net.ns(host), *argv]
 
     def close(self) -> None:
         if self.net is not None and self.own:
@@ -441,16 +386,14 @@ class Cluster(LocalCluster):
 
     def note(self, kind: str, **fields: Any) -> float:
         """With a journal, append one step: the time, ``fields`` and the state after it."""
-        t = time.monotonic()
+        t, net = time.monotonic(), self.backend.net
         if self.journal is not None:
             names = {n.index: n.name for n in self.nodes}
-            cuts = sorted([names[a], names[b]] for a, b in self.backend.cuts)
+            cuts = sorted([names[a], names[b]] for a, b in (net.cuts if net else ()))
             state = {"up": [n.name for n in self.up()], "paused": sorted(self.paused), "cuts": cuts}
+            state["loss"] = net.loss_percent if net else 0
             with self.journal.open("a") as f:
-                f.write(
-                    json.dumps({"t": t, "kind": kind, **fields, **state, "loss": self.backend.loss_percent})
-                    + "\n"
-                )
+                f.write(json.dumps({"t": t, "kind": kind, **fields, **state}) + "\n")
         return t
 
     # ---- acting: the workload, processes, the network -------------------------------------------
@@ -555,37 +498,43 @@ class Cluster(LocalCluster):
         return t
 
     @contextlib.contextmanager
-    def network(self) -> Iterator[None]:
-        """Several network changes at once: the rules change when the outermost block ends."""
+    def network(self) -> Iterator[hosts.Network]:
+        """The backend's network, for several changes at once: its rules change when the outermost
+        block ends. Raises ``Unsupported`` where the network cannot break."""
+        if (net := self.backend.net) is None:
+            raise Unsupported(
+                f"{type(self.backend).__name__} cannot break the network: its nodes share one stack"
+            )
         self._depth += 1
         try:
-            yield
+            yield net
         finally:
             self._depth -= 1
             if self._depth == 0:
-                self.backend.apply()
+                net.apply()
 
     def isolate(self, node: Node) -> None:
         """Cut the node off both ways; its own sends fail too."""
-        with self.network():
-            self.backend.isolate(node.index)
+        with self.network() as net:
+            net.isolate(node.index)
 
     def partition(self, *groups: Iterable[Node]) -> None:
         """Cut every link between nodes of different groups."""
-        with self.network():
-            self.backend.partition(*({n.index for n in g} for g in groups))
+        with self.network() as net:
+            net.partition(*({n.index for n in g} for g in groups))
 
     def cut(self, src: Node, dst: Node) -> None:
         """``dst`` no longer hears ``src`` (one direction)."""
-        with self.network():
-            self.backend.cut(src.index, dst.index)
+        with self.network() as net:
+            net.cut(src.index, dst.index)
 
     def loss(self, percent: int) -> None:
         """Every node drops each datagram it receives with probability ``percent``/100."""
-        with self.network():
-            self.backend.loss(percent)
+        with self.network() as net:
+            net.loss(percent)
 
     def heal(self) -> None:
-        """Forget every network fault."""
-        with self.network():
-            self.backend.heal()
+        """Forget every network fault (nothing to do where the network cannot break)."""
+        if self.backend.net is not None:
+            with self.network() as net:
+                net.heal()

@@ -170,7 +170,7 @@ class RunMonitor(threading.Thread):
             self._error = exc
 
     def _loop(self) -> None:
-        poller, by_fd, polled = select.poll(), dict[int, int](), set[int]()  # polled: no pidfd (old kernel)
+        poller, by_fd = select.poll(), dict[int, int]()
         last = time.monotonic()
         with open(self.dir / RECORD, "rb") as record, open(self.dir / EXITS, "a") as exits:
 
@@ -188,21 +188,15 @@ class RunMonitor(threading.Thread):
                     poller.unregister(fd)
                     os.close(fd)
                     ended(pid, "pidfd")
-                for pid in [p for p in polled if not alive(p)]:
-                    polled.discard(pid)
-                    ended(pid, "pidfd")
                 now = time.monotonic()
                 self.max_gap_s, last = max(self.max_gap_s, now - last), now
                 with self.lock:
                     new = self.record.feed(record.read())
                 for pid in new:
                     try:
-                        fd = os.pidfd_open(pid)
+                        fd = os.pidfd_open(pid)  # Linux 5.3 or later
                     except ProcessLookupError:
                         ended(pid, "late")
-                        continue
-                    except OSError:
-                        polled.add(pid)
                         continue
                     by_fd[fd] = pid
                     poller.register(fd, select.POLLIN)

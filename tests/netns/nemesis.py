@@ -17,7 +17,7 @@ import time
 from collections.abc import Callable
 
 from tests.harness.cluster import Node
-from tests.netns.scenarios import Harness, NotInjected, names_of
+from tests.netns.scenarios import Harness, NotInjected, bridge_sides, names_of, oneway_cuts, ring_cuts
 
 FAULTS = (
     "kill-host",
@@ -104,11 +104,7 @@ def _one(h: Harness, kind: str, hold: float) -> None:
         h.sleep(hold)
         h.heal(f, c.heal)
     elif kind == "bridge":
-        rest = h.others(x)
-        h.rng.shuffle(rest)
-        mid, others = rest[0], rest[1:]
-        half = (len(others) + 1) // 2
-        a, b = [x, *others[: half - 1]], others[half - 1 :]
+        a, mid, b = bridge_sides(h, x)
         f = h.net_fault(
             f"bridge {names_of(a)}|{names_of(b)} via {mid}", lambda: c.partition(a, b), hosts=[*a, *b]
         )
@@ -117,28 +113,16 @@ def _one(h: Harness, kind: str, hold: float) -> None:
     elif kind == "ring":
         order = list(c.nodes)
         h.rng.shuffle(order)
-        n = len(order)
-        k = (n // 2 + 1) // 2
-
-        def ring() -> None:
-            for i in range(n):
-                for j in range(n):
-                    if min((i - j) % n, (j - i) % n) > k:
-                        c.cut(order[i], order[j])
-
-        f = h.net_fault(f"majorities ring {names_of(order)}", ring, hosts=order)
+        f = h.net_fault(f"majorities ring {names_of(order)}", ring_cuts(h, order), hosts=order)
         h.sleep(hold)
         h.heal(f, c.heal)
     elif kind in ("oneway-mute", "oneway-deaf"):
         mute = kind == "oneway-mute"
-
-        def oneway() -> None:
-            for o in h.others(x):
-                c.cut(x, o) if mute else c.cut(o, x)
-
         what = f"nobody hears {x}{role}" if mute else f"{x}{role} hears nobody"
         bound = crash if mute or crash is None else h.deaf_bound
-        f = h.net_fault(f"one-way: {what}", oneway, hosts=[x], minority=[x], failover_bound=bound)
+        f = h.net_fault(
+            f"one-way: {what}", oneway_cuts(h, x, mute=mute), hosts=[x], minority=[x], failover_bound=bound
+        )
         h.sleep(hold)
         h.heal(f, c.heal)
     elif kind == "loss":

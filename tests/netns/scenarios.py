@@ -25,6 +25,7 @@ Bounds (the checker asserts them):
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import random
@@ -64,9 +65,9 @@ class Harness:
     """What a scenario can do to the cluster; every fault is a step of the cluster's journal."""
 
     def __init__(self, cluster: Cluster, rng: random.Random) -> None:
-        assert isinstance(cluster.backend, Netns)
+        assert isinstance(cluster.backend, Netns) and cluster.backend.net is not None
         self.c = cluster
-        self.net: Network = cluster.backend.network
+        self.net: Network = cluster.backend.net
         self.timing = cluster.timing
         self.rng = rng
         self._fault_ids = 0
@@ -379,14 +380,18 @@ def split(h: Harness) -> None:
     h.sleep(0.5)
 
 
-def bridge(h: Harness) -> None:
-    """Jepsen's bridge: two halves that do not hear each other, and one node that hears both."""
-    m = h.master()
-    rest = h.others(m)
+def bridge_sides(h: Harness, x: Node) -> tuple[list[Node], Node, list[Node]]:
+    """Two halves, ``x`` in the first, and the node between them that hears both."""
+    rest = h.others(x)
     h.rng.shuffle(rest)
     mid, others = rest[0], rest[1:]
     half = (len(others) + 1) // 2
-    side_a, side_b = [m, *others[: half - 1]], others[half - 1 :]
+    return [x, *others[: half - 1]], mid, others[half - 1 :]
+
+
+def bridge(h: Harness) -> None:
+    """Jepsen's bridge: two halves that do not hear each other, and one node that hears both."""
+    side_a, mid, side_b = bridge_sides(h, h.master())
     f = h.net_fault(
         f"bridge {names_of(side_a)}|{names_of(side_b)} via {mid}",
         lambda: h.c.partition(side_a, side_b),
@@ -397,55 +402,49 @@ def bridge(h: Harness) -> None:
     h.sleep(1.0)
 
 
-def ring(h: Harness) -> None:
-    """Jepsen's majorities ring: every node hears a majority, no two hear the same one."""
-    order = list(h.c.nodes)
-    h.rng.shuffle(order)
+def ring_cuts(h: Harness, order: Sequence[Node]) -> Callable[[], None]:
+    """Jepsen's majorities ring over ``order``: every node hears a majority, no two the same one."""
     n = len(order)
     k = (n // 2 + 1) // 2  # neighbours heard on each side: 1 of 5, 2 of 7 (stochastic beyond 5 in Jepsen)
 
     def change() -> None:
-        for i in range(n):
-            for j in range(n):
-                if min((i - j) % n, (j - i) % n) > k:
-                    h.c.cut(order[i], order[j])
+        for i, j in itertools.product(range(n), repeat=2):
+            if min((i - j) % n, (j - i) % n) > k:
+                h.c.cut(order[i], order[j])
 
-    f = h.net_fault(f"majorities ring {names_of(order)}", change, hosts=order)
+    return change
+
+
+def oneway_cuts(h: Harness, x: Node, *, mute: bool) -> Callable[[], None]:
+    """Mute: nobody hears ``x`` (it hears them); deaf: ``x`` hears nobody (its acknowledgements are lost)."""
+
+    def change() -> None:
+        for o in h.others(x):
+            h.c.cut(*((x, o) if mute else (o, x)))
+
+    return change
+
+
+def ring(h: Harness) -> None:
+    order = list(h.c.nodes)
+    h.rng.shuffle(order)
+    f = h.net_fault(f"majorities ring {names_of(order)}", ring_cuts(h, order), hosts=order)
     h.sleep(3.0)
     h.heal(f, h.c.heal)
     h.sleep(1.0)
 
 
-def oneway_master_mute(h: Harness) -> None:
-    """One-way: the master hears the others, they do not hear it."""
-    m = h.master()
+def oneway_master(mute: bool) -> Callable[[Harness], None]:
+    def steps(h: Harness) -> None:
+        m = h.master()
+        what, bound = (f"nobody hears {m}", h.crash_bound) if mute else (f"{m} hears nobody", h.deaf_bound)
+        f = h.net_fault(f"one-way: {what} (master)", oneway_cuts(h, m, mute=mute), hosts=[m], minority=[m],
+                        failover_bound=bound)  # fmt: skip
+        h.sleep(2.0)
+        h.heal(f, h.c.heal)
+        h.sleep(0.5)
 
-    def change() -> None:
-        for o in h.others(m):
-            h.c.cut(m, o)
-
-    f = h.net_fault(
-        f"one-way: nobody hears {m} (master)", change, hosts=[m], minority=[m], failover_bound=h.crash_bound
-    )
-    h.sleep(2.0)
-    h.heal(f, h.c.heal)
-    h.sleep(0.5)
-
-
-def oneway_master_deaf(h: Harness) -> None:
-    """One-way: the others hear the master, it hears none of them (its acknowledgements are lost)."""
-    m = h.master()
-
-    def change() -> None:
-        for o in h.others(m):
-            h.c.cut(o, m)
-
-    f = h.net_fault(
-        f"one-way: {m} (master) hears nobody", change, hosts=[m], minority=[m], failover_bound=h.deaf_bound
-    )
-    h.sleep(2.0)
-    h.heal(f, h.c.heal)
-    h.sleep(0.5)
+    return steps
 
 
 def loss(percent: int, seconds: float) -> Callable[[Harness], None]:
@@ -573,8 +572,8 @@ SCENARIOS_3 = [
     Scenario("stop-daemon-master-3", 3, stop_daemon_master),
     Scenario("pause-host-master-3", 3, pause_host_master, doc="protocol.md §4.5: fencing, not overlap"),
     Scenario("isolate-master-3", 3, isolate_master),
-    Scenario("oneway-master-mute-3", 3, oneway_master_mute),
-    Scenario("oneway-master-deaf-3", 3, oneway_master_deaf),
+    Scenario("oneway-master-mute-3", 3, oneway_master(mute=True)),
+    Scenario("oneway-master-deaf-3", 3, oneway_master(mute=False)),
     Scenario("loss-5-3", 3, loss(5, 5.0), stable=True, doc="5% loss: no spurious election"),
     Scenario("loss-20-3", 3, loss(20, 5.0)),
     Scenario("loss-40-3", 3, loss(40, 5.0)),

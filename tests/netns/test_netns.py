@@ -12,8 +12,6 @@ that two clusters never compete for the CPU and turn timing into noise.
 from __future__ import annotations
 
 import atexit
-import contextlib
-import fcntl
 import os
 import random
 import shutil
@@ -55,7 +53,6 @@ NEMESIS_NODES = int(os.environ.get("PYQUORUM_NEMESIS_NODES", "7" if LONG else "5
 NEMESIS_SEED = int(os.environ.get("PYQUORUM_NEMESIS_SEED", str(random.SystemRandom().randrange(1 << 32))))
 KEEP = os.environ.get("PYQUORUM_NETNS_KEEP", "") not in ("", "0")  # keep every scenario's files
 SESSION = os.environ.get("PYTEST_XDIST_TESTRUNUID") or uuid.uuid4().hex
-LOCK_PATH = Path("/run/lock" if os.path.isdir("/run/lock") else tempfile.gettempdir()) / "pyquorum-netns.lock"
 
 
 class Lab:
@@ -91,7 +88,7 @@ class Lab:
     def run_and_check(self, scenario: Scenario, seed: int, *, broken: str = "") -> tuple[Report, Path | None]:
         workdir = self.tmp / scenario.name
         shutil.rmtree(workdir, ignore_errors=True)
-        with _exclusive():
+        with hosts.exclusive():
             run_scenario(scenario, self.network(scenario.n), workdir, self.key_file, seed=seed, broken=broken)
         report = check(workdir)
         report.notes.insert(0, f"seed {seed}")
@@ -113,21 +110,6 @@ def _sweep_temp_dirs() -> None:
         owner = path.name[len(hosts.PREFIX) :].split("x", 1)[0]
         if owner.isdigit() and not alive(int(owner)):
             shutil.rmtree(path, ignore_errors=True)
-
-
-@contextlib.contextmanager
-def _exclusive() -> Iterator[None]:
-    # One cluster at a time on this machine. While waiting, pytest's faulthandler_timeout must not
-    # count: a worker may wait for another's nemesis.
-    import faulthandler
-
-    with open(LOCK_PATH, "a") as lock:
-        faulthandler.cancel_dump_traceback_later()
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 @pytest.fixture(scope="session")

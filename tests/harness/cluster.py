@@ -376,7 +376,13 @@ class Cluster(LocalCluster):
             cmd = cmdline(pid)
             daemon = node.proc is not None and pid == node.proc.pid
             roles[pid] = (
-                "daemon" if daemon else "guard" if b"guard" in cmd else "script" if script in cmd else "other"
+                "daemon"
+                if daemon
+                else "guard"
+                if b"guard.py" in cmd
+                else "script"
+                if script in cmd
+                else "other"
             )
         return roles
 

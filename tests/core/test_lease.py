@@ -68,3 +68,12 @@ def test_validate_names_a_smaller_kill_margin_when_one_would_do() -> None:
     # When even the smallest allowed K would not do, none is named.
     (problem,) = Timing(stop_timeout_s=5.0).validate()
     assert "or --kill-margin" not in problem
+
+
+def test_liveness_bound_covers_two_timeouts_the_slots_and_a_failover() -> None:
+    """Reference: protocol.md §5.2: (2E + (N + 2)S + 4h)(1 + rho) + D + E."""
+    t = Timing()
+    assert t.liveness_bound_s(3) == pytest.approx((2 * 1.0 + 5 * 0.25 + 4 * 0.1) * 1.01 + 1.0)
+    assert t.liveness_bound_s(5) - t.liveness_bound_s(3) == pytest.approx(2 * t.slot_s * 1.01)
+    assert t.liveness_bound_s(1) > t.failover_bound_s()
+    assert Timing(start_delay_s=0.3).liveness_bound_s(3) == pytest.approx(t.liveness_bound_s(3) + 0.3)

@@ -2,7 +2,7 @@
 
 ``run_schedule(seed, n)`` builds a cluster with randomized timing, injects a seeded random fault every
 so often for the schedule's duration, then heals everything and checks liveness: within
-``liveness_bound`` a master exists, every node follows it, and its script runs; then nothing changes
+``Timing.liveness_bound_s`` a master exists, every node follows it, and its script runs; then nothing changes
 for a while (no spurious election). Safety invariants are checked by ``Cluster`` after every event.
 The seed alone reproduces the run: ``python -m tests.sim.soak --seed S --nodes N``.
 """
@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pyquorum.core.lease import MIN_ROUNDS_BEFORE_STOP, Timing
 from pyquorum.core.node import Role
 from tests.sim.sim import Cluster
+from tests.timing import TUNED
 
 NODE_COUNTS = (1, 2, 3, 4, 5, 7)
 # Every schedule puts its messages through the real wire (sim.py); one in KEYED_EVERY signs them
@@ -31,7 +32,7 @@ def random_timing(rng: random.Random) -> Timing:
     if pick < 0.3:
         return Timing()
     if pick < 0.5:
-        return Timing(heartbeat_interval_s=0.02, election_timeout_s=0.2, stop_timeout_s=0.1)
+        return TUNED
     h = rng.choice((0.02, 0.05, 0.1, 0.2))
     e = h * rng.uniform(5, 15)
     d = rng.choice((0.0, 0.0, rng.uniform(0, e)))
@@ -41,14 +42,6 @@ def random_timing(rng: random.Random) -> Timing:
     t = Timing(heartbeat_interval_s=h, election_timeout_s=e, stop_timeout_s=g, start_delay_s=d)
     assert not t.validate(), t.validate()
     return t
-
-
-def liveness_bound(timing: Timing, n: int) -> float:
-    """protocol.md §5.2: after the network heals and every node is up, a master runs its script
-    within this time. Stickiness and the restart embargo end within E, a resigned node's quiet
-    period within 2E; then the lowest live node has its slot; a few slots cover failed attempts."""
-    e, s, h = timing.election_timeout_s, timing.slot_s, timing.heartbeat_interval_s
-    return (2 * e + (n + 2) * s + 4 * h) * (1 + timing.drift_bound) + timing.start_delay_s + e
 
 
 @dataclass
@@ -252,7 +245,7 @@ def heal_all(c: Cluster, rng: random.Random | None = None) -> None:
 
 def check_liveness(c: Cluster, *, stable_for: float) -> None:
     """protocol.md §5.2: a healthy cluster has one master, followed by all, running its script."""
-    bound = liveness_bound(c.timing, c.n)
+    bound = c.timing.liveness_bound_s(c.n)
     healed = c.now
     c.run_for(bound)
     m = c.master()
@@ -296,7 +289,7 @@ def run_schedule(
     c = Cluster(n, timing, seed=seed, broken=broken, keyed=keyed)
     e = timing.election_timeout_s
     stable = max(5.0, 10 * e)
-    tail = liveness_bound(timing, n) + stable
+    tail = timing.liveness_bound_s(n) + stable
     fault_until = max(duration - tail, duration / 2)
     alt = lower_timing(timing, rng)
     c.run_for(rng.uniform(0, 3 * e))

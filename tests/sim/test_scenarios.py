@@ -13,8 +13,9 @@ import pytest
 
 from pyquorum.core.lease import Timing
 from pyquorum.core.node import Role
-from tests.sim.measure import DEFAULT, TUNED, crash_failover, handover
+from tests.sim.measure import crash_failover, handover
 from tests.sim.sim import Cluster, Violation
+from tests.timing import DEFAULT, TUNED
 
 A, B, C, D, E5 = (f"127.0.0.{i}:51621" for i in range(1, 6))
 

@@ -80,6 +80,15 @@ class Timing:
         # but may be dead or one-way: allow two slots, plus retries, plus D and one ack round.
         return (h + e) * (1 + self.drift_bound) + 2 * self.slot_s + 3 * h + self.start_delay_s
 
+    def liveness_bound_s(self, n: int) -> float:
+        """Upper bound on the time from the moment every one of the ``n`` nodes is up and the network
+        is healthy again to the moment a master runs its script (protocol.md §5.2)."""
+        e, s, h = self.election_timeout_s, self.slot_s, self.heartbeat_interval_s
+        # stickiness and the restart embargo end within E, a resigned node's quiet period within 2E;
+        # then the lowest live node has its slot; N + 2 slots and 4h cover attempts already scheduled
+        # and a failed one; D and one more E for the new master's start and its first lease.
+        return (2 * e + (n + 2) * s + 4 * h) * (1 + self.drift_bound) + self.start_delay_s + e
+
     def validate(self) -> list[str]:
         """Every reason these settings cannot be safe, each saying what would work. Empty if fine."""
         h, e, g, d = (

@@ -48,6 +48,7 @@ PROG = "pyquorum"
 USAGE = f"""\
 {PROG} [-h] [--version] [-b BIND] [-p PORT] [-s SCRIPT] [-v] [-vv] [options] SERVER [SERVER ...]
        {PROG} --config FILE [options] [SERVER ...]
+       {PROG} check-config [the daemon's options and SERVERs, or --config FILE]
        {PROG} keygen [--add] PATH
        {PROG} demo [--rounds N] [--interval SECONDS] [-p PORT]
        {PROG} status [--state-dir DIR | -b BIND [-p PORT]] [--json]"""
@@ -58,17 +59,29 @@ node's address with -b/-p and list the OTHER servers; every server must be given
 and the same timing options. Every option can also be given in a TOML file (--config); an option on
 the command line overrides the file."""
 
+CHECK_USAGE = f"""\
+{PROG} check-config [-h] [--config FILE] [-b BIND] [-p PORT] [-s SCRIPT] [options] [SERVER ...]"""
+
+CHECK_DESCRIPTION = """\
+Check the daemon's configuration without starting it: give it the daemon's own arguments, or its
+--config file. It prints what the node would be, the timing rules with their numbers and the
+failover those settings give, then every problem at once, as the daemon would: errors (the daemon
+would refuse to start) and warnings (it would start, but probably not as meant, e.g. an even number
+of servers). Exit code 0 without errors, 2 with any."""
+
 EPILOG = f"""\
 SERVER is an IPv4 or IPv6 address or a host name, with an optional port (default: -p):
   10.0.0.2  10.0.0.2:6000  fd00::2  [fd00::2]:6000  db2  db2:6000
 Host names are resolved once, at start-up, preferring the bind address's family. A server whose
-name is also a subcommand (keygen, demo, status) must be written with its port.
+name is also a subcommand (check-config, keygen, demo, status) must be written with its port.
 
 The default --state-dir is /var/lib/pyquorum/<ip>_<port> when running as root, otherwise
 $XDG_STATE_HOME/pyquorum/<ip>_<port> (~/.local/state/pyquorum/<ip>_<port>), so that several nodes
 on one host never share a state dir (a lock refuses a second daemon on the same one).
 
 subcommands:
+  check-config          check the daemon's arguments or --config file without starting: every
+                        problem at once, and the failover time the timing gives
   keygen [--add] PATH   create a key file (mode 0600) for --key-file; --add adds a key to an
                         existing file, for rotation. Copy it to every server.
   demo                  a local 3-node cluster on 127.0.0.1 that fails over every few seconds
@@ -159,10 +172,11 @@ def parse_daemon_args(argv: Sequence[str], prog: str = PROG) -> tuple[argparse.N
 
 
 def _daemon_parser(prog: str = PROG) -> _Parser:
+    checking = prog != PROG
     p = _Parser(
         prog=prog,
-        usage=USAGE,
-        description=DESCRIPTION,
+        usage=CHECK_USAGE if checking else USAGE,
+        description=CHECK_DESCRIPTION if checking else DESCRIPTION,
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -531,6 +545,12 @@ def _demo(argv: list[str]) -> int:
     return demo.run(rounds=args.rounds, interval_s=args.interval, own_process=True, port=args.port)
 
 
+def _check_config(argv: list[str]) -> int:
+    from pyquorum import checkconfig
+
+    return checkconfig.run(argv)
+
+
 def _status(argv: list[str]) -> int:
     p = _Parser(
         prog=f"{PROG} status",
@@ -630,6 +650,7 @@ def _count(text: str) -> int:
 
 
 _SUBCOMMANDS: dict[str, Callable[[list[str]], int]] = {
+    "check-config": _check_config,
     "keygen": _keygen,
     "demo": _demo,
     "status": _status,

@@ -14,9 +14,12 @@ from typing import IO, Any
 
 import pytest
 
+from pyquorum import cli
 from pyquorum.config import LogFormat
 from pyquorum.runtime import logs
 from pyquorum.runtime.logs import configure_logging, log_event
+
+from .test_cli import FakeDaemon, daemon, free_port  # noqa: F401  (daemon is a fixture)
 
 NODE = "10.0.0.1:51621"
 
@@ -244,3 +247,24 @@ def test_logs_journald_through_a_real_process(tmp_path: Path) -> None:
         env = {k: v for k, v in os.environ.items() if k != "JOURNAL_STREAM"}
         subprocess.run([sys.executable, "-c", code], stderr=stderr, env=env, check=True, timeout=60)
     assert path.read_text().endswith(" WARNING node=n1 event=started term=1\n")
+
+
+def test_logs_daemon_command_line_sets_the_format(
+    capsys: pytest.CaptureFixture[str],
+    tmp_path: Path,
+    daemon: FakeDaemon,  # noqa: F811
+    logger: logging.Logger,
+) -> None:
+    # --config with log_format = "json": the daemon's logging is configured from the Config
+    path = tmp_path / "node.toml"
+    path.write_text(
+        f'bind = "127.0.0.1"\nport = {free_port()}\nstate_dir = "{tmp_path / "state"}"\n'
+        'peers = ["127.0.0.2", "127.0.0.3"]\nlog_format = "json"\nlog_level = "info"\n'
+    )
+    assert cli.main(["--config", str(path)]) == 0
+    (config,) = daemon.configs
+    assert (config.log_format, config.log_level) == ("json", logging.INFO)
+    capsys.readouterr()
+    log_event(logger, logging.INFO, "became_master", term=7)
+    record = json.loads(capsys.readouterr().err)
+    assert (record["node"], record["event"], record["term"]) == (config.node_id, "became_master", 7)

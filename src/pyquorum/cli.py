@@ -4,6 +4,11 @@ Bad input never produces a traceback: every problem found is printed as one ``py
 line on stderr and the exit code is 2 (argparse's convention). Warnings are ``pyquorum: warning: ...``
 lines, and the daemon still starts. Exit codes: 0 clean stop, 1 the daemon or a subcommand failed at
 run time, 2 bad input.
+
+The daemon's options come from the command line and, with ``--config``, from a TOML file whose values
+become the parser's defaults (``parse_daemon_args``; the keys are in configfile.py), so the command
+line overrides the file and one ``build_config`` makes the ``Config`` from both. ``check-config``
+(checkconfig.py) runs the same parsing and checks without starting anything.
 """
 
 from __future__ import annotations

@@ -8,9 +8,11 @@ change (``log_event``): an event name and its fields, e.g. ``log_event(log, logg
 formatter renders them from the values, never by parsing text:
 
 * text, for people: ``2026-01-02 03:04:05,678 INFO node=10.0.0.1:51621 event=became_master term=7
-  votes=3/3``. Fields are ``name=value`` (logfmt); a value with a space, a quote, an ``=`` or nothing
-  in it is written as a JSON string (``reason="lost quorum"``). Floats are written in their shortest
-  round-trip form, as JSON writes them, so the two formats show the same numbers.
+  votes=3/3``. Fields are ``name=value`` (logfmt); a string value with anything but printable ASCII
+  other than ``"``, ``=`` and ``\\`` in it (a space, a newline, an escape sequence), or nothing, is
+  written as a JSON string (``reason="lost quorum"``), so that no value can forge a field or a line.
+  Floats are written in their shortest round-trip form, as JSON writes them, so the two formats show
+  the same numbers.
 * json, for collectors: one object per line, ``{"time": "2026-01-02T03:04:05.678Z", "level":
   "INFO", "node": "10.0.0.1:51621", "logger": "pyquorum", "event": "became_master", "term": 7,
   "votes": "3/3"}``. Records logged without ``log_event`` (the daemon's older calls) carry
@@ -69,8 +71,8 @@ RESERVED_FIELDS = frozenset({"time", "level", "node", "logger", "event", "messag
 Value = str | int | float | bool | None
 
 _FIELD_NAME = re.compile(r"[a-z][a-z0-9_]*")
-# Written without quotes: printable ASCII other than space, '"', '=' and '\\'. Anything else is a
-# JSON string, so a value can never forge a field or a line (a peer's text may end up in a field).
+# Written without quotes: printable ASCII but space, double quote, equals sign and backslash.
+# Anything else is a JSON string, so that a value (perhaps a peer's text) cannot forge a field.
 _BARE = re.compile(r"[\x21\x23-\x3c\x3e-\x5b\x5d-\x7e]+")
 # syslog(3) priorities for Python's levels; journald reads them from a "<N>" line prefix.
 _PRIORITY = {logging.DEBUG: 7, logging.INFO: 6, logging.WARNING: 4, logging.ERROR: 3, logging.CRITICAL: 2}

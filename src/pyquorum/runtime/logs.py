@@ -112,7 +112,9 @@ def _text_value(value: object) -> str:
     value = _json_value(value)
     if isinstance(value, str):
         return value if _BARE.fullmatch(value) else json.dumps(value)
-    return json.dumps(value)  # numbers as JSON writes them; true, false, null
+    if value is None or isinstance(value, bool):
+        return "null" if value is None else "true" if value else "false"
+    return repr(value)  # what json.dumps writes for an int or a finite float, without its cost
 
 
 def stderr_is_journal(stream: IO[Any] | None = None, environ: Mapping[str, str] | None = None) -> bool:

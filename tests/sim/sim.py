@@ -205,6 +205,7 @@ class Cluster:
         self.last_token: tuple[int, int] | None = None  # (token, node)
         self.events_processed = 0
         self.messages_sent = 0
+        self.sent_by = [0] * n  # datagrams each node sent (the cost of idling, protocol.md §5.4)
         self.master_changes: list[tuple[float, int, int]] = []  # (time, node, term)
         for node in self.nodes:
             self._boot(node)
@@ -362,6 +363,7 @@ class Cluster:
 
     def _send(self, src: int, dst: int, msg: Message) -> None:
         self.messages_sent += 1
+        self.sent_by[src] += 1
         net, rng = self.net, self.rng
         if (src, dst) in self.cut or (net.loss and rng.random() < net.loss):
             return

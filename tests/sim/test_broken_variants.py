@@ -32,6 +32,8 @@ EXPECTED: dict[str, tuple[str, ...]] = {
 # Rules of liveness, not safety: no invariant can catch them, a measurement does (see the test named).
 CAUGHT_BY_A_SCENARIO = {
     "no_demotion": "test_scenarios.py::test_a_lowest_node_that_keeps_losing_its_lease_stops_winning",
+    "no_live_report": "test_scenarios.py::test_followers_rank_each_other_by_the_masters_report",
+    "no_plain_answer": "test_scenarios.py::test_a_quiet_follower_answers_a_node_that_needs_to_hear_it",
 }
 
 

@@ -342,3 +342,57 @@ def test_a_lowest_node_that_keeps_losing_its_lease_stops_winning() -> None:
         assert failovers <= 2 and available >= 0.98, (seed, failovers, available)
     before = [_failovers_with_lossy_inbound(("no_demotion",), seed) for seed in range(3)]
     assert all(failovers >= 8 for failovers, _ in before), before
+
+
+# ---- protocol.md §3.2: followers of a live master keep quiet; the master reports who is live
+
+
+def _worst_crash_failover(broken: tuple[str, ...], n: int, seeds: int) -> float:
+    worst = 0.0
+    for seed in range(seeds):
+        c = Cluster(n, seed=seed, broken=broken)
+        c.run_for(4.0)
+        victim = c.master()
+        assert victim is not None
+        c.crash(victim, with_script=True)
+        crashed = c.now
+        while c.running_script() is None and c.now < crashed + 10.0:
+            c.run_for(0.01)
+        worst = max(worst, c.now - crashed)
+    return worst
+
+
+def test_followers_rank_each_other_by_the_masters_report() -> None:
+    """Reference: protocol.md §3.2, §5.1: followers no longer hear each other, so without the master's
+    report of who is live every one of them thinks it is the lowest live node, and they split."""
+    assert _worst_crash_failover((), 7, 20) <= DEFAULT.failover_bound_s()
+    assert _worst_crash_failover(("no_live_report",), 7, 20) > DEFAULT.failover_bound_s()
+
+
+def _follower_that_lost_its_state_recovers(broken: tuple[str, ...]) -> bool:
+    c = Cluster(3, seed=1, broken=broken)
+    c.run_for(3.0)
+    c.wipe(C)  # restarts at once, and follows A: it must still hear B's term (§3.9)
+    c.run_for(3.0)
+    core = c.nodes[2].core
+    assert core is not None and core.master == A
+    return not core.recovering
+
+
+def test_a_quiet_follower_answers_a_node_that_needs_to_hear_it() -> None:
+    """Reference: protocol.md §3.2, §3.9: a recovering node asks; quiet followers answer once per h."""
+    assert _follower_that_lost_its_state_recovers(())
+    assert not _follower_that_lost_its_state_recovers(("no_plain_answer",))
+
+
+def test_a_followers_traffic_does_not_grow_with_the_cluster() -> None:
+    """Reference: protocol.md §5.4: one acknowledgement per heartbeat interval, whatever N."""
+    for n in (3, 15, 51):
+        c = settled(n)
+        before, start = list(c.sent_by), c.now
+        c.run_for(10.0)
+        master = c.index[c.master() or ""]
+        rates = [(c.sent_by[i] - before[i]) / (c.now - start) for i in range(n)]
+        h = DEFAULT.heartbeat_interval_s
+        assert all(r <= 1.05 / h for i, r in enumerate(rates) if i != master), rates
+        assert rates[master] <= 1.05 * (n - 1) / h

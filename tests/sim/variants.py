@@ -68,6 +68,11 @@ VARIANTS: dict[str, Rules] = {
     "amnesia_votes": replace(RULES, recovers_lost_state=False),
     # a master that lost its lease proposes first again next time (§3.3)
     "no_demotion": replace(RULES, demotion_e=0.0),
+    # the master's report of who is live is ignored: followers, who no longer hear each other, all
+    # think they are the lowest live node (§3.2)
+    "no_live_report": replace(RULES, report_e=0.0),
+    # a quiet follower never answers a plain heartbeat: a node with no master hears only the master (§3.2)
+    "no_plain_answer": replace(RULES, answer_plain=False),
 }
 
 

@@ -294,9 +294,12 @@ class Node:
         self._hs_dirty = self.promise_s != hs.promise_s or self.recovering != hs.recovering
         self.demoted_until = now
         self.last_heard: dict[str, float] = {}
+        # protocol.md §3.2: who the master last said it heard from, and when we heard it say so
+        self.reported: frozenset[str] = frozenset()
+        self.reported_at: float | None = None
+        self.plain_sent: dict[str, float] = {}  # when we last sent each peer a plain heartbeat
         # protocol.md §3.3: the last time we accepted a live master's heartbeat (or sent one as master)
         self.last_master_heard: float | None = None
-        self.last_ack_sent = -1e18  # when we last acknowledged our master's round
         self.attempt_at: float | None = None
         self.quiet_until = now
         # (master, term) that resigned: its heartbeats of that term, reordered behind the Resign, are void
@@ -473,7 +476,7 @@ class Node:
             if msg.master:
                 self._follow(sender, msg, now)
             else:
-                self._plain_heartbeat(sender, msg)
+                self._plain_heartbeat(sender, msg, now)
         else:
             self._common_message(sender, msg, now)
 
@@ -501,7 +504,7 @@ class Node:
                 self._become_slave(now, self.term, "master_exists", peer=sender)
                 self._follow(sender, msg, now)
             else:
-                self._plain_heartbeat(sender, msg)
+                self._plain_heartbeat(sender, msg, now)
         else:
             self._common_message(sender, msg, now)
 
@@ -636,11 +639,27 @@ class Node:
             self._send(p, msg)
 
     def _alive(self, now: float) -> list[str]:
-        """Members heard from within E, and ourselves, in protocol order."""
+        """Ourselves, the members heard from within E, and those the master reported live within 2E
+        (followers do not hear each other while they have a master: protocol.md §3.2), in protocol
+        order. The report is at most E old when a master is lost; the second E covers the slots."""
         e = self.timing.election_timeout_s
+        fresh = self.reported_at is not None and now - self.reported_at < self.rules.report_e * e
+        reported = self.reported if fresh else frozenset()
         return [
-            m for m in self.order if m == self.me or (m in self.last_heard and now - self.last_heard[m] < e)
+            m
+            for m in self.order
+            if m == self.me or (m in self.last_heard and now - self.last_heard[m] < e) or m in reported
         ]
+
+    def _has_live_master(self, now: float) -> bool:
+        """protocol.md §3.2: we follow a master heard within E (or are the master)."""
+        if self.role is Role.MASTER:
+            return True
+        return (
+            self.master is not None
+            and self.last_master_heard is not None
+            and now - self.last_master_heard < self.timing.election_timeout_s
+        )
 
     def _sticky(self, now: float) -> str | None:
         """Why we refuse any (pre-)vote now, or None. protocol.md §3.3, §3.6 and §3.9."""
@@ -735,9 +754,15 @@ class Node:
         if now >= self.attempt_at:
             self._become_precandidate(now)
 
-    def _plain_heartbeat(self, sender: str, msg: Heartbeat) -> None:
+    def _plain_heartbeat(self, sender: str, msg: Heartbeat, now: float) -> None:
         if sender == self.master and msg.term == self.term:
             self.master = None  # it stepped down; stickiness still runs from last_master_heard (§3.2)
+        # protocol.md §3.2: a node with no master (restarted, cut off, recovering) hears from the
+        # followers only in answer: once per h, so that it learns who is alive and their terms
+        quiet = self.rules.answer_plain and self._has_live_master(now) and self.role is not Role.MASTER
+        if quiet and now - self.plain_sent.get(sender, -1e18) >= self.timing.heartbeat_interval_s:
+            self.plain_sent[sender] = now
+            self._send(sender, Heartbeat(self.term, False, 0))
 
     def _follow(self, sender: str, msg: Heartbeat, now: float) -> None:
         if self.resigned == (sender, msg.term):
@@ -746,9 +771,9 @@ class Node:
             self._emit(EventKind.FOLLOWING, master=sender)
         self.master = sender
         self.attempt_at = None
+        self.reported, self.reported_at = msg.live, now
         # protocol.md §3.5: stickiness is set BEFORE the acknowledgement leaves
         self.last_master_heard = now
-        self.last_ack_sent = now
         self._send(sender, HeartbeatResponse(self.term, msg.round))
 
     def _on_resign(self, sender: str, msg: Resign, now: float) -> None:
@@ -823,17 +848,23 @@ class Node:
         h = self.timing.heartbeat_interval_s
         self.next_heartbeat_at = now + h
         if self.role is not Role.MASTER:
-            # protocol.md §3.2: an acknowledgement sent to the master within h proves we are alive;
-            # a plain heartbeat to it would only cost CPU on both sides.
-            skip = self.master if now - self.last_ack_sent < h else None
-            for p in self.peers:
-                if p != skip:
-                    self._send(p, Heartbeat(self.term, False, 0))
+            # protocol.md §3.2: a follower of a live master keeps quiet (its acknowledgements prove it
+            # alive, the master's report tells the others); a node with none tells everyone. A
+            # recovering node asks the members whose terms it still needs (§3.9).
+            if self._has_live_master(now):
+                targets = [p for p in self.peers if self.recovering and p not in self.heard_terms]
+            else:
+                targets = self.peers
+            for p in targets:
+                self.plain_sent[p] = now
+                self._send(p, Heartbeat(self.term, False, 0))
             return
         self.round += 1
         self.rounds[self.round] = _Round(now, {self.me})
         self.last_master_heard = now  # protocol.md §3.5: the master is sticky to itself
-        self._broadcast(Heartbeat(self.term, True, self.round))
+        e = self.timing.election_timeout_s
+        live = frozenset(p for p in self.peers if p in self.last_heard and now - self.last_heard[p] < e)
+        self._broadcast(Heartbeat(self.term, True, self.round, live))
         self._check_acks(self.round, now)
 
     def _on_heartbeat_response(self, sender: str, msg: HeartbeatResponse, now: float) -> None:

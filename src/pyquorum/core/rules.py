@@ -77,6 +77,10 @@ class Rules:
     """Whether a node without its state waits to hear every member before it votes (§3.9)."""
     demotion_e: float = DEMOTION_E
     """How long, in E, a master that lost its lease proposes last (§3.3)."""
+    report_e: float = 2.0
+    """How long, in E, the master's report of who is live counts for the proposal order (§3.2)."""
+    answer_plain: bool = True
+    """Whether a quiet follower answers a plain heartbeat (once per h) (§3.2)."""
 
 
 RULES = Rules()

@@ -74,7 +74,7 @@ from pyquorum.core.messages import (
     VoteRequest,
     VoteResponse,
 )
-from pyquorum.wire.codec import ClusterInfo, Codec, cluster_fingerprint
+from pyquorum.wire.codec import ClusterInfo, Codec, Hello, cluster_fingerprint
 from pyquorum.wire.keyring import KeyRing
 from tests.harness.cluster import Cluster, Loopback, Node
 
@@ -393,7 +393,7 @@ def keyed_attacks(s: Scene) -> list[Attack]:
     # genuine datagrams cut short, and oversized datagrams up to the largest UDP payload
     genuine = [d for d, _ in s.early_life + s.to_old_v]
     cut = [d[: rng.randrange(0, len(d))] for d in cycle_to(genuine, PER_KIND // 2, rng)]
-    big = [b"PQ\x01\x01" + s.fp + os.urandom(size - 12) for size in (1201, 1500, 4096, 9000, 30000, 65507)]
+    big = [b"PQ\x02\x01" + s.fp + os.urandom(size - 12) for size in (1201, 1500, 4096, 9000, 30000, 65507)]
     oversized = [big[i % len(big)] for i in range(PER_KIND - len(cut))]
     # other versions, key ids we do not have, key id 0 with a random tail
     headers = []
@@ -498,7 +498,7 @@ def test_flood_changes_nothing(tmp_path: Path, attacker: socket.socket) -> None:
                 send_paced(attacker, cross_cluster[i : i + 64], RATE * len(live))
                 rec.drain()
 
-            def decoded() -> list[tuple[str, Message | ClusterInfo, bytes]]:
+            def decoded() -> list[tuple[str, Message | ClusterInfo | Hello, bytes]]:
                 out = []
                 for data, _ in rec.captured:
                     env, msg = ours.decode(data)  # genuine: the real key verifies it

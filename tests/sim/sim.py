@@ -65,7 +65,7 @@ from pyquorum.core.node import (
     StopScript,
 )
 from pyquorum.core.quorum import quorum_size
-from pyquorum.wire import Deliver, Endpoint, KeyRing, Reject, cluster_fingerprint, next_boot_epoch
+from pyquorum.wire import Deliver, Endpoint, Handshake, KeyRing, Reject, cluster_fingerprint, next_boot_epoch
 from tests.sim.variants import VARIANTS, rules_for
 
 SIM_VARIANTS = frozenset({"no_persist", "wall_clock"})
@@ -205,6 +205,7 @@ class Cluster:
         self.last_token: tuple[int, int] | None = None  # (token, node)
         self.events_processed = 0
         self.messages_sent = 0
+        self.events: Counter[str] = Counter()  # the core's events, by kind
         self.sent_by = [0] * n  # datagrams each node sent (the cost of idling, protocol.md §5.4)
         self.master_changes: list[tuple[float, int, int]] = []  # (time, node, term)
         for node in self.nodes:
@@ -338,6 +339,7 @@ class Cluster:
         if rd.hard_state is not None:
             node.disk = rd.hard_state
         for ev in rd.events:
+            self.events[ev.kind.value] += 1
             self.log(f"{node.name} {ev}")
         for dest, msg in rd.messages:
             self._observe_send(node, self.index[dest], msg, t_local)
@@ -361,7 +363,8 @@ class Cluster:
         """Whether a node whose state was lost has not yet heard every other member (protocol.md §3.9)."""
         return any(nd.wiped for nd in self.nodes)
 
-    def _send(self, src: int, dst: int, msg: Message) -> None:
+    def _send(self, src: int, dst: int, msg: Message | None, data: bytes | None = None) -> None:
+        """Carry ``msg`` (encoded here) or the encoded ``data`` from ``src`` to ``dst``."""
         self.messages_sent += 1
         self.sent_by[src] += 1
         net, rng = self.net, self.rng
@@ -374,9 +377,10 @@ class Cluster:
             return  # another fingerprint: the receiver counts nothing from it (protocol.md §1)
         # Encoded only when the network carries it (two thirds of all sends hit a cut link): a
         # dropped datagram would only have used up a sequence number, and receivers see gaps anyway.
-        sender = self.nodes[src].endpoint
-        assert sender is not None
-        data = sender.send(self.names[dst], msg).data  # the daemon's encode: seq, epoch, echo
+        if data is None:
+            sender = self.nodes[src].endpoint
+            assert sender is not None and msg is not None
+            data = sender.send(self.names[dst], msg).data  # the daemon's encode: seq, epoch, echo
         copies = 2 if net.duplicate and rng.random() < net.duplicate else 1
         for _ in range(copies):
             delay = net.delay_min + (net.delay_max - net.delay_min) * rng.random()
@@ -394,6 +398,10 @@ class Cluster:
         if isinstance(result, Reject):
             self.wire_rejects[result.reason] += 1
             self.log(f"{node.name} WIRE refused {result.reason} from {self.names[src]}")
+            if result.reply is not None:  # a Hello, to complete the sender's epoch handshake
+                self._send(node.idx, src, None, result.reply.data)
+        elif isinstance(result, Handshake):
+            self.log(f"{node.name} WIRE hello from {self.names[src]}")
         else:
             self.fail(f"{node.name} took a datagram of its own cluster for another's: {result}")
         return None

@@ -16,6 +16,7 @@ from pyquorum.wire import (
     Deliver,
     Endpoint,
     Foreign,
+    Handshake,
     KeyRing,
     Reject,
     RejectCounts,
@@ -175,7 +176,7 @@ def test_endpoint_names_the_sender_once_decoding_got_past_it():
     a_to_c = endpoint(A, 7)
     rej = refused(endpoint(B, 3), a_to_c.send(C, HB).data, ADDR[A])
     assert (rej.reason, rej.sender) == ("wrong-receiver", A)
-    assert refused(endpoint(B, 3), b"PQ\x01\x01" + bytes(200), ADDR[A]).sender is None
+    assert refused(endpoint(B, 3), b"PQ\x02\x01" + bytes(200), ADDR[A]).sender is None
 
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -266,3 +267,35 @@ def test_endpoint_reload_cannot_turn_authentication_on_or_off(before: KeyRing | 
     with pytest.raises(LocalProtocolError, match="restart"):
         ep.set_keyring(after)
     assert ep.keyring is before
+
+
+# -- the Hello: a first contact that nothing else would answer ----------------------------------
+
+
+def test_a_refused_first_contact_is_answered_with_a_hello_that_completes_the_handshake():
+    """Reference: protocol.md §3.2 (a quiet follower sends nothing to a restarted peer), security.md §5.
+    Only one side ever sends: the Hello is all that goes back, and it is enough."""
+    a, b = endpoint(A, 7), endpoint(B, 3)
+    first = refused(b, a.send(B, HB).data, ADDR[A])
+    assert first.reason == "bad-echo" and first.reply is not None
+    assert first.reply.address == ADDR[A]
+    assert isinstance(a.receive(first.reply.data, ADDR[B]), Handshake)  # a learns b's epoch
+    assert a.peer_epoch(B) == 3 and a.rejected["bad-echo"] == 0
+    deliver(b, a.send(B, HB).data, ADDR[A])  # a's next datagram echoes b's epoch: accepted
+
+
+def test_hellos_back_off_by_count():
+    """A lost Hello is answered again; a replayed stream of old datagrams gets only a few answers."""
+    a, b = endpoint(A, 7), endpoint(B, 3)
+    replies = [refused(b, a.send(B, HB).data, ADDR[A]).reply is not None for _ in range(20)]
+    assert [i + 1 for i, r in enumerate(replies) if r] == [1, 2, 4, 8, 16]
+
+
+def test_a_stale_hello_is_refused_like_any_datagram():
+    a, b = endpoint(A, 7), endpoint(B, 3)
+    reply = refused(b, a.send(B, HB).data, ADDR[A]).reply
+    assert reply is not None
+    assert isinstance(a.receive(reply.data, ADDR[B]), Handshake)
+    assert refused(a, reply.data, ADDR[B]).reason == "replayed"
+    restarted = endpoint(A, 8)  # a's next life: the old Hello was addressed to its previous epoch
+    assert refused(restarted, reply.data, ADDR[B]).reason == "bad-echo"

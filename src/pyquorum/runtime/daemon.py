@@ -46,7 +46,17 @@ from pyquorum.keyfile import load_keyring
 from pyquorum.runtime.restart import Action, Decision, RestartPolicy
 from pyquorum.runtime.storage import PersistedState, StateStore, member_change_problem, write_status
 from pyquorum.supervisor import ScriptExit, ScriptStartError, ScriptSupervisor
-from pyquorum.wire import ClusterInfo, Deliver, Endpoint, Foreign, KeyRing, Reject, cluster_fingerprint
+from pyquorum.wire import (
+    ClusterInfo,
+    Deliver,
+    Endpoint,
+    Foreign,
+    Handshake,
+    Hello,
+    KeyRing,
+    Reject,
+    cluster_fingerprint,
+)
 
 log = logging.getLogger("pyquorum")
 
@@ -378,7 +388,12 @@ class Daemon:
         elif isinstance(result, Foreign):
             self._cluster_mismatch(result.sender, result.message)
             self._write_status()
+        elif isinstance(result, Handshake):
+            self._on_accepted(result.sender)  # its epoch is known now (protocol.md §3.2)
         else:
+            if result.reply is not None and self.transport is not None:
+                self.sent += 1
+                self.transport.sendto(result.reply.data, result.reply.address)
             self._reject(result, source)
 
     def _reject(self, rej: Reject, source: tuple[str, int]) -> None:
@@ -420,7 +435,7 @@ class Daemon:
             # at the level of the warning it ends, so that whoever saw one sees the other
             log.warning("event=peer_accepted peer=%s after_refused_s=%.1f", peer, refused_for)
 
-    def _cluster_mismatch(self, sender: str, msg: Message | ClusterInfo) -> None:
+    def _cluster_mismatch(self, sender: str, msg: Message | ClusterInfo | Hello) -> None:
         # counted ("cluster-mismatch") by the endpoint already; here the reports and the answer
         now = time.monotonic()
         if isinstance(msg, ClusterInfo):

@@ -8,8 +8,8 @@ key files is ``pyquorum.keyfile``'s job. Everything here is pure: no sockets, cl
 
 from __future__ import annotations
 
-from pyquorum.wire.codec import ClusterInfo, Codec, DatagramError, Envelope, cluster_fingerprint
-from pyquorum.wire.endpoint import Datagram, Deliver, Endpoint, Foreign, Received, Reject
+from pyquorum.wire.codec import ClusterInfo, Codec, DatagramError, Envelope, Hello, cluster_fingerprint
+from pyquorum.wire.endpoint import Datagram, Deliver, Endpoint, Foreign, Handshake, Received, Reject
 from pyquorum.wire.keyring import KeyRing
 from pyquorum.wire.reasons import REASONS, Reason, RejectCounts
 from pyquorum.wire.replay import ReplayGuard, next_boot_epoch
@@ -24,6 +24,8 @@ __all__ = [
     "Endpoint",
     "Envelope",
     "Foreign",
+    "Handshake",
+    "Hello",
     "KeyRing",
     "Reason",
     "Received",

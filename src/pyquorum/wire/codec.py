@@ -16,12 +16,12 @@ after decoding, and in which order (the source check, the fingerprint, the repla
 ``pyquorum.wire.endpoint.Endpoint.receive``'s, which is the only caller of ``decode`` in the daemon.
 Which sequence number and epochs go into ``encode`` is ``Endpoint.send``'s.
 
-Wire format, version 1 (all integers big-endian)
+Wire format, version 2 (all integers big-endian)
 -----------------------------------------------
 ::
 
     magic         2   b"PQ"
-    version       u8  1
+    version       u8  2 (1 had no ``live`` bitmap in the heartbeat; it is refused as "bad-version")
     key_id        u8  0 = unauthenticated, 1-255 = the HMAC key that signed it
     cluster_fp    8   cluster_fingerprint(members, timing)
     sender        u8 length + ASCII canonical node id (a member)
@@ -30,7 +30,10 @@ Wire format, version 1 (all integers big-endian)
     seq           u64 per (sender, sender_epoch), increasing
     echo_epoch    u64 the receiver's epoch as last seen by the sender, 0 = unknown
     msg_type      u8  see MSG_TYPE below
-    payload       fixed and strict per type (terms and rounds u64 < 2**63, booleans 0 or 1)
+    payload       fixed and strict per type (terms and rounds u64 < 2**63, booleans 0 or 1); a
+                  Heartbeat ends with ``live``: u8 length = ceil(members / 8), then that many
+                  bytes, bit i (of byte i // 8, most significant first) for the i-th member in
+                  protocol order; unused bits 0, and all 0 in a plain (non-master) heartbeat
     trailer       key_id != 0: 32-byte HMAC-SHA256(key, every byte before it)
                   key_id == 0: 4-byte CRC-32 of every byte before it
 
@@ -65,7 +68,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Final, NamedTuple
 
-from pyquorum.core.address import NodeAddress
+from pyquorum.core.address import NodeAddress, sort_nodes
 from pyquorum.core.errors import LocalProtocolError, RemoteProtocolError
 from pyquorum.core.messages import (
     Heartbeat,
@@ -89,11 +92,12 @@ __all__ = [
     "Codec",
     "DatagramError",
     "Envelope",
+    "Hello",
     "cluster_fingerprint",
 ]
 
 MAGIC: Final = b"PQ"
-VERSION: Final = 1
+VERSION: Final = 2
 DEFAULT_MAX_DATAGRAM: Final = 1200  # see the module docstring: RFC 8200 §5, RFC 9000 §14
 MAC_SIZE: Final = 32
 CRC_SIZE: Final = 4
@@ -139,6 +143,14 @@ class Envelope(NamedTuple):
 
 
 @dataclass(frozen=True, slots=True)
+class Hello:
+    """Runtime-level message (never given to the core): "here is my epoch". ``Endpoint`` sends one
+    in answer to a datagram it refused as "bad-echo" (the sender did not know our epoch yet), so
+    that the handshake completes even when nothing else would go back: a follower of a live master
+    sends nothing to a restarted peer (protocol.md §3.2). No payload: the envelope is the message."""
+
+
+@dataclass(frozen=True, slots=True)
 class ClusterInfo:
     """Runtime-level message (never given to the core): "this is the cluster I believe in".
 
@@ -169,7 +181,7 @@ def cluster_fingerprint(members: Iterable[str], timing_text: str) -> bytes:
 
 
 # msg_type numbers are part of the wire format: never renumber, only add.
-MSG_TYPE: Final[dict[type[Message] | type[ClusterInfo], int]] = {
+MSG_TYPE: Final[dict[type[Message] | type[ClusterInfo] | type[Hello], int]] = {
     Heartbeat: 1,
     HeartbeatResponse: 2,
     PreVoteRequest: 3,
@@ -178,6 +190,7 @@ MSG_TYPE: Final[dict[type[Message] | type[ClusterInfo], int]] = {
     VoteResponse: 6,
     Resign: 7,
     ClusterInfo: 64,  # runtime-level messages live at 64 and above
+    Hello: 65,
 }
 
 _PREFIX = struct.Struct(">2sBB8s")  # magic, version, key_id, cluster_fp
@@ -288,10 +301,13 @@ class Codec:
     """
 
     __slots__ = (
+        "_bitmap_len",
         "_headers",
+        "_live_cache",
         "_local_id",
         "_max_datagram",
         "_member_ids",
+        "_order",
         "_send_key",
         "cluster_fp",
         "keyring",
@@ -322,6 +338,9 @@ class Codec:
         self.members = frozenset(members)
         self.keyring = keyring
         self._max_datagram = max_datagram
+        self._order = sort_nodes(self.members)  # protocol order: the live bitmap's bit order
+        self._bitmap_len = (len(self._order) + 7) // 8
+        self._live_cache: tuple[frozenset[str], bytes] = (frozenset(), bytes(self._bitmap_len))
         # Everything up to the epochs is fixed per receiver: packed once, not per datagram (a third
         # of encode's time). A Codec is not changed after this: build a new one for new keys.
         key_id = 0 if keyring is None else keyring.send_key_id
@@ -339,7 +358,7 @@ class Codec:
 
     def encode(
         self,
-        msg: Message | ClusterInfo,
+        msg: Message | ClusterInfo | Hello,
         *,
         receiver: str,
         sender_epoch: int,
@@ -377,9 +396,9 @@ class Codec:
             )
         return datagram
 
-    def _encode_payload(self, msg: Message | ClusterInfo) -> bytes:
+    def _encode_payload(self, msg: Message | ClusterInfo | Hello) -> bytes:
         if isinstance(msg, Heartbeat):
-            return _term(msg.term) + _flag(msg.master) + _term(msg.round)
+            return _term(msg.term) + _flag(msg.master) + _term(msg.round) + self._live_bits(msg.live)
         if isinstance(msg, HeartbeatResponse):
             return _term(msg.term) + _term(msg.round)
         if isinstance(msg, (PreVoteRequest, VoteRequest)):
@@ -388,6 +407,8 @@ class Codec:
             return _term(msg.term) + _flag(msg.granted) + _term(msg.voter_term)
         if isinstance(msg, VoteResponse):
             return _term(msg.term) + _flag(msg.granted)
+        if isinstance(msg, Hello):
+            return b""
         if isinstance(msg, Resign):
             if msg.successor and msg.successor not in self.members:
                 raise LocalProtocolError(f"successor {msg.successor!r} is not a member")
@@ -409,7 +430,7 @@ class Codec:
 
     # -- decoding ----------------------------------------------------------------------------
 
-    def decode(self, data: bytes) -> tuple[Envelope, Message | ClusterInfo]:
+    def decode(self, data: bytes) -> tuple[Envelope, Message | ClusterInfo | Hello]:
         """Verify and parse one datagram. Raises ``DatagramError`` (a ``RemoteProtocolError``)
         and nothing else, whatever ``data`` holds.
 
@@ -475,9 +496,39 @@ class Codec:
             raise DatagramError("bad-mac", f"HMAC with key id {key_id} does not verify")
         return body
 
-    def _decode_payload(self, r: _Reader, msg_type: int) -> Message | ClusterInfo:
+    def _live_bits(self, live: frozenset[str]) -> bytes:
+        # The master sends one set to every peer each round: encode it once.
+        cached, bits = self._live_cache
+        if live is cached or live == cached:
+            return bytes((self._bitmap_len,)) + bits
+        value = 0
+        for i, node in enumerate(self._order):
+            if node in live:
+                value |= 1 << (self._bitmap_len * 8 - 1 - i)
+        if len(live) != bin(value).count("1"):
+            raise LocalProtocolError(f"live members {sorted(live - self.members)} are not members")
+        bits = value.to_bytes(self._bitmap_len, "big")
+        self._live_cache = (live, bits)
+        return bytes((self._bitmap_len,)) + bits
+
+    def _read_live(self, r: _Reader) -> frozenset[str]:
+        if r.u8("live length") != self._bitmap_len:
+            raise DatagramError("bad-field", f"live bitmap is not {self._bitmap_len} bytes")
+        value = int.from_bytes(r.take(self._bitmap_len, "live bitmap"), "big")
+        if not value:
+            return frozenset()
+        n, width = len(self._order), self._bitmap_len * 8
+        if value & ((1 << (width - n)) - 1):
+            raise DatagramError("bad-field", "live bitmap has bits beyond the members")
+        return frozenset(node for i, node in enumerate(self._order) if value >> (width - 1 - i) & 1)
+
+    def _decode_payload(self, r: _Reader, msg_type: int) -> Message | ClusterInfo | Hello:
         if msg_type == 1:
-            return Heartbeat(term=r.term("term"), master=r.flag("master"), round=r.term("round"))
+            term, master, round_ = r.term("term"), r.flag("master"), r.term("round")
+            live = self._read_live(r)
+            if live and not master:
+                raise DatagramError("bad-field", "a plain heartbeat reports live members")
+            return Heartbeat(term=term, master=master, round=round_, live=live)
         if msg_type == 2:
             return HeartbeatResponse(term=r.term("term"), round=r.term("round"))
         if msg_type == 3:
@@ -498,6 +549,8 @@ class Codec:
             return Resign(term=term, successor=successor)
         if msg_type == 64:
             return self._decode_cluster_info(r)
+        if msg_type == 65:
+            return Hello()
         raise DatagramError("bad-type", f"unknown message type {msg_type}")
 
     @staticmethod

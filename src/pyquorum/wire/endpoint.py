@@ -77,6 +77,7 @@ from pyquorum.wire.codec import (
     ClusterInfo,
     Codec,
     DatagramError,
+    Hello,
 )
 from pyquorum.wire.keyring import KeyRing
 from pyquorum.wire.reasons import Reason, RejectCounts
@@ -107,6 +108,7 @@ class Reject(NamedTuple):
     reason: Reason
     detail: str
     sender: str | None
+    reply: Datagram | None = None  # send it: a Hello that completes the sender's epoch handshake
 
 
 class Foreign(NamedTuple):
@@ -114,11 +116,17 @@ class Foreign(NamedTuple):
     rule), counted as "cluster-mismatch". Never step it; ``message`` may be a ``ClusterInfo``."""
 
     sender: str
-    message: Message | ClusterInfo
+    message: Message | ClusterInfo | Hello
     cluster_fp: bytes
 
 
-Received = Deliver | Reject | Foreign
+class Handshake(NamedTuple):
+    """A fresh ``Hello`` from ``sender``: the wire learnt its epoch; nothing for the core."""
+
+    sender: str
+
+
+Received = Deliver | Reject | Foreign | Handshake
 
 
 class Datagram(NamedTuple):
@@ -136,7 +144,7 @@ class Endpoint:
     the source address check).
     """
 
-    __slots__ = ("_addresses", "_by_address", "_codec", "_guard", "_seq", "rejected")
+    __slots__ = ("_addresses", "_bad_echoes", "_by_address", "_codec", "_guard", "_seq", "rejected")
 
     def __init__(
         self,
@@ -163,6 +171,9 @@ class Endpoint:
             self._addresses[member] = (str(addr.ip), addr.port)
         self._by_address = {addr: member for member, addr in self._addresses.items()}
         self.rejected = RejectCounts()
+        # bad-echo refusals per (peer, its epoch): answered with a Hello at the 1st, 2nd, 4th, 8th...
+        # (a lost Hello is answered again, a replayed datagram cannot make us send more than a few)
+        self._bad_echoes: dict[tuple[str, int], int] = {}
 
     # -- what it is --------------------------------------------------------------------------
 
@@ -217,8 +228,10 @@ class Endpoint:
         order. Raises nothing for anything a peer can send; counts every ``Reject`` and ``Foreign``.
         """
         result = self._receive(data, source)
-        if not isinstance(result, Deliver):
-            self.rejected.add(result.reason if isinstance(result, Reject) else "cluster-mismatch")
+        if isinstance(result, Reject):
+            self.rejected.add(result.reason)
+        elif isinstance(result, Foreign):
+            self.rejected.add("cluster-mismatch")
         return result
 
     def _receive(self, data: bytes, source: Address) -> Received:
@@ -245,8 +258,18 @@ class Endpoint:
                 detail += f" echo={env.echo_epoch} ours={self._guard.my_epoch}"
             elif why == "stale-epoch":
                 detail += f" newest_seen={self._guard.peer_epoch(env.sender)}"
-            return Reject(why, detail, env.sender)
+            reply = self._hello(env.sender, env.sender_epoch) if why == "bad-echo" else None
+            return Reject(why, detail, env.sender, reply)
+        if isinstance(msg, Hello):
+            return Handshake(env.sender)
         return Deliver(env.sender, msg, env.key_id)  # check 6
+
+    def _hello(self, peer: str, epoch: int) -> Datagram | None:
+        count = self._bad_echoes.get((peer, epoch), 0) + 1
+        if len(self._bad_echoes) > 4 * len(self._addresses):
+            self._bad_echoes.clear()  # bounded: old epochs of restarted peers are forgotten
+        self._bad_echoes[(peer, epoch)] = count
+        return self.send(peer, Hello()) if count & (count - 1) == 0 else None
 
     @staticmethod
     def _fresh_detail(sender: str, epoch: int, seq: int) -> str:
@@ -254,7 +277,7 @@ class Endpoint:
 
     # -- outbound ----------------------------------------------------------------------------
 
-    def send(self, dest: str, message: Message | ClusterInfo) -> Datagram:
+    def send(self, dest: str, message: Message | ClusterInfo | Hello) -> Datagram:
         """The datagram that carries ``message`` to the member ``dest``, with the next sequence
         number, this life's epoch and ``dest``'s epoch as last seen (0 before first contact).
         Raises ``LocalProtocolError`` for our own mistakes (``dest`` not a peer, a message that does

@@ -15,7 +15,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tests.sim.measure import DEFAULT, TUNED, crash_failover, handover
+from tests.sim.measure import crash_failover, handover
+from tests.timing import DEFAULT, TUNED
 
 
 def main() -> int:

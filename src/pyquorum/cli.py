@@ -4,6 +4,11 @@ Bad input never produces a traceback: every problem found is printed as one ``py
 line on stderr and the exit code is 2 (argparse's convention). Warnings are ``pyquorum: warning: ...``
 lines, and the daemon still starts. Exit codes: 0 clean stop, 1 the daemon or a subcommand failed at
 run time, 2 bad input.
+
+The daemon's options come from the command line and, with ``--config``, from a TOML file whose values
+become the parser's defaults (``parse_daemon_args``; the keys are in configfile.py), so the command
+line overrides the file and one ``build_config`` makes the ``Config`` from both. ``check-config``
+(checkconfig.py) runs the same parsing and checks without starting anything.
 """
 
 from __future__ import annotations
@@ -22,43 +27,76 @@ import stat
 import sys
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, NoReturn
 
-from pyquorum import __version__
-from pyquorum.config import DEFAULT_RESTART, RESTART_POLICIES, Config, RestartPolicy
+from pyquorum import __version__, configfile
+from pyquorum.config import (
+    DEFAULT_RESTART,
+    LOG_FORMATS,
+    LOG_LEVELS,
+    RESTART_POLICIES,
+    Config,
+    LogFormat,
+    RestartPolicy,
+    check_key_file,
+    check_script,
+    check_state_dir,
+)
 from pyquorum.core.address import DEFAULT_PORT, IPAddress, NodeAddress, split_host_port
 from pyquorum.core.errors import ConfigError
 from pyquorum.core.lease import Timing
+from pyquorum.runtime.logs import configure_logging
 
 PROG = "pyquorum"
 
 USAGE = f"""\
 {PROG} [-h] [--version] [-b BIND] [-p PORT] [-s SCRIPT] [-v] [-vv] [options] SERVER [SERVER ...]
+       {PROG} --config FILE [options] [SERVER ...]
+       {PROG} check-config [the daemon's options and SERVERs, or --config FILE]
        {PROG} keygen [--add] PATH
        {PROG} demo [--rounds N] [--interval SECONDS] [-p PORT]
-       {PROG} status [--state-dir DIR | -b BIND [-p PORT]] [--json]"""
+       {PROG} status [--state-dir DIR | -b BIND [-p PORT]] [--json]
+       {PROG} init [daemon options] SERVER [SERVER ...]
+       {PROG} accept-members [daemon options] SERVER [SERVER ...]"""
 
 DESCRIPTION = """\
 Quorum-based leader election: the servers elect one master, and the master runs SCRIPT. Give this
 node's address with -b/-p and list the OTHER servers; every server must be given the same cluster
-and the same timing options."""
+and the same timing options. Every option can also be given in a TOML file (--config); an option on
+the command line overrides the file."""
+
+CHECK_USAGE = f"""\
+{PROG} check-config [-h] [--config FILE] [-b BIND] [-p PORT] [-s SCRIPT] [options] [SERVER ...]"""
+
+CHECK_DESCRIPTION = """\
+Check the daemon's configuration without starting it: give it the daemon's own arguments, or its
+--config file. It prints what the node would be, the timing rules with their numbers and the
+failover those settings give, then every problem at once, as the daemon would: errors (the daemon
+would refuse to start) and warnings (it would start, but probably not as meant, e.g. an even number
+of servers). Exit code 0 without errors, 2 with any."""
 
 EPILOG = f"""\
 SERVER is an IPv4 or IPv6 address or a host name, with an optional port (default: -p):
   10.0.0.2  10.0.0.2:6000  fd00::2  [fd00::2]:6000  db2  db2:6000
 Host names are resolved once, at start-up, preferring the bind address's family. A server whose
-name is also a subcommand (keygen, demo, status) must be written with its port.
+name is also a subcommand (check-config, keygen, demo, status, init, accept-members) must be
+written with its port.
 
 The default --state-dir is /var/lib/pyquorum/<ip>_<port> when running as root, otherwise
 $XDG_STATE_HOME/pyquorum/<ip>_<port> (~/.local/state/pyquorum/<ip>_<port>), so that several nodes
 on one host never share a state dir (a lock refuses a second daemon on the same one).
 
 subcommands:
+  check-config          check the daemon's arguments or --config file without starting: every
+                        problem at once, and the failover time the timing gives
   keygen [--add] PATH   create a key file (mode 0600) for --key-file; --add adds a key to an
                         existing file, for rotation. Copy it to every server.
   demo                  a local 3-node cluster on 127.0.0.1 that fails over every few seconds
   status                print a running node's state (from its state dir's status.json)
+  init                  mark this never-run node as new, so it votes at once (docs/protocol.md §8)
+  accept-members        record a new member list, after stopping the cluster (docs/protocol.md §8)
 
 exit codes: 0 stopped cleanly, 1 failed while running, 2 bad input. See 'pyquorum SUBCOMMAND -h'.
 Version {__version__}."""
@@ -111,11 +149,10 @@ def _daemon(argv: list[str]) -> int:
     # §6). Ignored until the daemon installs its handler: the keys are read after this point anyway.
     previous = signal.signal(signal.SIGHUP, signal.SIG_IGN)
     try:
-        args = _daemon_parser().parse_args(argv)
-        config = build_config(args)
+        config = load_config(argv)
         for warning in config.warnings():
             print(f"{PROG}: warning: {warning}", file=sys.stderr)
-        configure_logging(config.log_level, config.node_id)
+        configure_logging(config.log_level, config.node_id, config.log_format)
         # Imported here so that the command line (and its tests) work without the runtime loaded.
         from pyquorum.runtime.daemon import run
 
@@ -124,15 +161,48 @@ def _daemon(argv: list[str]) -> int:
         signal.signal(signal.SIGHUP, previous)
 
 
-def _daemon_parser() -> _Parser:
+def load_config(argv: Sequence[str], prog: str = PROG, description: str | None = None) -> Config:
+    """The daemon's command line (and its --config file) as a validated ``Config``; raises
+    ``ConfigError`` listing every problem, ``UsageError`` for a malformed command line."""
+    args, file_problems = parse_daemon_args(argv, prog, description)
+    return build_config(args, file_problems)
+
+
+def parse_daemon_args(
+    argv: Sequence[str], prog: str = PROG, description: str | None = None
+) -> tuple[argparse.Namespace, list[str]]:
+    """Parse the daemon's arguments, with the values of the --config file as defaults, so that the
+    command line overrides the file. Returns the arguments and the file's problems (unknown keys,
+    wrong types, unreadable file): pass both to ``build_config``, which reports them with the rest.
+    """
+    parser = _daemon_parser(prog, description)
+    args = parser.parse_args(list(argv))
+    if args.config is None:
+        return args, []
+    values, problems = configfile.load(args.config.expanduser())
+    parser.set_defaults(**values)
+    return parser.parse_args(list(argv)), problems
+
+
+def _daemon_parser(prog: str = PROG, description: str | None = None) -> _Parser:
+    # the daemon's options, for the daemon itself or for a subcommand that takes them (check-config,
+    # init, accept-members: ``description`` says what that one does)
+    checking = prog != PROG
     p = _Parser(
-        prog=PROG,
-        usage=USAGE,
-        description=DESCRIPTION,
+        prog=prog,
+        usage=(CHECK_USAGE.replace("check-config", prog.split()[-1]) if checking else USAGE),
+        description=description or (CHECK_DESCRIPTION if checking else DESCRIPTION),
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--version", action="version", version=f"{PROG} {__version__}")
+    p.add_argument(
+        "--config",
+        type=Path,
+        metavar="FILE",
+        help="read options from this TOML file (see docs/operations.md for the keys); options "
+        "given on the command line override it, and SERVERs may come from its 'peers' key",
+    )
     p.add_argument(
         "-b",
         "--bind",
@@ -155,8 +225,10 @@ def _daemon_parser() -> _Parser:
         help="executable run on the master, without a shell, with PYQUORUM_TERM (the fencing "
         "token), PYQUORUM_NODE and PYQUORUM_CLUSTER in its environment (default: none, only elect)",
     )
-    p.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
-    p.add_argument("-vv", "--very-verbose", action="store_true", help="log at DEBUG level")
+    p.add_argument("-v", "--verbose", action="store_true", help="log at INFO level (--log-level info)")
+    p.add_argument(
+        "-vv", "--very-verbose", action="store_true", help="log at DEBUG level (--log-level debug)"
+    )
     t = Timing()
     timing = p.add_argument_group(
         "timing (every server must use the same values; unsafe combinations are refused)"
@@ -191,6 +263,14 @@ def _daemon_parser() -> _Parser:
         help=f"extra wait before a new master starts the script, which leaves more room for "
         f"--stop-timeout (default: {t.start_delay_s:g})",
     )
+    timing.add_argument(
+        "--kill-margin",
+        type=_seconds,
+        default=t.kill_margin_s,
+        metavar="SECONDS",
+        help="the script's guard sends SIGKILL this long before the kill deadline, for the process "
+        f"group to die and be reaped; at least 0.005 (default: {t.kill_margin_s:g})",
+    )
     other = p.add_argument_group("other options")
     other.add_argument(
         "--state-dir",
@@ -214,20 +294,46 @@ def _daemon_parser() -> _Parser:
         "failure, after any exit, or never; restarts back off from 1 s doubling to 30 s, and after "
         f"5 failures within 60 s this node resigns so another can try (default: {DEFAULT_RESTART})",
     )
-    p.add_argument("servers", nargs="+", metavar="SERVER", help="the other servers")
+    logs = p.add_argument_group("logs")
+    logs.add_argument(
+        "--log-level",
+        choices=tuple(LOG_LEVELS),
+        default="warning",
+        help="the least severe messages logged; -v and -vv win over it (default: warning)",
+    )
+    logs.add_argument(
+        "--log-format",
+        choices=LOG_FORMATS,
+        default="text",
+        help="text: one line per event for people, without timestamps under journald; json: one "
+        "object per line with the same fields (default: text)",
+    )
+    # "*", not "+": with --config the SERVERs may come from the file; build_config requires some.
+    p.add_argument("servers", nargs="*", metavar="SERVER", help="the other servers")
     return p
 
 
-def build_config(args: argparse.Namespace) -> Config:
+def build_config(args: argparse.Namespace, file_problems: Sequence[str] = ()) -> Config:
     """Turn parsed arguments into a validated ``Config``; raise ``ConfigError`` listing every
-    problem found (addresses, names, script, state dir, timing, key file)."""
-    problems: list[str] = []
-    timing = Timing(
-        heartbeat_interval_s=args.heartbeat_interval,
-        election_timeout_s=args.election_timeout,
-        stop_timeout_s=args.stop_timeout,
-        start_delay_s=args.start_delay,
-    )
+    problem found (the file's, addresses, names, script, state dir, timing, key file)."""
+    config, problems = resolve_config(args, file_problems)
+    if config is not None:
+        problems += config.validate()
+    if problems or config is None:
+        raise ConfigError(problems)
+    return config
+
+
+def resolve_config(
+    args: argparse.Namespace, file_problems: Sequence[str] = ()
+) -> tuple[Config | None, list[str]]:
+    """Resolve parsed arguments into a ``Config`` without validating it (``Config.validate``
+    does that): addresses parsed, host names resolved, defaults filled in. Returns the ``Config``,
+    or None if this node's address or state dir cannot be found, and every problem met on the way;
+    without a ``Config``, the checks that need no address (timing, script, key file) are done here.
+    """
+    problems: list[str] = list(file_problems)
+    timing = timing_from_args(args)
     try:
         ip = parse_bind(args.bind) if args.bind is not None else default_bind_address()
     except ConfigError as exc:
@@ -242,35 +348,60 @@ def build_config(args: argparse.Namespace) -> Config:
             names.append(text)
         except ValueError as exc:
             problems.append(f"SERVER {exc}")
-    if ip is None:
-        # Without this node's address nothing else can be checked; report what we know.
-        raise ConfigError(problems + timing.validate())
-    me = NodeAddress(ip, args.port)
-    try:
-        state_dir = args.state_dir if args.state_dir is not None else default_state_dir(me)
-    except ConfigError as exc:
-        raise ConfigError(problems + exc.problems) from None
+    if not args.servers:
+        problems.append(
+            "no SERVER given: list the other servers on the command line or as peers = [...] in "
+            "the --config file (a cluster of one cannot fail over)"
+        )
+    script = resolve_script(args.script) if args.script is not None else None
+    key_file = args.key_file.expanduser().absolute() if args.key_file is not None else None
+    state_dir: Path | None = None
+    if args.state_dir is not None:
+        state_dir = args.state_dir.expanduser().absolute()
+    elif ip is not None:
+        try:
+            state_dir = default_state_dir(NodeAddress(ip, args.port)).absolute()
+        except ConfigError as exc:
+            problems += exc.problems
+    if ip is None or state_dir is None:
+        # No Config without this node's address or state dir; check what needs neither.
+        problems += check_script(script)
+        if state_dir is not None:
+            problems += check_state_dir(state_dir)
+        problems += timing.validate()
+        problems += check_key_file(key_file)
+        return None, problems
     restart: RestartPolicy = args.restart
-    level = logging.WARNING
+    level = LOG_LEVELS[args.log_level]
     if args.very_verbose:
         level = logging.DEBUG
     elif args.verbose:
         level = logging.INFO
+    log_format: LogFormat = args.log_format
     config = Config(
-        me=me,
+        me=NodeAddress(ip, args.port),
         peers=tuple(peers),
         peer_names=tuple(names),
-        state_dir=state_dir.expanduser().absolute(),
-        script=resolve_script(args.script) if args.script is not None else None,
+        state_dir=state_dir,
+        script=script,
         timing=timing,
-        key_file=args.key_file.expanduser().absolute() if args.key_file is not None else None,
+        key_file=key_file,
         restart=restart,
         log_level=level,
+        log_format=log_format,
     )
-    problems += config.validate()
-    if problems:
-        raise ConfigError(problems)
-    return config
+    return config, problems
+
+
+def timing_from_args(args: argparse.Namespace) -> Timing:
+    """The ``Timing`` of the parsed arguments, unchecked (``Timing.validate`` checks it)."""
+    return Timing(
+        heartbeat_interval_s=args.heartbeat_interval,
+        election_timeout_s=args.election_timeout,
+        stop_timeout_s=args.stop_timeout,
+        start_delay_s=args.start_delay,
+        kill_margin_s=args.kill_margin,
+    )
 
 
 def parse_bind(text: str) -> IPAddress:
@@ -381,23 +512,6 @@ def default_state_dir(me: NodeAddress) -> Path:
     return home / ".local" / "state" / "pyquorum" / name
 
 
-class _CliHandler(logging.StreamHandler):  # type: ignore[type-arg]
-    """Marks the handler main() installed, so a second main() in one process replaces it."""
-
-
-def configure_logging(level: int, node: str) -> None:
-    """Send the ``pyquorum`` loggers to stderr as ``<time> <LEVEL> node=<id> <message>``."""
-    logger = logging.getLogger(PROG)
-    for handler in list(logger.handlers):
-        if isinstance(handler, _CliHandler):
-            logger.removeHandler(handler)
-    handler = _CliHandler(sys.stderr)
-    node_text = node.replace("%", "%%")  # an IPv6 scope (fe80::1%eth0) is not a format field
-    handler.setFormatter(logging.Formatter(f"%(asctime)s %(levelname)s node={node_text} %(message)s"))
-    logger.addHandler(handler)
-    logger.setLevel(level)
-
-
 def _keygen(argv: list[str]) -> int:
     p = _Parser(
         prog=f"{PROG} keygen",
@@ -408,11 +522,11 @@ def _keygen(argv: list[str]) -> int:
     p.add_argument("--add", action="store_true", help="append a new key to an existing key file")
     p.add_argument("path", type=Path, metavar="PATH")
     args = p.parse_args(argv)
-    from pyquorum import keys
+    from pyquorum import keyfile
 
     path: Path = args.path.expanduser()
     try:
-        key_id = keys.keygen(path, add=args.add)
+        key_id = keyfile.keygen(path, add=args.add)
         mode = path.stat().st_mode
     except OSError as exc:
         _print_errors([f"{path}: {exc.strerror or exc}"])
@@ -455,6 +569,64 @@ def _demo(argv: list[str]) -> int:
     return demo.run(rounds=args.rounds, interval_s=args.interval, own_process=True, port=args.port)
 
 
+def _init(argv: list[str]) -> int:
+    config = load_config(
+        argv,
+        f"{PROG} init",
+        "Mark a node that has never run as new: it then votes at once, instead of waiting to hear "
+        "every member as a node without a state file does (it may have lost its state). Use it to "
+        "start a brand-new cluster while some of its servers are not running yet. Give the "
+        "daemon's own options. Never use it on a node that has run before: it could vote twice in "
+        "a term (docs/protocol.md §3.9, §8).",
+    )
+    from pyquorum.runtime.storage import PersistedState, StateStore
+
+    with StateStore(config.state_dir) as store:
+        if store.state_file.exists():
+            raise ConfigError(
+                [
+                    f"{store.state_file} exists: this node has run before, and 'init' is only for a "
+                    "node that never has; just start it"
+                ]
+            )
+        store.save(PersistedState(members=config.members))
+    print(f"{config.state_dir}: new node {config.node_id}, members {','.join(config.members)}")
+    return 0
+
+
+def _accept_members(argv: list[str]) -> int:
+    config = load_config(
+        argv,
+        f"{PROG} accept-members",
+        "Record a new member list in this node's state directory, so that the daemon starts with "
+        "it. Only after stopping pyquorum on enough servers that neither the old nor the new list "
+        "has a running majority, and waiting the election timeout plus the start delay "
+        "(docs/protocol.md §8). Give the daemon's own options with the NEW list.",
+    )
+    from pyquorum.runtime.storage import StateStore
+
+    with StateStore(config.state_dir) as store:  # refuses while this node's daemon runs
+        state = store.load()
+        if not store.state_file.exists():
+            raise ConfigError([f"{store.state_file} does not exist: nothing to change; just start the node"])
+        if state.members == config.members:
+            print(f"{config.state_dir}: members already {','.join(config.members)}")
+            return 0
+        store.save(replace(state, members=config.members))
+    old = ",".join(state.members) if state.members else "(not recorded)"
+    print(
+        f"{config.state_dir}: members {old} -> {','.join(config.members)}; start every server with "
+        "the new list"
+    )
+    return 0
+
+
+def _check_config(argv: list[str]) -> int:
+    from pyquorum import checkconfig
+
+    return checkconfig.run(argv)
+
+
 def _status(argv: list[str]) -> int:
     p = _Parser(
         prog=f"{PROG} status",
@@ -488,14 +660,14 @@ def _status(argv: list[str]) -> int:
         print(json.dumps(status, indent=2))
     else:
         print(format_status(status))
-    return 0 if _pid_alive(status.get("pid")) else 1
+    return 0 if pid_alive(status.get("pid")) else 1
 
 
 def format_status(status: dict[str, Any], now: float | None = None) -> str:
     """A status.json as aligned lines for a person to read."""
     now = time.monotonic() if now is None else now
     pid = status.get("pid")
-    daemon = f"pid {pid}, running" if _pid_alive(pid) else f"pid {pid}, NOT running (stale)"
+    daemon = f"pid {pid}, running" if pid_alive(pid) else f"pid {pid}, NOT running (stale)"
     script_pid = status.get("script_pid")
     lease = status.get("lease_remaining_s")
     updated = status.get("updated_monotonic")
@@ -514,7 +686,7 @@ def format_status(status: dict[str, Any], now: float | None = None) -> str:
     return "\n".join(f"{key:<9}{value}" for key, value in rows)
 
 
-def _pid_alive(pid: object) -> bool:
+def pid_alive(pid: object) -> bool:
     if not isinstance(pid, int) or isinstance(pid, bool) or pid <= 0:
         return False
     try:
@@ -554,7 +726,10 @@ def _count(text: str) -> int:
 
 
 _SUBCOMMANDS: dict[str, Callable[[list[str]], int]] = {
+    "check-config": _check_config,
     "keygen": _keygen,
     "demo": _demo,
     "status": _status,
+    "init": _init,
+    "accept-members": _accept_members,
 }

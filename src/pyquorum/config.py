@@ -18,13 +18,24 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, get_args
 
-from pyquorum import keys
+from pyquorum import keyfile
 from pyquorum.core.address import NodeAddress, sort_nodes
 from pyquorum.core.errors import ConfigError
 from pyquorum.core.lease import Timing
 
 RestartPolicy = Literal["on-failure", "always", "never"]
 RESTART_POLICIES: tuple[str, ...] = get_args(RestartPolicy)
+
+# How log lines are written (runtime/logs.py): text for people and journald, json for collectors.
+LogFormat = Literal["text", "json"]
+LOG_FORMATS: tuple[str, ...] = get_args(LogFormat)
+# --log-level and the configuration file's log_level; -v is "info", -vv is "debug".
+LOG_LEVELS: dict[str, int] = {
+    "debug": logging.DEBUG,
+    "info": logging.INFO,
+    "warning": logging.WARNING,
+    "error": logging.ERROR,
+}
 
 # What happens when the script exits on its own while this node is master (the supervisor applies it):
 # on-failure restarts it after a non-zero exit or a signal, always restarts it after any exit, never
@@ -74,6 +85,7 @@ class Config:
     """Resign after this many script failures within ``failure_window_s``."""
     failure_window_s: float = DEFAULT_FAILURE_WINDOW_S
     log_level: int = logging.WARNING
+    log_format: LogFormat = "text"
 
     @property
     def node_id(self) -> str:
@@ -117,18 +129,19 @@ class Config:
         given = self.peer_names[index] if index < len(self.peer_names) else resolved
         return given if given == resolved else f"{given} ({resolved})"
 
-    def validate(self) -> list[str]:
+    def validate(self, *, check_port: bool = True) -> list[str]:
         """Every reason this node cannot start, each with what to do; empty when it can.
 
-        Call it before the daemon binds its socket: it also reports a port that is already in use.
+        Call it before the daemon binds its socket: it also reports a port that is already in use,
+        unless ``check_port`` is false (``check-config`` next to this node's running daemon).
         """
         problems: list[str] = []
         problems += self._check_members()
-        problems += self._check_bind()
-        problems += self._check_script()
-        problems += self._check_state_dir()
+        problems += self._check_bind(check_port)
+        problems += check_script(self.script)
+        problems += check_state_dir(self.state_dir)
         problems += self.timing.validate()
-        problems += self._check_key_file()
+        problems += check_key_file(self.key_file)
         problems += self._check_restart()
         return problems
 
@@ -181,7 +194,7 @@ class Config:
                 )
         return problems
 
-    def _check_bind(self) -> list[str]:
+    def _check_bind(self, check_port: bool) -> list[str]:
         ip = self.me.ip
         if ip.is_unspecified or ip.is_multicast:
             return [
@@ -190,59 +203,12 @@ class Config:
             ]
         family = socket.AF_INET6 if ip.version == 6 else socket.AF_INET
         # Binding (ip, 0) proves the address is local without touching the port; nothing is sent.
-        for port in (0, self.me.port):
+        for port in (0, self.me.port) if check_port else (0,):
             with socket.socket(family, socket.SOCK_DGRAM) as sock:
                 try:
                     sock.bind((str(ip), port))
                 except OSError as exc:
                     return [_bind_problem(self.me, port, exc)]
-        return []
-
-    def _check_script(self) -> list[str]:
-        if self.script is None:
-            return []
-        path = self.script
-        if not os.path.isabs(path):
-            return [f"script {path!r} must be an absolute path"]
-        if not os.path.exists(path):
-            return [f"script {path} does not exist: check the -s/--script path"]
-        if not os.path.isfile(path):
-            return [f"script {path} is not a regular file: -s/--script takes an executable file"]
-        if not os.access(path, os.X_OK):
-            return [f"script {path} is not executable: run 'chmod +x {path}'"]
-        return []
-
-    def _check_state_dir(self) -> list[str]:
-        state_dir = self.state_dir
-        if state_dir.exists():
-            if not state_dir.is_dir():
-                return [f"state dir {state_dir} exists but is not a directory: use --state-dir"]
-            if not os.access(state_dir, os.W_OK | os.X_OK):
-                return [
-                    f"state dir {state_dir} is not writable by this user: fix its permissions "
-                    "or use --state-dir"
-                ]
-            return []
-        # It will be created; the nearest existing ancestor must let us do that.
-        ancestor = state_dir.parent
-        while not ancestor.exists() and ancestor != ancestor.parent:
-            ancestor = ancestor.parent
-        if not ancestor.is_dir() or not os.access(ancestor, os.W_OK | os.X_OK):
-            return [
-                f"state dir {state_dir} cannot be created ({ancestor} is not a writable "
-                "directory): create it, or use --state-dir"
-            ]
-        return []
-
-    def _check_key_file(self) -> list[str]:
-        if self.key_file is None:
-            return []
-        try:
-            keys.load_keyring(self.key_file)
-        except ConfigError as exc:
-            return list(exc.problems)
-        except OSError as exc:
-            return [f"key file {self.key_file}: {exc.strerror or exc}"]
         return []
 
     def _check_restart(self) -> list[str]:
@@ -261,6 +227,57 @@ class Config:
         if not self.failure_window_s > 0:
             problems.append(f"failure window must be positive (got {self.failure_window_s})")
         return problems
+
+
+def check_script(script: str | None) -> list[str]:
+    """Problems of the script path (absolute, as ``Config.script``); None has none."""
+    if script is None:
+        return []
+    path = script
+    if not os.path.isabs(path):
+        return [f"script {path!r} must be an absolute path"]
+    if not os.path.exists(path):
+        return [f"script {path} does not exist: check the -s/--script path"]
+    if not os.path.isfile(path):
+        return [f"script {path} is not a regular file: -s/--script takes an executable file"]
+    if not os.access(path, os.X_OK):
+        return [f"script {path} is not executable: run 'chmod +x {path}'"]
+    return []
+
+
+def check_state_dir(state_dir: Path) -> list[str]:
+    """Problems of a state dir: it must be a writable directory, or creatable."""
+    if state_dir.exists():
+        if not state_dir.is_dir():
+            return [f"state dir {state_dir} exists but is not a directory: use --state-dir"]
+        if not os.access(state_dir, os.W_OK | os.X_OK):
+            return [
+                f"state dir {state_dir} is not writable by this user: fix its permissions or use --state-dir"
+            ]
+        return []
+    # It will be created; the nearest existing ancestor must let us do that.
+    ancestor = state_dir.parent
+    while not ancestor.exists() and ancestor != ancestor.parent:
+        ancestor = ancestor.parent
+    if not ancestor.is_dir() or not os.access(ancestor, os.W_OK | os.X_OK):
+        return [
+            f"state dir {state_dir} cannot be created ({ancestor} is not a writable "
+            "directory): create it, or use --state-dir"
+        ]
+    return []
+
+
+def check_key_file(key_file: Path | None) -> list[str]:
+    """Problems of a key file: missing, unreadable, malformed or readable by others."""
+    if key_file is None:
+        return []
+    try:
+        keyfile.load_keyring(key_file)
+    except ConfigError as exc:
+        return list(exc.problems)
+    except OSError as exc:
+        return [f"key file {key_file}: {exc.strerror or exc}"]
+    return []
 
 
 def _bind_problem(me: NodeAddress, port: int, exc: OSError) -> str:

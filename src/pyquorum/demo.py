@@ -4,12 +4,13 @@ Each node is a real daemon (``python -m pyquorum``) in its own session, with a t
 shared key file and a sample script that prints its fencing token every second. The demo follows the
 nodes through their status.json files (see ``runtime.storage.STATUS_KEYS``), kills the master's daemon
 with SIGKILL, measures the time until another node's status shows its script running, then restarts
-the killed node, and does it again every ``interval_s`` until Ctrl-C (or ``rounds`` failovers).
+the killed node, and does it again every ``interval_s`` until Ctrl-C (or ``rounds`` failovers). This
+module is the story; starting, observing and sweeping the daemons is ``pyquorum._localcluster``, which
+the test harness shares.
 
 Whatever happens, it leaves nothing behind: daemons get SIGTERM then SIGKILL to their process group and
-are reaped; then every process that carries this demo's marker in its environment (the daemons'
-guards and scripts inherit it) or its temp dir in its command line is killed; then the temp dir is
-removed. Linux only (it reads /proc for that sweep).
+are reaped; then every process that carries this demo's tag in its environment (the daemons' guards and
+scripts inherit it) is killed; then the temp dir is removed. Linux only (it reads /proc for that sweep).
 """
 
 from __future__ import annotations
@@ -20,7 +21,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -28,20 +28,20 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
 from typing import IO, Any, TypeVar
 
-import pyquorum
-from pyquorum import keys
+from pyquorum import keyfile
+from pyquorum._localcluster import LocalCluster, Node, alive, daemon_argv, free_udp_ports
+from pyquorum.core.address import DEFAULT_PORT
 from pyquorum.core.lease import Timing
-from pyquorum.runtime.storage import STATUS_FILE_NAME, read_status
+
+__all__ = ["SAMPLE_SCRIPT", "DemoFailed", "free_udp_ports", "run"]
 
 HOST = "127.0.0.1"
-PREFERRED_PORT = 51621
+PREFERRED_PORT = DEFAULT_PORT
 NODE_COUNT = 3
-MARKER_VAR = "PYQUORUM_DEMO"
 # Generous bounds for a loaded laptop or CI runner; the default timing elects in about 1-2 s.
 ELECTION_WAIT_S = 30.0
 RESTART_GRACE_S = 5.0
@@ -84,29 +84,6 @@ class _Stopped(Exception):
     """Ctrl-C or SIGTERM: stop the demo and clean up."""
 
 
-@dataclass
-class _Node:
-    name: str
-    port: int
-    state_dir: Path
-    log_path: Path
-    proc: subprocess.Popen[bytes] | None = None
-    pump: threading.Thread | None = None
-    log_lock: threading.Lock = field(default_factory=threading.Lock)
-
-    def status(self) -> dict[str, Any] | None:
-        """This incarnation's status: None until the running daemon has written one."""
-        if self.proc is None or self.proc.poll() is not None:
-            return None
-        try:
-            status = read_status(self.state_dir / STATUS_FILE_NAME)
-        except (OSError, ValueError):
-            return None  # written atomically, so this is a bug elsewhere; keep polling
-        if status is None or status.get("pid") != self.proc.pid:
-            return None
-        return status
-
-
 def run(
     rounds: int = 0,
     interval_s: float = 8.0,
@@ -136,12 +113,13 @@ class _Demo:
         self.t0 = time.monotonic()
         self.stopping = False
         self.tmp: Path | None = None
-        self.nodes: list[_Node] = []
+        self.cluster: LocalCluster | None = None
+        self.nodes: list[Node] = []
+        self.pumps: list[threading.Thread] = []
         self.problems: list[str] = []
         self.timing = Timing()
-        self.rejoining: _Node | None = None
+        self.rejoining: Node | None = None
         self._commands: dict[str, list[str]] = {}
-        self._env: dict[str, str] = {}
 
     # -- the story ---------------------------------------------------------------------------
 
@@ -171,7 +149,7 @@ class _Demo:
         )
         for node in self.nodes:
             self._start(node)
-        master, status = self._wait_for(lambda: self._master(), ELECTION_WAIT_S, "a first master")
+        master, status = self._wait_for(self._master, ELECTION_WAIT_S, "a first master")
         self._say(
             f"{master.name} is master (term {status['term']}), running the sample script "
             f"(pid {status['script_pid']})"
@@ -180,14 +158,14 @@ class _Demo:
         next_kill = time.monotonic() + self.first_kill_after_s
         while self.rounds == 0 or len(failovers) < self.rounds:
             self._sleep_until(next_kill)
-            master, status = self._wait_for(lambda: self._master(), ELECTION_WAIT_S, "a master")
+            master, status = self._wait_for(self._master, ELECTION_WAIT_S, "a master")
             t_kill = time.monotonic()
             failovers.append(self._failover(master, status))
             next_kill = t_kill + self.interval_s
         median = statistics.median(failovers)
         self._say(f"done: {len(failovers)} failover(s), median {median:.2f} s, worst {max(failovers):.2f} s")
 
-    def _failover(self, victim: _Node, status: dict[str, Any]) -> float:
+    def _failover(self, victim: Node, status: dict[str, Any]) -> float:
         assert victim.proc is not None
         old_term, old_script = int(status["term"]), status.get("script_pid")
         self._say(
@@ -195,12 +173,13 @@ class _Demo:
             f"script (pid {old_script}) within --stop-timeout"
         )
         t_kill = time.monotonic()
+        victim.expect_exit = True
         victim.proc.kill()
         victim.proc.wait()
         script_gone_after: list[float] = []
 
-        def new_master() -> tuple[_Node, dict[str, Any]] | None:
-            if not script_gone_after and not _pid_alive(old_script):
+        def new_master() -> tuple[Node, dict[str, Any]] | None:
+            if not script_gone_after and not alive(old_script):
                 script_gone_after.append(time.monotonic() - t_kill)
             found = self._master()
             return found if found is not None and int(found[1]["term"]) > old_term else None
@@ -214,7 +193,7 @@ class _Demo:
         deadline = t_kill + self.timing.stop_timeout_s + RESTART_GRACE_S
         while not script_gone_after and time.monotonic() < deadline:
             self._sleep(0.02)
-            if not _pid_alive(old_script):
+            if not alive(old_script):
                 script_gone_after.append(time.monotonic() - t_kill)
         if script_gone_after:
             self._say(
@@ -237,68 +216,28 @@ class _Demo:
         script.write_text(f"#!{sys.executable}\n{SAMPLE_SCRIPT}", encoding="utf-8")
         script.chmod(0o755)
         key_file = self.tmp / "cluster.key"
-        keys.keygen(key_file)
-        ports = free_udp_ports(NODE_COUNT, self.port)
-        names = [f"{HOST}:{port}" for port in ports]
-        for i, port in enumerate(ports):
-            node_dir = self.tmp / f"node{i + 1}"
-            self.nodes.append(_Node(names[i], port, node_dir / "state", node_dir / "daemon.log"))
-            node_dir.mkdir()
-        self._commands = {
-            node.name: [
-                sys.executable,
-                "-m",
-                "pyquorum",
-                "-v",
-                "-b",
-                HOST,
-                "-p",
-                str(node.port),
-                "-s",
-                str(script),
-                "--state-dir",
-                str(node.state_dir),
-                "--key-file",
-                str(key_file),
-                *(other for other in names if other != node.name),
-            ]
-            for node in self.nodes
-        }
-        package_parent = str(Path(pyquorum.__file__).resolve().parent.parent)
-        path = os.environ.get("PYTHONPATH")
-        self._env = dict(
-            os.environ,
-            PYTHONPATH=package_parent + (os.pathsep + path if path else ""),
-            PYTHONUNBUFFERED="1",
-            **{MARKER_VAR: str(self.tmp)},
-        )
+        keyfile.keygen(key_file)
+        names = [f"{HOST}:{port}" for port in free_udp_ports(NODE_COUNT, self.port)]
+        self.cluster = LocalCluster(self.tmp, names, str(self.tmp), error=DemoFailed)
+        self.nodes = self.cluster.nodes
+        for node in self.nodes:
+            peers = [other for other in names if other != node.name]
+            node.argv = daemon_argv(node.name, peers, node.state_dir, script=script, key_file=key_file)
+        self._commands = {node.name: node.argv for node in self.nodes}
 
-    def _start(self, node: _Node) -> None:
-        if self.tmp is None:
-            raise DemoFailed("internal error: _start before _setup")
-        log = node.log_path.open("ab")
-        try:
-            node.proc = subprocess.Popen(
-                self._commands[node.name],
-                stdin=subprocess.DEVNULL,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-                env=self._env,
-                cwd=self.tmp,
-            )
-        except BaseException:
-            log.close()
-            raise
-        assert node.proc.stdout is not None
-        node.pump = threading.Thread(
-            target=self._pump, args=(node.proc.stdout, log), name=f"pump {node.name}", daemon=True
+    def _start(self, node: Node) -> None:
+        assert self.cluster is not None
+        self.cluster.spawn(node, subprocess.PIPE)
+        assert node.proc is not None and node.proc.stdout is not None
+        pump = threading.Thread(
+            target=self._pump, args=(node, node.proc.stdout), name=f"pump {node}", daemon=True
         )
-        node.pump.start()
+        self.pumps.append(pump)
+        pump.start()
 
-    def _pump(self, pipe: IO[bytes], log: IO[bytes]) -> None:
+    def _pump(self, node: Node, pipe: IO[bytes]) -> None:
         # Runs until every writer of the pipe is gone: the daemon, its guard and its script.
-        with pipe, log:
+        with pipe, node.log_path.open("ab") as log:
             for raw in pipe:
                 log.write(raw)
                 log.flush()
@@ -308,27 +247,14 @@ class _Demo:
 
     def _cleanup(self) -> None:
         self.stopping = True
-        running = [n.proc for n in self.nodes if n.proc is not None and n.proc.poll() is None]
-        # SIGTERM first: each daemon stops its script and resigns, as in production.
-        for proc in running:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGTERM)
-        deadline = time.monotonic() + self.timing.stop_timeout_s + RESTART_GRACE_S
-        for proc in running:
-            try:
-                proc.wait(timeout=max(0.0, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                # Still our unreaped child, so its pid (and process group id) cannot be reused.
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
-        if self.tmp is not None:
-            leftovers = _sweep(str(self.tmp))
+        if self.cluster is not None:
+            # SIGTERM first: each daemon stops its script and resigns, as in production.
+            self.cluster.stop(grace_s=self.timing.stop_timeout_s + RESTART_GRACE_S)
+            leftovers = self.cluster.sweep(timeout_s=3.0)
             if leftovers:
-                self._say(f"killed {leftovers} leftover process(es) of the demo")
-        for node in self.nodes:
-            if node.pump is not None:
-                node.pump.join(timeout=2.0)
+                self._say(f"killed {len(leftovers)} leftover process(es) of the demo")
+        for pump in self.pumps:
+            pump.join(timeout=2.0)
         if self.own_process:
             _reap_orphans()
             _set_child_subreaper(False)
@@ -338,29 +264,14 @@ class _Demo:
 
     # -- observing ---------------------------------------------------------------------------
 
-    def _master(self) -> tuple[_Node, dict[str, Any]] | None:
+    def _master(self) -> tuple[Node, dict[str, Any]] | None:
         """The node whose daemon says it is master and runs its script (highest term wins)."""
-        found = [
-            (node, status)
-            for node in self.nodes
-            if (status := node.status()) is not None
-            and status.get("role") == "master"
-            and isinstance(status.get("script_pid"), int)
-        ]
-        return max(found, key=lambda f: int(f[1]["term"]), default=None)
+        assert self.cluster is not None
+        return self.cluster.master_status()
 
     def _wait_for(self, probe: Callable[[], T | None], timeout_s: float, what: str) -> T:
-        deadline = time.monotonic() + timeout_s
-        while True:
-            result = probe()
-            if result is not None:
-                return result
-            for node in self.nodes:
-                if node.proc is not None and node.proc.poll() is not None and node.proc.returncode != -9:
-                    raise DemoFailed(f"the daemon of {node.name} exited with code {node.proc.returncode}")
-            if time.monotonic() > deadline:
-                raise DemoFailed(f"no {what} within {timeout_s:.0f} s")
-            self._sleep(0.02)
+        assert self.cluster is not None
+        return self.cluster.wait_for(probe, timeout_s, what, interval_s=0.02, sleep=self._sleep)
 
     def _sleep_until(self, moment: float) -> None:
         while (left := moment - time.monotonic()) > 0:
@@ -369,7 +280,10 @@ class _Demo:
 
     def _note_rejoin(self) -> None:
         node = self.rejoining
-        if node is None or (status := node.status()) is None or status.get("master") in (None, node.name):
+        if node is None or self.cluster is None:
+            return
+        status = self.cluster.status(node)
+        if status is None or status.get("master") in (None, node.name):
             return
         self.rejoining = None
         role, master, term = status.get("role"), status["master"], status["term"]
@@ -422,65 +336,3 @@ def _reap_orphans() -> None:
     with contextlib.suppress(ChildProcessError):
         while os.waitpid(-1, os.WNOHANG)[0] > 0:
             pass
-
-
-def free_udp_ports(count: int, preferred: int = PREFERRED_PORT) -> list[int]:
-    """``preferred`` and the ports after it if they are all free on 127.0.0.1, else (or if
-    ``preferred`` is 0) free ports chosen by the kernel, all held at once so they are distinct."""
-    wanted = list(range(preferred, preferred + count))
-    if preferred > 0 and wanted[-1] <= 65535 and all(_udp_port_free(port) for port in wanted):
-        return wanted
-    with contextlib.ExitStack() as stack:
-        socks = [stack.enter_context(socket.socket(socket.AF_INET, socket.SOCK_DGRAM)) for _ in range(count)]
-        for sock in socks:
-            sock.bind((HOST, 0))
-        return [int(sock.getsockname()[1]) for sock in socks]
-
-
-def _udp_port_free(port: int) -> bool:
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
-        try:
-            sock.bind((HOST, port))
-        except OSError:
-            return False
-    return True
-
-
-def _pid_alive(pid: object) -> bool:
-    # A zombie (exited, not yet reaped by its parent) no longer runs: count it as gone.
-    if not isinstance(pid, int) or pid <= 0:
-        return False
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text(encoding="ascii", errors="replace")
-    except OSError:
-        return False
-    return stat.rpartition(")")[2].split()[:1] != ["Z"]
-
-
-def _sweep(tmp: str) -> int:
-    """Kill every process that belongs to this demo (marker in its environment, or its temp dir in
-    its command line); return how many were found. Only our own user's processes are readable."""
-    marker = f"{MARKER_VAR}={tmp}".encode()
-    killed: set[int] = set()
-    deadline = time.monotonic() + 3.0
-    while time.monotonic() < deadline:
-        found = []
-        for entry in Path("/proc").iterdir() if Path("/proc").is_dir() else ():
-            if not entry.name.isdigit() or int(entry.name) == os.getpid():
-                continue
-            pid = int(entry.name)
-            try:
-                environ = (entry / "environ").read_bytes()
-                cmdline = (entry / "cmdline").read_bytes()
-            except OSError:
-                continue
-            if (marker in environ.split(b"\0") or tmp.encode() in cmdline) and _pid_alive(pid):
-                found.append(pid)
-        if not found:
-            break
-        for pid in found:
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.kill(pid, signal.SIGKILL)
-            killed.add(pid)
-        time.sleep(0.05)
-    return len(killed)

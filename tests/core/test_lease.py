@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from pyquorum.core.lease import Timing
+from pyquorum.core.lease import DEFAULT_KILL_MARGIN_S, MIN_KILL_MARGIN_S, Timing
 
 
 def test_default_and_tuned_profiles_are_valid() -> None:
@@ -47,3 +47,33 @@ def test_validate_rejects_heartbeat_too_slow_for_the_timeout() -> None:
 def test_validate_rejects_non_positive(field: str) -> None:
     problems = Timing(**{field: 0.0}).validate()
     assert problems and "positive" in problems[0]
+
+
+@pytest.mark.parametrize("kill_margin_s", [0.0, MIN_KILL_MARGIN_S / 2, -0.1, float("nan")])
+def test_validate_rejects_a_kill_margin_too_small_and_names_one_that_works(kill_margin_s: float) -> None:
+    """protocol.md §4.1, §4.4: K is the time the group has to die between SIGKILL and the deadline."""
+    (problem,) = Timing(kill_margin_s=kill_margin_s).validate()
+    assert problem.startswith("--kill-margin (")
+    fixed = float(problem.split("use --kill-margin ")[1].split()[0])
+    assert fixed == DEFAULT_KILL_MARGIN_S
+    assert Timing(kill_margin_s=fixed).validate() == []
+
+
+def test_validate_names_a_smaller_kill_margin_when_one_would_do() -> None:
+    (problem,) = Timing(kill_margin_s=0.2).validate()
+    assert "--kill-margin (0.2s)" in problem
+    fixed_k = float(problem.split("or --kill-margin ")[1].split()[0])
+    assert MIN_KILL_MARGIN_S <= fixed_k < 0.2
+    assert Timing(kill_margin_s=fixed_k).validate() == []
+    # When even the smallest allowed K would not do, none is named.
+    (problem,) = Timing(stop_timeout_s=5.0).validate()
+    assert "or --kill-margin" not in problem
+
+
+def test_liveness_bound_covers_two_timeouts_the_slots_and_a_failover() -> None:
+    """Reference: protocol.md §5.2: (2E + (N + 2)S + 4h)(1 + rho) + D + E."""
+    t = Timing()
+    assert t.liveness_bound_s(3) == pytest.approx((2 * 1.0 + 5 * 0.25 + 4 * 0.1) * 1.01 + 1.0)
+    assert t.liveness_bound_s(5) - t.liveness_bound_s(3) == pytest.approx(2 * t.slot_s * 1.01)
+    assert t.liveness_bound_s(1) > t.failover_bound_s()
+    assert Timing(start_delay_s=0.3).liveness_bound_s(3) == pytest.approx(t.liveness_bound_s(3) + 0.3)

@@ -17,7 +17,7 @@ from pyquorum.core.messages import (
     VoteRequest,
     VoteResponse,
 )
-from pyquorum.core.node import HardState, Node, Ready, Role, StartScript, StopScript
+from pyquorum.core.node import UNKNOWN_VOTE, EventKind, HardState, Node, Ready, Role, StartScript, StopScript
 
 A, B, C = "127.0.0.1:51621", "127.0.0.2:51621", "127.0.0.3:51621"
 T = Timing()
@@ -54,7 +54,7 @@ def test_vote_is_persisted_in_the_same_ready_as_the_grant() -> None:
     n = node()
     n.step(A, VoteRequest(1), E + 0.1)
     rd = drain(n)
-    assert rd.hard_state == HardState(1, A)
+    assert rd.hard_state == HardState(1, A, promise_s=E)
     assert replies(rd, A) == [VoteResponse(1, True)]
 
 
@@ -98,6 +98,7 @@ def test_live_master_makes_voters_sticky() -> None:
 def test_prevote_changes_no_state() -> None:
     """Reference: protocol.md §3.3."""
     n = node()
+    assert drain(n).hard_state == HardState(0, None, promise_s=E)  # a new node records its promise (§3.6)
     n.step(A, PreVoteRequest(9), E + 0.1)
     rd = drain(n)
     assert rd.hard_state is None and n.term == 0 and n.voted_for is None
@@ -119,7 +120,7 @@ def elect(me: str = A) -> Node:
     assert n.status().role is Role.PRECANDIDATE
     n.step(B, PreVoteResponse(1, True, 0), t)
     rd = drain(n)
-    assert n.role is Role.CANDIDATE and rd.hard_state == HardState(1, A)
+    assert n.role is Role.CANDIDATE and rd.hard_state == HardState(1, A, promise_s=E)
     assert VoteRequest(1) in replies(rd, B)
     n.step(B, VoteResponse(1, True), t)
     drain(n)
@@ -175,7 +176,7 @@ def test_master_renews_the_kill_deadline_and_steps_down_in_time() -> None:
     (stop,) = rd.script
     assert isinstance(stop, StopScript)
     assert stop.kill_deadline - (t + T.stop_begin_s) == pytest.approx(T.stop_timeout_s + T.kill_margin_s)
-    assert any("lost quorum" in e.text for e in rd.events)
+    assert any(e.kind is EventKind.STEPPED_DOWN and e.get("reason") == "lost_quorum" for e in rd.events)
 
 
 def test_shutdown_resigns_only_after_the_script_is_reaped() -> None:
@@ -229,6 +230,145 @@ def test_core_rejects_misuse() -> None:
 
 def test_messages_from_strangers_and_self_are_ignored() -> None:
     n = node()
+    drain(n)  # the new node's promise (§3.6)
     n.step("127.0.0.9:51621", VoteRequest(3), E + 1)
     n.step(B, VoteRequest(3), E + 1)
     assert drain(n).empty() and n.term == 0
+
+
+# ---- protocol.md §3.7: only a master resigns
+
+
+def test_resign_on_a_slave_changes_nothing() -> None:
+    """Reference: protocol.md §3.7: a follower's stickiness is what its master's lease counts on."""
+    n = node()
+    n.step(A, Heartbeat(1, True, 1), E + 0.1)
+    drain(n)
+    assert not n.resign(E + 0.2, "script keeps failing")
+    rd = drain(n)
+    assert rd.empty() and n.master == A and n._sticky(E + 0.3) == "live master"
+    n.step(C, PreVoteRequest(2), E + 0.3)
+    assert replies(drain(n), C) == [PreVoteResponse(2, False, 1)]
+
+
+def elect_with_script(me: str = A) -> Node:
+    n = elect(me)
+    n.tick(E)  # the first heartbeat round
+    drain(n)
+    n.step(B, HeartbeatResponse(1, n.round), E)  # acknowledged: the lease starts, and the script
+    assert any(isinstance(a, StartScript) for a in drain(n).script)
+    return n
+
+
+def test_master_deposed_while_resigning_keeps_its_new_masters_stickiness() -> None:
+    """Reference: protocol.md §3.7: it finishes leaving as the follower of the new master."""
+    n = elect_with_script(A)
+    assert n.resign(E + 0.1, "script keeps failing")
+    assert any(isinstance(a, StopScript) for a in drain(n).script)
+    n.step(B, Heartbeat(2, True, 1), E + 0.2)  # B won term 2 while our script was stopping
+    drain(n)
+    assert n.role is Role.SLAVE and n.master == B
+    n.script_stopped(E + 0.3)
+    rd = drain(n)
+    assert not any(isinstance(m, Resign) for _, m in rd.messages)  # term 1 is not ours to resign now
+    assert n._sticky(E + 0.4) == "live master"
+    n.step(C, PreVoteRequest(3), E + 0.4)
+    assert replies(drain(n), C) == [PreVoteResponse(3, False, 2)]
+
+
+# ---- protocol.md §3.6: the embargo covers the previous run's promise
+
+
+def test_restart_embargo_covers_the_previous_runs_promise() -> None:
+    """Reference: protocol.md §3.6: after lowering E from 1 s to 0.2 s, a restarted node still waits
+    out the 1 s it may have promised a master of the old timing."""
+    tuned = Timing(heartbeat_interval_s=0.02, election_timeout_s=0.2, stop_timeout_s=0.1)
+    n = Node(B, [A, B, C], tuned, now=100.0, rng=random.Random(0), hard_state=HardState(3, None, 1.0))
+    assert n.embargo_s == pytest.approx(1.0)
+    assert drain(n).hard_state is None  # the larger promise stays on disk until it is waited out
+    n.step(A, VoteRequest(4), 100.5)
+    assert replies(drain(n), A) == [VoteResponse(3, False)]
+    n.tick(101.01)
+    assert drain(n).hard_state == HardState(3, None, promise_s=0.2)  # now this run's own E + D
+    n.step(A, VoteRequest(4), 101.02)
+    assert replies(drain(n), A) == [VoteResponse(4, True)]
+
+
+def test_restart_embargo_is_this_runs_own_when_the_timing_was_raised() -> None:
+    n = Node(
+        B,
+        [A, B, C],
+        Timing(election_timeout_s=2.0),
+        now=0.0,
+        rng=random.Random(0),
+        hard_state=HardState(3, None, 1.0),
+    )
+    assert n.embargo_s == 2.0 and drain(n).hard_state == HardState(3, None, promise_s=2.0)
+
+
+# ---- protocol.md §3.9: a node that lost its state
+
+
+def recovering(me: str = B, now: float = 0.0) -> Node:
+    return Node(me, [A, B, C], T, now=now, rng=random.Random(0), hard_state=HardState(recovering=True))
+
+
+def test_recovering_node_grants_nothing_until_it_heard_every_member() -> None:
+    """Reference: protocol.md §3.9."""
+    n = recovering()
+    t = 10 * E
+    n.step(C, VoteRequest(1), t)
+    assert replies(drain(n), C) == [VoteResponse(0, False)]
+    n.step(C, PreVoteRequest(1), t)
+    assert replies(drain(n), C) == [PreVoteResponse(1, False, 0)]
+    assert n.next_wakeup() <= t + T.heartbeat_interval_s and n._election_due_at() == float("inf")
+    n.step(A, Heartbeat(0, False), t + 0.1)  # now every member has been heard: A at term 0, C at 1
+    rd = drain(n)
+    assert not n.recovering and rd.hard_state == HardState(1, UNKNOWN_VOTE, promise_s=E)
+    n.step(C, VoteRequest(1), t + 0.2)  # it may have voted in term 1 before its state was lost
+    assert replies(drain(n), C) == [VoteResponse(1, False)]
+    n.step(C, VoteRequest(2), t + 0.3)
+    assert replies(drain(n), C) == [VoteResponse(2, True)]
+
+
+def test_recovered_node_votes_for_nobody_in_the_highest_term_it_heard() -> None:
+    """Reference: protocol.md §3.9: it may have voted in that term before it lost its state."""
+    n = recovering()
+    t = 10 * E
+    n.step(C, PreVoteRequest(6), t)  # C is at term 5
+    n.step(A, Heartbeat(5, False), t)
+    drain(n)
+    assert n.term == 5 and n.voted_for == UNKNOWN_VOTE
+    n.step(C, VoteRequest(5), t + 0.1)
+    assert replies(drain(n), C) == [VoteResponse(5, False)]
+    n.step(C, VoteRequest(6), t + 0.2)
+    assert replies(drain(n), C) == [VoteResponse(6, True)]
+
+
+def test_recovering_is_persisted_until_done() -> None:
+    """A crash while recovering must not make the next run believe its state is intact."""
+    n = recovering()
+    n.step(A, Heartbeat(3, True, 1), 10 * E)
+    rd = drain(n)
+    assert rd.hard_state == HardState(3, None, promise_s=E, recovering=True)
+    assert replies(rd, A) == [HeartbeatResponse(3, 1)]  # it still follows and acknowledges a master
+
+
+# ---- protocol.md §3.3: demotion after a lost lease
+
+
+def test_master_that_lost_its_lease_proposes_last() -> None:
+    """Reference: protocol.md §3.3."""
+    n = elect_with_script(A)
+    stop = T.stop_at(n.lease_start or 0.0)
+    n.tick(stop + 0.001)
+    drain(n)
+    assert n.role is Role.SLAVE
+    due = n._election_due_at()
+    for peer in (B, C):
+        n.step(peer, Heartbeat(1, False), due)
+    n.tick(due)
+    drain(n)
+    # three live members: ranks 0..2 are slots 0..2, and A, the lowest, would go at once; demoted, it
+    # waits three slots, after both others
+    assert n.role is Role.SLAVE and n.attempt_at == pytest.approx(due + 3 * T.slot_s)

@@ -1,15 +1,16 @@
 """The checker: what happened in one scenario, from its files alone, and whether it was allowed.
 
-Inputs, all in the scenario's directory (``cluster.py`` and ``workload.py`` write them):
-``meta.json`` (hosts, timing), ``workload.log`` (every line every script wrote), ``exits.log`` (when
-each script process was gone), ``register.log`` (every write the fencing register saw, in lock
-order), ``faults.jsonl`` (every step the harness took, with the network and process state after it)
-and ``h<i>.log`` (the daemons' logs). ``check(dir)`` returns a ``Report``; nothing here touches a
+Inputs, all in the scenario's directory (tests/harness and scenarios.py write them): ``meta.json``
+(nodes, timing), ``workload.log`` (every line every script wrote), ``exits.log`` (when each script
+process was gone), ``register.log`` (every write the fencing register saw, in lock order),
+``faults.jsonl`` (every step the harness took, with the network and process state after it; nodes
+by name) and ``h<i>.log`` (the daemons' logs). ``check(dir)`` returns a ``Report``; nothing here touches a
 process or the network, so the checker is tested on made-up histories (test_checker.py) and a failed
 scenario can be checked again from its saved directory: ``python -m tests.netns.checker DIR``.
 
-What a run is. A script run starts at its first line (before that it has done nothing) and ends when
-its process has exited, as seen by the harness's pidfd monitor: never earlier than the true exit, so
+What a run is (tests/harness/runs.py, which also has the overlap and fencing rules the loopback tests
+use). A script run starts at its first line (before that it has done nothing) and ends when its
+process has exited, as seen by the harness's pidfd monitor: never earlier than the true exit, so
 overlaps can be over-reported (by the monitor's latency) but not missed.
 
 The properties (protocol.md §6), each a line in ``Report.problems`` when violated:
@@ -20,8 +21,8 @@ The properties (protocol.md §6), each a line in ``Report.problems`` when violat
   ``G + K + HOST_RESUME_SLACK_S`` after the host resumed; there only fencing protects the resource;
 - **fencing** (P5, §3.8): from one run to the next (by start) the token increases, or stays equal for
   a restart on the same host after the earlier run ended; a token is never used by two hosts (P1);
-  the register never accepts a token lower than one it accepted before; ``stale_rejected`` counts the
-  writes it refused;
+  the register never accepts a token lower than one it accepted before (nor refuses a current one);
+  ``stale_rejected`` counts the writes it refused; every run has its start line;
 - **minority** (P6, §4.2): a host that cannot renew a lease from ``t`` on (cut off from a majority,
   or its daemon frozen or killed; ``t`` is the harness time after the fault was in force) writes no
   line after ``t + L_kill`` until the heal began, and its run has ended by then (plus
@@ -29,7 +30,8 @@ The properties (protocol.md §6), each a line in ``Report.problems`` when violat
   majority, so its kill deadline is at most ``t + L_kill``;
 - **failover** (§5.1): after each fault that should cause one, the first run that starts after the
   fault (measured from the moment before the fault, so never too short) starts within its bound;
-- **recovery** (§5.2): after each complete heal, a script runs within ``liveness_bound`` + allowances;
+- **recovery** (§5.2): after each complete heal, a script runs within ``Timing.liveness_bound_s`` plus
+  allowances;
 - **stable**: in a scenario marked stable (no faults, 5% loss), no run starts or ends between the
   "steady" mark and the shutdown, and there was exactly one election;
 - **logs**: no ``Traceback``, ``event=internal_error`` or ``event=fatal`` in any daemon log, and every
@@ -43,7 +45,6 @@ a script ran.
 
 from __future__ import annotations
 
-import itertools
 import json
 import math
 import re
@@ -54,6 +55,7 @@ from typing import Any
 
 from pyquorum.core.lease import Timing
 from pyquorum.core.quorum import quorum_size
+from tests.harness.runs import Entry, Run, overlaps, read_register, read_runs, run_problems
 
 # The monitor sees an exit within a few ms (its poll wakes at once); allow for a loaded machine.
 MONITOR_SLACK_S = 0.1
@@ -65,22 +67,6 @@ SPAWN_ALLOWANCE_S = 0.3
 # A daemon restarted by a heal first has to start: an interpreter importing pyquorum, 0.1-0.5 s loaded.
 DAEMON_START_ALLOWANCE_S = 1.0
 _LOG_ALARMS = ("Traceback", "event=internal_error", "event=fatal")
-
-
-@dataclass
-class Run:
-    host: str
-    pid: int
-    token: int
-    start: float
-    last: float
-    lines: int = 0
-    end: float | None = None
-    end_how: str = ""
-    events: list[str] = field(default_factory=list)
-
-    def end_or_inf(self) -> float:
-        return math.inf if self.end is None else self.end
 
 
 @dataclass
@@ -132,49 +118,7 @@ def timing_of(meta: dict[str, Any]) -> Timing:
     )
 
 
-def liveness_bound_s(timing: Timing, n: int) -> float:
-    """protocol.md §5.2 (tests/sim/nemesis.py ``liveness_bound``): every node up, network healthy."""
-    e, s, h = timing.election_timeout_s, timing.slot_s, timing.heartbeat_interval_s
-    return (2 * e + (n + 2) * s + 4 * h) * (1 + timing.drift_bound) + timing.start_delay_s + e
-
-
 # ---- reading ------------------------------------------------------------------------------------
-
-
-def read_runs(directory: Path) -> list[Run]:
-    runs: dict[int, Run] = {}
-    for raw in (directory / "workload.log").read_text(errors="replace").splitlines():
-        parts = raw.split()
-        if len(parts) != 5:
-            continue
-        host, pid, t, token, event = parts[0], int(parts[1]), float(parts[2]), int(parts[3]), parts[4]
-        run = runs.get(pid)
-        if run is None:
-            run = runs[pid] = Run(host, pid, token, t, t)
-        run.start = min(run.start, t)
-        run.last = max(run.last, t)
-        run.lines += 1
-        if event != "tick":
-            run.events.append(event)
-    exits = directory / "exits.log"
-    if exits.exists():
-        for raw in exits.read_text().splitlines():
-            parts = raw.split()
-            if len(parts) == 3 and int(parts[0]) in runs:
-                run = runs[int(parts[0])]
-                run.end, run.end_how = float(parts[1]), parts[2]
-    return sorted(runs.values(), key=lambda r: r.start)
-
-
-def read_register(directory: Path) -> list[tuple[float, str, int, int, str]]:
-    path = directory / "register.log"
-    entries = []
-    if path.exists():
-        for raw in path.read_text(errors="replace").splitlines():
-            parts = raw.split()
-            if len(parts) == 5:
-                entries.append((float(parts[0]), parts[1], int(parts[2]), int(parts[3]), parts[4]))
-    return entries
 
 
 def read_faults(directory: Path) -> list[dict[str, Any]]:
@@ -242,11 +186,11 @@ def _check_injection(report: Report, steps: list[dict[str, Any]]) -> None:
             report.evidence.append(f"{f['name']}: {evidence}")
 
 
-def _host_pauses(steps: list[dict[str, Any]], host: str) -> list[tuple[float, float]]:
-    """Intervals during which ``host`` was paused as a whole (protocol.md §4.5)."""
+def _host_pauses(steps: list[dict[str, Any]], node: str) -> list[tuple[float, float]]:
+    """Intervals during which ``node`` was paused as a whole host (protocol.md §4.5)."""
     spans = []
     for f in _faults(steps):
-        if f.get("whole_host_pause") and f"h{f['hosts'][0]}" == host:
+        if f.get("whole_host_pause") and f["hosts"][0] == node:
             heal = _heal_of(steps, f["id"])
             spans.append((f["t_before"], heal["t"] if heal else math.inf))
     return spans
@@ -254,65 +198,35 @@ def _host_pauses(steps: list[dict[str, Any]], host: str) -> list[tuple[float, fl
 
 def _check_overlap(report: Report, runs: list[Run], steps: list[dict[str, Any]], timing: Timing) -> None:
     excuse_s = timing.stop_timeout_s + timing.kill_margin_s + HOST_RESUME_SLACK_S
-    for i, a in enumerate(runs):
-        if a.end is None:
-            report.problems.append(f"run {a.host}/{a.pid} token {a.token}: no exit was ever seen")
-        for b in runs[i + 1 :]:  # b.start >= a.start
-            if b.start >= a.end_or_inf():
-                continue
-            overlap_ms = (min(a.end_or_inf(), b.end_or_inf()) - b.start) * 1000
-            what = (
-                f"overlap {overlap_ms:.1f} ms: {a.host}/{a.pid} token {a.token} "
-                f"[{a.start:.3f}, {a.end_or_inf():.3f}] and {b.host}/{b.pid} token {b.token} "
-                f"[{b.start:.3f}, {b.end_or_inf():.3f}]"
-            )
-            excused = any(
-                a.start < p0 < b.start and a.end_or_inf() <= p1 + excuse_s
-                for p0, p1 in _host_pauses(steps, a.host)
-            )
-            if excused:
-                report.excused_overlaps += 1
-                report.notes.append(
-                    f"{what}: {a.host} was paused as a whole (protocol.md §4.5, fencing only)"
-                )
-            else:
-                report.overlaps += 1
-                report.problems.append(what)
-
-
-def _check_fencing(report: Report, runs: list[Run], register: list[tuple[float, str, int, int, str]]) -> None:
-    for a, b in itertools.pairwise(runs):
-        if b.token > a.token:
-            continue
-        if b.token == a.token and b.host == a.host and a.end is not None and a.end <= b.start:
-            continue  # protocol.md §3.8: a restart by the same master in the same term
-        report.problems.append(
-            f"fencing: run {b.host}/{b.pid} token {b.token} started at {b.start:.3f} after "
-            f"{a.host}/{a.pid} token {a.token}"
+    report.problems += [
+        f"run {r.node}/{r.pid} token {r.token}: no exit was ever seen" for r in runs if r.alive
+    ]
+    for a, b in overlaps(runs):
+        overlap_ms = (min(a.end_or_inf, b.end_or_inf) - b.start) * 1000
+        what = (
+            f"overlap {overlap_ms:.1f} ms: {a.node}/{a.pid} token {a.token} "
+            f"[{a.start:.3f}, {a.end_or_inf:.3f}] and {b.node}/{b.pid} token {b.token} "
+            f"[{b.start:.3f}, {b.end_or_inf:.3f}]"
         )
-    owner: dict[int, str] = {}
-    for r in runs:
-        if owner.setdefault(r.token, r.host) != r.host:
-            report.problems.append(f"two masters of term {r.token}: {owner[r.token]} and {r.host} (P1)")
-    highest = -1
-    for t, host, pid, token, verdict in register:
-        if verdict == "accept":
-            if token < highest:
-                report.problems.append(
-                    f"register accepted token {token} from {host}/{pid} at {t:.3f} after token {highest}"
-                )
-            highest = max(highest, token)
+        excused = any(
+            a.start < p0 < b.start and a.end_or_inf <= p1 + excuse_s for p0, p1 in _host_pauses(steps, a.node)
+        )
+        if excused:
+            report.excused_overlaps += 1
+            report.notes.append(f"{what}: {a.node} was paused as a whole (protocol.md §4.5, fencing only)")
         else:
-            report.stale_rejected += 1
-            if token >= highest:
-                report.problems.append(
-                    f"register refused a current token {token} from {host}/{pid} at {t:.3f}"
-                )
+            report.overlaps += 1
+            report.problems.append(what)
+
+
+def _check_fencing(report: Report, runs: list[Run], register: list[Entry]) -> None:
+    report.problems += run_problems(runs, register)
+    report.stale_rejected = sum(1 for *_, verdict in register if verdict != "accept")
 
 
 def _check_minority(report: Report, runs: list[Run], steps: list[dict[str, Any]], timing: Timing) -> None:
     for f in _faults(steps):
-        minority = [f"h{h}" for h in f.get("minority", [])]
+        minority = f.get("minority", [])
         if not minority:
             continue
         deadline = f["t"] + timing.lease_kill_s
@@ -323,20 +237,20 @@ def _check_minority(report: Report, runs: list[Run], steps: list[dict[str, Any]]
             continue
         report.minority_checks += 1
         for r in runs:
-            if r.host not in minority or r.start >= until or r.end_or_inf() < f["t_before"]:
+            if r.node not in minority or r.start >= until or r.end_or_inf < f["t_before"]:
                 continue
             if r.last > deadline:
                 report.problems.append(
-                    f"minority: {r.host}/{r.pid} (token {r.token}) wrote at {r.last:.3f}, after its "
+                    f"minority: {r.node}/{r.pid} (token {r.token}) wrote at {r.last:.3f}, after its "
                     f"deadline {deadline:.3f} ({f['name']} at {f['t']:.3f}, healed at {until:.3f})"
                 )
-            elif r.end_or_inf() > deadline + MONITOR_SLACK_S:
+            elif r.end_or_inf > deadline + MONITOR_SLACK_S:
                 report.problems.append(
-                    f"minority: {r.host}/{r.pid} (token {r.token}) still alive at {r.end_or_inf():.3f}, "
+                    f"minority: {r.node}/{r.pid} (token {r.token}) still alive at {r.end_or_inf:.3f}, "
                     f"after its deadline {deadline:.3f} ({f['name']})"
                 )
             else:
-                margin_ms = round((deadline - r.end_or_inf()) * 1000, 1)
+                margin_ms = round((deadline - r.end_or_inf) * 1000, 1)
                 if report.minority_margin_ms is None or margin_ms < report.minority_margin_ms:
                     report.minority_margin_ms = margin_ms
 
@@ -359,7 +273,7 @@ def _check_failover(report: Report, runs: list[Run], steps: list[dict[str, Any]]
         if bound is not None and took > bound:
             report.problems.append(
                 f"failover after {f['name']}: {took * 1000:.0f} ms > bound {bound * 1000:.0f} ms "
-                f"(first run: {later[0].host} token {later[0].token})"
+                f"(first run: {later[0].node} token {later[0].token})"
             )
 
 
@@ -371,10 +285,10 @@ def _check_recovery(
     worst: float | None = None
     for s in (s for s in steps if s["kind"] == "healed_all"):
         t = s["t"]
-        bound = liveness_bound_s(timing, n) + SPAWN_ALLOWANCE_S
+        bound = timing.liveness_bound_s(n) + SPAWN_ALLOWANCE_S
         if s.get("restarted"):
             bound += DAEMON_START_ALLOWANCE_S
-        if any(r.start <= t < r.end_or_inf() and r.last >= t - 0.1 for r in runs):
+        if any(r.start <= t < r.end_or_inf and r.last >= t - 0.1 for r in runs):
             took = 0.0
         else:
             later = [r for r in runs if r.start > t]
@@ -391,6 +305,7 @@ def _check_recovery(
 
 
 def _healthy(step: dict[str, Any], n: int) -> bool:
+    """Some running, unpaused daemon hears and is heard by enough others to make a majority."""
     up = set(step["up"]) - set(step["paused"])
     cuts = {tuple(c) for c in step["cuts"]}
     q = quorum_size(n)
@@ -418,7 +333,7 @@ def _availability(report: Report, runs: list[Run], steps: list[dict[str, Any]], 
     total = sum(b - a for a, b in healthy)
     if total <= 0:
         return
-    spans = sorted((r.start, min(r.end_or_inf(), t1)) for r in runs)
+    spans = sorted((r.start, min(r.end_or_inf, t1)) for r in runs)
     covered = 0.0
     for a, b in healthy:
         for s0, s1 in spans:
@@ -432,7 +347,7 @@ def _check_logs(report: Report, directory: Path, steps: list[dict[str, Any]]) ->
     elections = 0
     for log in sorted(directory.glob("h*.log")):
         text = log.read_text(errors="replace")
-        elections += len(re.findall(r" became master term=", text))
+        elections += len(re.findall(r"event=became_master term=", text))
         for alarm in _LOG_ALARMS:
             if alarm in text:
                 line = next(ln for ln in text.splitlines() if alarm in ln)
@@ -442,12 +357,12 @@ def _check_logs(report: Report, directory: Path, steps: list[dict[str, Any]]) ->
         if s["kind"] == "startup_failed":
             report.problems.append(f"no script ran within {s.get('waited_s')} s of the cluster's start")
         if s["kind"] == "stopped" and s.get("exit_code") != 0:
-            report.problems.append(f"h{s['host']}: a planned stop (SIGTERM) exited {s.get('exit_code')}")
+            report.problems.append(f"{s['host']}: a planned stop (SIGTERM) exited {s.get('exit_code')}")
     for s in steps:
         if s["kind"] == "closed":
             for host, code in s.get("final_exit_codes", []):
                 if code != 0:
-                    report.problems.append(f"h{host}: the final SIGTERM exited {code}, not 0")
+                    report.problems.append(f"{host}: the final SIGTERM exited {code}, not 0")
             if s.get("monitor_max_gap_s") is not None:
                 report.notes.append(
                     f"run monitor: longest gap between two polls {s['monitor_max_gap_s'] * 1000:.0f} ms"
@@ -465,11 +380,11 @@ def _check_stable(report: Report, runs: list[Run], steps: list[dict[str, Any]], 
         report.problems.append("stable: no steady mark or no shutdown recorded")
         return
     t0, t1 = marks[0], ends[0]
-    changed = [r for r in runs if t0 < r.start < t1 or t0 < r.end_or_inf() < t1]
+    changed = [r for r in runs if t0 < r.start < t1 or t0 < r.end_or_inf < t1]
     if changed:
         report.problems.append(
             "spurious election: the running script changed between steady and shutdown: "
-            + ", ".join(f"{r.host} token {r.token} [{r.start:.3f}, {r.end_or_inf():.3f}]" for r in changed)
+            + ", ".join(f"{r.node} token {r.token} [{r.start:.3f}, {r.end_or_inf:.3f}]" for r in changed)
         )
     if report.elections != 1:
         report.problems.append(f"spurious election: {report.elections} elections, expected 1")
@@ -486,7 +401,9 @@ def _monitor_lag(report: Report, runs: list[Run]) -> None:
         )
     # For a script that exited by itself after SIGTERM, its last line ("exit") is its last act: the
     # gap to the monitor's exit time bounds the monitor's lateness from above.
-    lags = [r.end - r.last for r in runs if r.end is not None and r.end_how == "pidfd" and "exit" in r.events]
+    lags = [
+        r.end - r.last for r in runs if r.end is not None and r.end_how == "pidfd" and r.exit_at is not None
+    ]
     if lags:
         report.monitor_lag_ms = round(max(lags) * 1000, 1)
 

@@ -19,6 +19,9 @@ firewall or interface is broken: its ``sendto`` fails with EPERM). ``loss(p)`` a
 host's table atomically (one ``nft -f`` batch per host); before that it reads the rules' counters, so
 ``dropped()`` says how many packets the faults really dropped: the evidence that a fault was injected.
 
+Clusters on these hosts run one at a time on a machine, under ``exclusive()`` (a file lock shared by
+every test run), so that timing is not turned into noise by two clusters sharing the CPU.
+
 Cleanup. ``destroy()`` deletes every namespace of the run (deleting a namespace deletes its veths,
 bridge and nft table). ``sweep()`` removes what an earlier run left behind when it was killed: the
 namespaces ``pqt-<run>-*`` whose ``<run>`` names a process that no longer exists (the run id starts
@@ -28,11 +31,17 @@ with the pid of the test process that created it), so a concurrent run is never 
 from __future__ import annotations
 
 import contextlib
+import faulthandler
+import fcntl
 import json
 import os
 import shutil
 import subprocess
-from collections.abc import Iterable
+import tempfile
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+from tests.harness.procfs import alive
 
 PREFIX = "pqt-"
 SUBNET = "10.99.0"
@@ -40,6 +49,7 @@ SUBNET_CIDR = f"{SUBNET}.0/24"
 TABLE = "pqt"
 _IP = "ip"
 _NFT = "nft"
+LOCK_PATH = Path("/run/lock" if os.path.isdir("/run/lock") else tempfile.gettempdir()) / "pyquorum-netns.lock"
 
 
 class HostError(RuntimeError):
@@ -65,14 +75,18 @@ def _run_owner(namespace: str) -> int | None:
     return int(pid) if pid.isdigit() else None
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+@contextlib.contextmanager
+def exclusive() -> Iterator[None]:
+    """One cluster on real hosts at a time on this machine (a file lock shared by every test run), so
+    that two clusters never compete for the CPU. While waiting, pytest's faulthandler_timeout must not
+    count: a worker may wait for another's nemesis."""
+    with open(LOCK_PATH, "a") as lock:
+        faulthandler.cancel_dump_traceback_later()
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 def namespaces() -> list[str]:
@@ -108,13 +122,13 @@ def why_unavailable() -> str | None:
 
 def sweep() -> list[str]:
     """Delete the namespaces of earlier runs whose test process is gone; return their names. The
-    processes those runs left are killed by ``cluster.sweep_processes`` first."""
+    processes those runs left are killed by ``procfs.sweep_stale`` first."""
     removed = []
     for ns in namespaces():
         if not ns.startswith(PREFIX):
             continue
         owner = _run_owner(ns)
-        if owner is not None and _alive(owner):
+        if owner is not None and alive(owner):
             continue
         _run([_IP, "netns", "del", ns], check=False)
         removed.append(ns)

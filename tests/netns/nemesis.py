@@ -16,7 +16,8 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 
-from tests.netns.scenarios import Harness, NotInjected
+from tests.harness.cluster import Node
+from tests.netns.scenarios import Harness, NotInjected, bridge_sides, names_of, oneway_cuts, ring_cuts
 
 FAULTS = (
     "kill-host",
@@ -38,166 +39,140 @@ FAULTS = (
 )
 
 
-def _target(h: Harness, kind: str) -> tuple[int, bool]:
-    running = h.c.running_host()
+def _target(h: Harness, kind: str) -> tuple[Node, bool]:
+    running = h.c.running()
     if kind == "kill-script":  # only the master has a script to kill
         if running is None:
             raise NotInjected("no script running to kill")
         return running, True
-    x = running if running is not None and h.rng.random() < 0.7 else h.rng.choice(h.net.hosts)
-    return x, x == running
+    x = running if running is not None and h.rng.random() < 0.7 else h.rng.choice(h.c.nodes)
+    return x, x is running
 
 
 def _one(h: Harness, kind: str, hold: float) -> None:
     x, is_master = _target(h, kind)
     role = " (master)" if is_master else ""
     crash = h.crash_bound if is_master else None
-    net = h.net
+    c = h.c
     if kind == "kill-host":
-        f = h.fault(f"kill -9 host h{x}{role}", lambda: h.c.kill_host(x), hosts=[x], failover_bound=crash)
+        f = h.fault(f"kill -9 host {x}{role}", lambda: c.crash(x, host=True), hosts=[x], failover_bound=crash)
         h.sleep(hold)
-        h.heal(f, lambda: h.c.start(x))
+        h.heal(f, lambda: c.restart(x, wait=False))
     elif kind == "kill-daemon":
         f = h.fault(
-            f"kill -9 daemon h{x}{role}",
-            lambda: h.c.kill_daemon(x),
-            hosts=[x],
-            minority=[x],
-            failover_bound=crash,
+            f"kill -9 daemon {x}{role}", lambda: c.crash(x), hosts=[x], minority=[x], failover_bound=crash
         )
         h.sleep(hold)
-        h.heal(f, lambda: h.c.start(x))
+        h.heal(f, lambda: c.restart(x, wait=False))
     elif kind == "kill-script":
         # restarts back off (1 s, doubling) and repeated failures make the master resign: report only
-        f = h.fault(f"kill -9 script on h{x}{role}", lambda: h.c.kill_script(x), hosts=[x], failover=True)
+        f = h.fault(f"kill -9 script on {x}{role}", lambda: c.kill_script(x), hosts=[x], failover=True)
         h.sleep(hold)
         h.heal(f)
     elif kind == "stop-daemon":
         f = h.fault(
-            f"SIGSTOP daemon h{x}{role}",
-            lambda: h.c.stop_daemon(x),
-            hosts=[x],
-            minority=[x],
-            failover_bound=crash,
+            f"SIGSTOP daemon {x}{role}", lambda: c.pause(x), hosts=[x], minority=[x], failover_bound=crash
         )
         h.sleep(hold)
-        h.heal(f, lambda: h.c.cont_daemon(x))
+        h.heal(f, lambda: c.resume(x))
     elif kind == "pause-host":
         f = h.fault(
-            f"SIGSTOP host h{x}{role} (VM pause)",
-            lambda: h.c.pause_host(x),
+            f"SIGSTOP host {x}{role} (VM pause)",
+            lambda: c.pause(x, host=True),
             hosts=[x],
             failover_bound=crash,
             whole_host_pause=True,
         )
         h.sleep(hold)
-        h.heal(f, lambda: h.c.resume_host(x))
+        h.heal(f, lambda: c.resume(x))
     elif kind == "isolate":
         f = h.net_fault(
-            f"isolate h{x}{role}", lambda: net.isolate(x), hosts=[x], minority=[x], failover_bound=crash
+            f"isolate {x}{role}", lambda: c.isolate(x), hosts=[x], minority=[x], failover_bound=crash
         )
         h.sleep(hold)
-        h.heal(f, h.heal_network)
+        h.heal(f, c.heal)
     elif kind == "split":
-        minority = [x, *h.rng.sample(h.others(x), net.n // 2 - 1)]
+        minority = [x, *h.rng.sample(h.others(x), c.size // 2 - 1)]
         majority = h.others(*minority)
         f = h.net_fault(
-            f"split {minority}|{majority}",
-            lambda: net.partition(minority, majority),
+            f"split {names_of(minority)}|{names_of(majority)}",
+            lambda: c.partition(minority, majority),
             hosts=minority,
             minority=minority,
             failover_bound=crash,
         )
         h.sleep(hold)
-        h.heal(f, h.heal_network)
+        h.heal(f, c.heal)
     elif kind == "bridge":
-        rest = h.others(x)
-        h.rng.shuffle(rest)
-        mid, others = rest[0], rest[1:]
-        half = (len(others) + 1) // 2
-        a, b = [x, *others[: half - 1]], others[half - 1 :]
-        f = h.net_fault(f"bridge {a}|{b} via h{mid}", lambda: net.partition(a, b), hosts=[*a, *b])
+        a, mid, b = bridge_sides(h, x)
+        f = h.net_fault(
+            f"bridge {names_of(a)}|{names_of(b)} via {mid}", lambda: c.partition(a, b), hosts=[*a, *b]
+        )
         h.sleep(hold)
-        h.heal(f, h.heal_network)
+        h.heal(f, c.heal)
     elif kind == "ring":
-        order = list(net.hosts)
+        order = list(c.nodes)
         h.rng.shuffle(order)
-        n = len(order)
-        k = (n // 2 + 1) // 2
-
-        def ring() -> None:
-            for i in range(n):
-                for j in range(n):
-                    if min((i - j) % n, (j - i) % n) > k:
-                        net.cut(order[i], order[j])
-
-        f = h.net_fault(f"majorities ring {order}", ring, hosts=order)
+        f = h.net_fault(f"majorities ring {names_of(order)}", ring_cuts(h, order), hosts=order)
         h.sleep(hold)
-        h.heal(f, h.heal_network)
+        h.heal(f, c.heal)
     elif kind in ("oneway-mute", "oneway-deaf"):
         mute = kind == "oneway-mute"
-
-        def oneway() -> None:
-            for o in h.others(x):
-                net.cut(x, o) if mute else net.cut(o, x)
-
-        what = f"nobody hears h{x}{role}" if mute else f"h{x}{role} hears nobody"
+        what = f"nobody hears {x}{role}" if mute else f"{x}{role} hears nobody"
         bound = crash if mute or crash is None else h.deaf_bound
-        f = h.net_fault(f"one-way: {what}", oneway, hosts=[x], minority=[x], failover_bound=bound)
+        f = h.net_fault(
+            f"one-way: {what}", oneway_cuts(h, x, mute=mute), hosts=[x], minority=[x], failover_bound=bound
+        )
         h.sleep(hold)
-        h.heal(f, h.heal_network)
+        h.heal(f, c.heal)
     elif kind == "loss":
         p = h.rng.choice((5, 20, 40))
-        f = h.net_fault(f"random loss {p}%", lambda: net.loss(p), hosts=list(net.hosts))
+        f = h.net_fault(f"random loss {p}%", lambda: c.loss(p), hosts=list(c.nodes))
         h.sleep(hold)
-        h.heal(f, h.heal_network)
+        h.heal(f, c.heal)
     elif kind == "flap":
-        f = h.net_fault(f"flapping links of h{x}{role}", lambda: net.isolate(x), hosts=[x])
+        f = h.net_fault(f"flapping links of {x}{role}", lambda: c.isolate(x), hosts=[x])
         give_up, cut = time.monotonic() + hold, True
         while time.monotonic() < give_up:
             h.sleep(h.rng.uniform(0.1, 0.6))
-            net.heal()
-            if not cut:
-                net.isolate(x)
+            with c.network():
+                c.heal()
+                if not cut:
+                    c.isolate(x)
             cut = not cut
-            net.apply()
-        h.heal(f, h.heal_network)
+        h.heal(f, c.heal)
     elif kind == "partition-kill":
         f1 = h.net_fault(
-            f"isolate h{x}{role}", lambda: net.isolate(x), hosts=[x], minority=[x], failover_bound=crash
+            f"isolate {x}{role}", lambda: c.isolate(x), hosts=[x], minority=[x], failover_bound=crash
         )
-        y = h.c.wait_running(h.crash_bound + 1.0, not_host=x) if is_master else h.c.running_host()
-        if y is not None and y != x:
+        y = h.wait_running(h.crash_bound + 1.0, exclude=[x]) if is_master else c.running()
+        if y is not None and y is not x:
             f2 = h.fault(
-                f"kill -9 host h{y} (master)",
-                lambda: h.c.kill_host(y),
+                f"kill -9 host {y} (master)",
+                lambda: c.crash(y, host=True),
                 hosts=[y],
                 failover_bound=h.crash_bound,
             )
             h.sleep(hold)
-            h.heal(f2, lambda: h.c.start(y))
+            h.heal(f2, lambda: c.restart(y, wait=False))
         else:
             h.sleep(hold)
-        h.heal(f1, h.heal_network)
+        h.heal(f1, c.heal)
     elif kind == "pause-partition":
         f1 = h.fault(
-            f"SIGSTOP daemon h{x}{role}",
-            lambda: h.c.stop_daemon(x),
-            hosts=[x],
-            minority=[x],
-            failover_bound=crash,
+            f"SIGSTOP daemon {x}{role}", lambda: c.pause(x), hosts=[x], minority=[x], failover_bound=crash
         )
         h.sleep(0.2)
-        f2 = h.net_fault(f"isolate h{x} (stopped)", lambda: net.isolate(x), hosts=[x], minority=[x])
+        f2 = h.net_fault(f"isolate {x} (stopped)", lambda: c.isolate(x), hosts=[x], minority=[x])
         h.sleep(hold)
-        h.heal(f1, lambda: h.c.cont_daemon(x))
+        h.heal(f1, lambda: c.resume(x))
         h.sleep(h.rng.uniform(0.2, 1.0))
-        h.heal(f2, h.heal_network)
+        h.heal(f2, c.heal)
     elif kind == "planned-restart":
         f = h.fault(
-            f"planned restart of h{x}{role}", lambda: h.c.stop(x) == 0, hosts=[x], failover_bound=crash
+            f"planned restart of {x}{role}", lambda: h.planned_stop(x), hosts=[x], failover_bound=crash
         )
-        h.heal(f, lambda: h.c.start(x))
+        h.heal(f, lambda: c.restart(x, wait=False))
     else:  # pragma: no cover - FAULTS and this function are written together
         raise AssertionError(kind)
 
@@ -214,9 +189,9 @@ def nemesis(seconds: float) -> Callable[[Harness], None]:
             try:
                 _one(h, kind, h.rng.uniform(0.5, 3.0))
             except NotInjected as exc:
-                h.c.record("note", text=f"round {rounds} {kind}: {exc}")
+                h.c.note("note", text=f"round {rounds} {kind}: {exc}")
             h.heal_everything()
-            h.c.wait_running(h.liveness_bound + 1.5)
+            h.wait_running(h.liveness_bound + 1.5)
             h.sleep(h.rng.uniform(1.5, 2.5))
 
     return steps

@@ -25,20 +25,22 @@ Bounds (the checker asserts them):
 
 from __future__ import annotations
 
+import itertools
+import json
+import os
 import random
+import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from pyquorum.config import DEFAULT_RESTART_BACKOFF_S
-from pyquorum.core.lease import Timing
-from tests.netns.checker import SPAWN_ALLOWANCE_S, liveness_bound_s
-from tests.netns.cluster import Cluster
+from tests.harness.cluster import Cluster, ClusterError, FaultFailed, Netns, Node
+from tests.netns.checker import SPAWN_ALLOWANCE_S
 from tests.netns.hosts import Network
 
-TUNED = Timing(heartbeat_interval_s=0.05, election_timeout_s=0.5, stop_timeout_s=0.2)
 # Daemon start-up (an interpreter importing pyquorum on a loaded machine) before the election clock
 # even starts; only used to give up waiting for the first master.
 STARTUP_ALLOWANCE_S = 5.0
@@ -60,11 +62,12 @@ class Scenario:
 
 
 class Harness:
-    """What a scenario can do to the cluster; every fault is recorded."""
+    """What a scenario can do to the cluster; every fault is a step of the cluster's journal."""
 
     def __init__(self, cluster: Cluster, rng: random.Random) -> None:
+        assert isinstance(cluster.backend, Netns) and cluster.backend.net is not None
         self.c = cluster
-        self.net: Network = cluster.net
+        self.net: Network = cluster.backend.net
         self.timing = cluster.timing
         self.rng = rng
         self._fault_ids = 0
@@ -89,26 +92,36 @@ class Harness:
 
     @property
     def liveness_bound(self) -> float:
-        return liveness_bound_s(self.timing, self.net.n) + SPAWN_ALLOWANCE_S
+        return self.timing.liveness_bound_s(self.c.size) + SPAWN_ALLOWANCE_S
 
     # ---- looking --------------------------------------------------------------------------------------
 
-    def master(self, timeout: float | None = None) -> int:
-        """The host whose script runs now (waiting up to the liveness bound for one)."""
-        h = self.c.wait_running(self.liveness_bound if timeout is None else timeout)
-        if h is None:
-            raise NotInjected("no master's script was running to target")
-        return h
+    def wait_running(
+        self, timeout: float, *, exclude: Sequence[Node] = (), after: float = 0.0
+    ) -> Node | None:
+        """Wait until one node's script runs (``Cluster.running``); None at the timeout."""
+        try:
+            probe = lambda: self.c.running(exclude=exclude, after=after)  # noqa: E731
+            return self.c.wait_for(probe, timeout, "a running script", watch_exits=False, interval_s=0.01)
+        except ClusterError:
+            return None
 
-    def others(self, *hosts: int) -> list[int]:
-        return [h for h in self.net.hosts if h not in hosts]
+    def master(self, timeout: float | None = None) -> Node:
+        """The node whose script runs now (waiting up to the liveness bound for one)."""
+        node = self.wait_running(self.liveness_bound if timeout is None else timeout)
+        if node is None:
+            raise NotInjected("no master's script was running to target")
+        return node
+
+    def others(self, *nodes: Node) -> list[Node]:
+        return [n for n in self.c.nodes if n not in nodes]
 
     def sleep(self, seconds: float) -> None:
         time.sleep(seconds)
 
-    def wait_new_master(self, old: int, after: float, timeout: float | None = None) -> int | None:
-        return self.c.wait_running(
-            self.crash_bound + 1.0 if timeout is None else timeout, not_host=old, after=after
+    def wait_new_master(self, old: Node, after: float, timeout: float | None = None) -> Node | None:
+        return self.wait_running(
+            self.crash_bound + 1.0 if timeout is None else timeout, exclude=[old], after=after
         )
 
     # ---- faults ---------------------------------------------------------------------------------------
@@ -116,41 +129,46 @@ class Harness:
     def fault(
         self,
         name: str,
-        do: Callable[[], bool],
+        do: Callable[[], object],
         *,
-        hosts: list[int],
+        hosts: list[Node],
         network: bool = False,
-        minority: list[int] | None = None,
+        minority: list[Node] | None = None,
         failover_bound: float | None = None,
         failover: bool | None = None,
         whole_host_pause: bool = False,
         evidence: str = "",
     ) -> int:
-        """Inject one fault; ``do`` returns True if it took effect. Returns the fault's id for ``heal``.
-        ``minority``: hosts that cannot renew a lease from now on (cut off from a majority, or their
-        daemon frozen or dead) until the heal. ``failover_bound``: a new run must start within it
-        (``failover=True`` without a bound: measure and report only)."""
+        """Inject one fault; ``do`` raises ``FaultFailed`` if it did not take effect. Returns the
+        fault's id for ``heal``. ``minority``: nodes that cannot renew a lease from now on (cut off
+        from a majority, or their daemon frozen or dead) until the heal. ``failover_bound``: a new
+        run must start within it (``failover=True`` without a bound: measure and report only)."""
         self._fault_ids += 1
         fid = self._fault_ids
         if network:
             self._dropped_at[fid] = self.net.dropped()
         t_before = time.monotonic()
         self.c.evidence = ""
-        ok = do()
+        try:
+            do()
+            ok = True
+        except ClusterError as exc:
+            ok = False
+            self.c.evidence = self.c.evidence or str(exc).splitlines()[0]
         entry = {
             "id": fid,
             "name": name,
-            "hosts": hosts,
+            "hosts": [n.name for n in hosts],
             "t_before": t_before,
-            "injected": bool(ok),
+            "injected": ok,
             "evidence": evidence or self.c.evidence or ("done" if ok else "failed"),
             "network": network,
-            "minority": minority or [],
+            "minority": [n.name for n in minority or []],
             "expect_failover": failover if failover is not None else failover_bound is not None,
             "failover_bound_s": failover_bound,
             "whole_host_pause": whole_host_pause,
         }
-        self.c.record("fault", **entry)
+        self.c.note("fault", **entry)
         self._open[fid] = entry
         return fid
 
@@ -163,34 +181,41 @@ class Harness:
             extra["dropped"] = self.net.dropped() - self._dropped_at.pop(fid)
         if undo is not None:
             undo()
-        self.c.record("heal", fault=fid, name=entry["name"], t_before=t_before, **extra)
+        self.c.note("heal", fault=fid, name=entry["name"], t_before=t_before, **extra)
+
+    def planned_stop(self, node: Node) -> None:
+        """SIGTERM to the node's daemon and wait for its exit: the checker wants code 0."""
+        self.c.shutdown(node)
+        try:
+            code: int | None = self.c.wait_exit(node, self.timing.stop_timeout_s + 5.0)
+        except ClusterError:
+            code = None
+        self.c.evidence = f"SIGTERMed daemon {node.pid}: exit status {code}"
+        self.c.note("stopped", host=node.name, exit_code=code)
+        if code != 0:
+            raise FaultFailed(self.c.evidence)
 
     # network
 
-    def _net(self, change: Callable[[], None]) -> Callable[[], bool]:
-        def do() -> bool:
-            change()
-            self.net.apply()
+    def _net(self, change: Callable[[], None]) -> Callable[[], None]:
+        def do() -> None:
+            with self.c.network():
+                change()
             net = self.net
             self.c.evidence = (
                 f"nft rules in force: {len(net.cuts)} one-way cuts, isolated {sorted(net.isolated)}, "
                 f"loss {net.loss_percent}%"
             )
-            return True
 
         return do
-
-    def heal_network(self) -> None:
-        self.net.heal()
-        self.net.apply()
 
     def net_fault(
         self,
         name: str,
         change: Callable[[], None],
         *,
-        hosts: list[int],
-        minority: list[int] | None = None,
+        hosts: list[Node],
+        minority: list[Node] | None = None,
         failover_bound: float | None = None,
     ) -> int:
         return self.fault(
@@ -209,13 +234,26 @@ class Harness:
         The checker expects a script to run within the liveness bound after this (protocol.md §5.2)."""
         for fid in list(self._open):
             self.heal(fid)
-        self.heal_network()
-        for h in sorted(self.c.paused):
-            self.c.resume_host(h)
-        restarted = self.c.down()
-        for h in restarted:
-            self.c.start(h)
-        self.c.record("healed_all", restarted=restarted)
+        self.c.heal()
+        for name in sorted(self.c.paused):
+            self.c.resume(self.c.node(name))
+        restarted = [n for n in self.c.nodes if not n.running]
+        for node in restarted:
+            self.c.restart(node, wait=False)
+        self.c.note("healed_all", restarted=[n.name for n in restarted])
+
+    def stop_all(self) -> dict[str, int]:
+        """Heal everything, then stop every daemon with SIGTERM (planned); their exit codes."""
+        self.c.heal()
+        for name in sorted(self.c.paused):
+            self.c.resume(self.c.node(name))
+        live = [n for n in self.c.nodes if n.running]
+        self.c.note("shutdown", hosts=[n.name for n in live])
+        return self.c.stop(live, grace_s=self.timing.stop_timeout_s + 5.0)
+
+
+def names_of(nodes: Sequence[Node]) -> str:
+    return "[" + ", ".join(map(str, nodes)) + "]"
 
 
 # ---- scenario steps ---------------------------------------------------------------------------------
@@ -228,26 +266,26 @@ def baseline(h: Harness) -> None:
 def kill_host_master(h: Harness) -> None:
     m = h.master()
     f = h.fault(
-        f"kill -9 host h{m} (master)", lambda: h.c.kill_host(m), hosts=[m], failover_bound=h.crash_bound
+        f"kill -9 host {m} (master)", lambda: h.c.crash(m, host=True), hosts=[m], failover_bound=h.crash_bound
     )
     h.wait_new_master(m, after=0)
     h.sleep(1.0)
-    h.heal(f, lambda: h.c.start(m))
+    h.heal(f, lambda: h.c.restart(m, wait=False))
     h.sleep(0.5)
 
 
 def kill_daemon_master(h: Harness) -> None:
     m = h.master()
     f = h.fault(
-        f"kill -9 daemon h{m} (master)",
-        lambda: h.c.kill_daemon(m),
+        f"kill -9 daemon {m} (master)",
+        lambda: h.c.crash(m),
         hosts=[m],
         minority=[m],
         failover_bound=h.crash_bound,
     )
     h.wait_new_master(m, after=0)
     h.sleep(1.0)
-    h.heal(f, lambda: h.c.start(m))  # restart a killed daemon: embargo, then it follows
+    h.heal(f, lambda: h.c.restart(m, wait=False))  # restart a killed daemon: embargo, then it follows
     h.sleep(0.5)
 
 
@@ -256,13 +294,14 @@ def kill_daemon_restart_at_once(h: Harness) -> None:
     its old guard is still stopping the old script; the restart embargo (protocol.md §3.6) covers it."""
     m = h.master()
 
-    def crash_and_restart() -> bool:
-        killed = h.c.kill_daemon(m)
-        h.c.start(m)
-        return killed
+    def crash_and_restart() -> None:
+        try:
+            h.c.crash(m)
+        finally:
+            h.c.restart(m, wait=False)
 
     f = h.fault(
-        f"kill -9 daemon h{m} (master), restarted at once",
+        f"kill -9 daemon {m} (master), restarted at once",
         crash_and_restart,
         hosts=[m],
         failover_bound=h.crash_bound,
@@ -274,7 +313,7 @@ def kill_daemon_restart_at_once(h: Harness) -> None:
 def kill_script(h: Harness) -> None:
     m = h.master()
     f = h.fault(
-        f"kill -9 script on h{m}", lambda: h.c.kill_script(m), hosts=[m], failover_bound=h.restart_bound
+        f"kill -9 script on {m}", lambda: h.c.kill_script(m), hosts=[m], failover_bound=h.restart_bound
     )
     h.sleep(2.0)
     h.heal(f)
@@ -283,14 +322,14 @@ def kill_script(h: Harness) -> None:
 def stop_daemon_master(h: Harness) -> None:
     m = h.master()
     f = h.fault(
-        f"SIGSTOP daemon h{m} (master)",
-        lambda: h.c.stop_daemon(m),
+        f"SIGSTOP daemon {m} (master)",
+        lambda: h.c.pause(m),
         hosts=[m],
         minority=[m],
         failover_bound=h.crash_bound,
     )
     h.sleep(3 * h.timing.election_timeout_s + 0.5)
-    h.heal(f, lambda: h.c.cont_daemon(m))
+    h.heal(f, lambda: h.c.resume(m))
     h.sleep(0.5)
 
 
@@ -298,123 +337,121 @@ def pause_host_master(h: Harness) -> None:
     """protocol.md §4.5: a VM pause. Timing cannot stop the resumed script for a moment; fencing must."""
     m = h.master()
     f = h.fault(
-        f"SIGSTOP host h{m} (master, VM pause)",
-        lambda: h.c.pause_host(m),
+        f"SIGSTOP host {m} (master, VM pause)",
+        lambda: h.c.pause(m, host=True),
         hosts=[m],
         failover_bound=h.crash_bound,
         whole_host_pause=True,
     )
     h.wait_new_master(m, after=0)
     h.sleep(0.5)
-    h.heal(f, lambda: h.c.resume_host(m))
+    h.heal(f, lambda: h.c.resume(m))
     h.sleep(0.5)
 
 
 def isolate_master(h: Harness) -> None:
     m = h.master()
     f = h.net_fault(
-        f"isolate h{m} (master)",
-        lambda: h.net.isolate(m),
+        f"isolate {m} (master)",
+        lambda: h.c.isolate(m),
         hosts=[m],
         minority=[m],
         failover_bound=h.crash_bound,
     )
     h.sleep(2.0)
-    h.heal(f, h.heal_network)
+    h.heal(f, h.c.heal)
     h.sleep(0.5)
 
 
 def split(h: Harness) -> None:
     """Majority/minority: the master and floor(n/2) - 1 others on the minority side."""
     m = h.master()
-    minority = [m, *h.rng.sample(h.others(m), h.net.n // 2 - 1)]
+    minority = [m, *h.rng.sample(h.others(m), h.c.size // 2 - 1)]
     majority = h.others(*minority)
     f = h.net_fault(
-        f"split {minority}|{majority} (master h{m} in the minority)",
-        lambda: h.net.partition(minority, majority),
+        f"split {names_of(minority)}|{names_of(majority)} (master {m} in the minority)",
+        lambda: h.c.partition(minority, majority),
         hosts=minority,
         minority=minority,
         failover_bound=h.crash_bound,
     )
     h.sleep(2.0)
-    h.heal(f, h.heal_network)
+    h.heal(f, h.c.heal)
     h.sleep(0.5)
+
+
+def bridge_sides(h: Harness, x: Node) -> tuple[list[Node], Node, list[Node]]:
+    """Two halves, ``x`` in the first, and the node between them that hears both."""
+    rest = h.others(x)
+    h.rng.shuffle(rest)
+    mid, others = rest[0], rest[1:]
+    half = (len(others) + 1) // 2
+    return [x, *others[: half - 1]], mid, others[half - 1 :]
 
 
 def bridge(h: Harness) -> None:
     """Jepsen's bridge: two halves that do not hear each other, and one node that hears both."""
-    m = h.master()
-    rest = h.others(m)
-    h.rng.shuffle(rest)
-    mid, others = rest[0], rest[1:]
-    half = (len(others) + 1) // 2
-    side_a, side_b = [m, *others[: half - 1]], others[half - 1 :]
+    side_a, mid, side_b = bridge_sides(h, h.master())
     f = h.net_fault(
-        f"bridge {side_a}|{side_b} via h{mid}",
-        lambda: h.net.partition(side_a, side_b),
+        f"bridge {names_of(side_a)}|{names_of(side_b)} via {mid}",
+        lambda: h.c.partition(side_a, side_b),
         hosts=[*side_a, *side_b],
     )
     h.sleep(3.0)
-    h.heal(f, h.heal_network)
+    h.heal(f, h.c.heal)
     h.sleep(1.0)
 
 
-def ring(h: Harness) -> None:
-    """Jepsen's majorities ring: every node hears a majority, no two hear the same one."""
-    order = list(h.net.hosts)
-    h.rng.shuffle(order)
+def ring_cuts(h: Harness, order: Sequence[Node]) -> Callable[[], None]:
+    """Jepsen's majorities ring over ``order``: every node hears a majority, no two the same one."""
     n = len(order)
     k = (n // 2 + 1) // 2  # neighbours heard on each side: 1 of 5, 2 of 7 (stochastic beyond 5 in Jepsen)
 
     def change() -> None:
-        for i in range(n):
-            for j in range(n):
-                if min((i - j) % n, (j - i) % n) > k:
-                    h.net.cut(order[i], order[j])
+        for i, j in itertools.product(range(n), repeat=2):
+            if min((i - j) % n, (j - i) % n) > k:
+                h.c.cut(order[i], order[j])
 
-    f = h.net_fault(f"majorities ring {order}", change, hosts=order)
+    return change
+
+
+def oneway_cuts(h: Harness, x: Node, *, mute: bool) -> Callable[[], None]:
+    """Mute: nobody hears ``x`` (it hears them); deaf: ``x`` hears nobody (its acknowledgements are lost)."""
+
+    def change() -> None:
+        for o in h.others(x):
+            h.c.cut(*((x, o) if mute else (o, x)))
+
+    return change
+
+
+def ring(h: Harness) -> None:
+    order = list(h.c.nodes)
+    h.rng.shuffle(order)
+    f = h.net_fault(f"majorities ring {names_of(order)}", ring_cuts(h, order), hosts=order)
     h.sleep(3.0)
-    h.heal(f, h.heal_network)
+    h.heal(f, h.c.heal)
     h.sleep(1.0)
 
 
-def oneway_master_mute(h: Harness) -> None:
-    """One-way: the master hears the others, they do not hear it."""
-    m = h.master()
+def oneway_master(mute: bool) -> Callable[[Harness], None]:
+    def steps(h: Harness) -> None:
+        m = h.master()
+        what, bound = (f"nobody hears {m}", h.crash_bound) if mute else (f"{m} hears nobody", h.deaf_bound)
+        f = h.net_fault(f"one-way: {what} (master)", oneway_cuts(h, m, mute=mute), hosts=[m], minority=[m],
+                        failover_bound=bound)  # fmt: skip
+        h.sleep(2.0)
+        h.heal(f, h.c.heal)
+        h.sleep(0.5)
 
-    def change() -> None:
-        for o in h.others(m):
-            h.net.cut(m, o)
-
-    f = h.net_fault(
-        f"one-way: nobody hears h{m} (master)", change, hosts=[m], minority=[m], failover_bound=h.crash_bound
-    )
-    h.sleep(2.0)
-    h.heal(f, h.heal_network)
-    h.sleep(0.5)
-
-
-def oneway_master_deaf(h: Harness) -> None:
-    """One-way: the others hear the master, it hears none of them (its acknowledgements are lost)."""
-    m = h.master()
-
-    def change() -> None:
-        for o in h.others(m):
-            h.net.cut(o, m)
-
-    f = h.net_fault(
-        f"one-way: h{m} (master) hears nobody", change, hosts=[m], minority=[m], failover_bound=h.deaf_bound
-    )
-    h.sleep(2.0)
-    h.heal(f, h.heal_network)
-    h.sleep(0.5)
+    return steps
 
 
 def loss(percent: int, seconds: float) -> Callable[[Harness], None]:
     def steps(h: Harness) -> None:
-        f = h.net_fault(f"random loss {percent}%", lambda: h.net.loss(percent), hosts=list(h.net.hosts))
+        f = h.net_fault(f"random loss {percent}%", lambda: h.c.loss(percent), hosts=list(h.c.nodes))
         h.sleep(seconds)
-        h.heal(f, h.heal_network)
+        h.heal(f, h.c.heal)
         h.sleep(1.0)
 
     return steps
@@ -423,29 +460,29 @@ def loss(percent: int, seconds: float) -> Callable[[Harness], None]:
 def flapping(h: Harness) -> None:
     """The master's links go down and up every 0.1-0.6 s for 4 s."""
     m = h.master()
-    f = h.net_fault(f"flapping links of h{m} (master)", lambda: h.net.isolate(m), hosts=[m])
+    f = h.net_fault(f"flapping links of {m} (master)", lambda: h.c.isolate(m), hosts=[m])
     give_up = time.monotonic() + 4.0
     cut = True
     while time.monotonic() < give_up:
         h.sleep(h.rng.uniform(0.1, 0.6))
-        h.net.heal()
-        if not cut:
-            h.net.isolate(m)
+        with h.c.network():
+            h.c.heal()
+            if not cut:
+                h.c.isolate(m)
         cut = not cut
-        h.net.apply()
-    h.heal(f, h.heal_network)
+    h.heal(f, h.c.heal)
     h.sleep(0.5)
 
 
 def rolling_restart(h: Harness) -> None:
     """Restart every node in turn with SIGTERM (a planned handover when it is the master)."""
-    for host in h.net.hosts:
-        was_master = h.c.running_host() == host
-        name = f"planned restart of h{host}" + (" (master)" if was_master else "")
+    for node in h.c.nodes:
+        was_master = h.c.running() is node
+        name = f"planned restart of {node}" + (" (master)" if was_master else "")
         # a planned handover (protocol.md §5.3) is far faster than a crash; the crash bound is generous
         bound = h.crash_bound if was_master else None
-        f = h.fault(name, lambda host=host: h.c.stop(host) == 0, hosts=[host], failover_bound=bound)  # type: ignore[misc]
-        h.heal(f, lambda host=host: h.c.start(host))  # type: ignore[misc]
+        f = h.fault(name, lambda node=node: h.planned_stop(node), hosts=[node], failover_bound=bound)  # type: ignore[misc]
+        h.heal(f, lambda node=node: h.c.restart(node, wait=False))  # type: ignore[misc]
         # the restarted node is sticky for E; then let it settle before the next one goes
         h.master()
         h.sleep(h.timing.election_timeout_s + 0.5)
@@ -455,13 +492,20 @@ def restart_cluster(h: Harness) -> None:
     """kill -9 every host, then start them all again: terms and votes come back from disk."""
     h.master()
 
-    def kill_all() -> bool:
-        return all([h.c.kill_host(x) for x in h.net.hosts])
+    def kill_all() -> None:
+        failed = []
+        for node in h.c.nodes:
+            try:
+                h.c.crash(node, host=True)
+            except FaultFailed as exc:
+                failed.append(str(exc))
+        if failed:
+            raise FaultFailed("; ".join(failed))
 
     # measured from the kill: 1 s down, the daemons' start-up, then an election (reported, no bound)
-    f = h.fault("kill -9 every host", kill_all, hosts=list(h.net.hosts), failover=True)
+    f = h.fault("kill -9 every host", kill_all, hosts=list(h.c.nodes), failover=True)
     h.sleep(1.0)
-    h.heal(f, h.c.start_all)
+    h.heal(f, lambda: h.c.start(wait=False))
     h.master()
     h.sleep(1.0)
 
@@ -470,25 +514,25 @@ def partition_kill(h: Harness) -> None:
     """Isolate the master; once another one runs, kill -9 that one's host too."""
     m = h.master()
     f1 = h.net_fault(
-        f"isolate h{m} (master)",
-        lambda: h.net.isolate(m),
+        f"isolate {m} (master)",
+        lambda: h.c.isolate(m),
         hosts=[m],
         minority=[m],
         failover_bound=h.crash_bound,
     )
     m2 = h.wait_new_master(m, after=0)
     if m2 is None:
-        h.heal(f1, h.heal_network)
+        h.heal(f1, h.c.heal)
         raise NotInjected("no second master appeared to kill")
     f2 = h.fault(
-        f"kill -9 host h{m2} (new master)",
-        lambda: h.c.kill_host(m2),
+        f"kill -9 host {m2} (new master)",
+        lambda: h.c.crash(m2, host=True),
         hosts=[m2],
         failover_bound=h.crash_bound,
     )
     h.sleep(2.0)
-    h.heal(f1, h.heal_network)
-    h.heal(f2, lambda: h.c.start(m2))
+    h.heal(f1, h.c.heal)
+    h.heal(f2, lambda: h.c.restart(m2, wait=False))
     h.sleep(0.5)
 
 
@@ -496,18 +540,18 @@ def pause_partition(h: Harness) -> None:
     """SIGSTOP the master's daemon, cut it off, SIGCONT it while still cut off, then heal."""
     m = h.master()
     f1 = h.fault(
-        f"SIGSTOP daemon h{m} (master)",
-        lambda: h.c.stop_daemon(m),
+        f"SIGSTOP daemon {m} (master)",
+        lambda: h.c.pause(m),
         hosts=[m],
         minority=[m],
         failover_bound=h.crash_bound,
     )
     h.sleep(0.2)
-    f2 = h.net_fault(f"isolate h{m} (stopped master)", lambda: h.net.isolate(m), hosts=[m], minority=[m])
+    f2 = h.net_fault(f"isolate {m} (stopped master)", lambda: h.c.isolate(m), hosts=[m], minority=[m])
     h.sleep(1.5)
-    h.heal(f1, lambda: h.c.cont_daemon(m))
+    h.heal(f1, lambda: h.c.resume(m))
     h.sleep(1.5)
-    h.heal(f2, h.heal_network)
+    h.heal(f2, h.c.heal)
     h.sleep(0.5)
 
 
@@ -528,8 +572,8 @@ SCENARIOS_3 = [
     Scenario("stop-daemon-master-3", 3, stop_daemon_master),
     Scenario("pause-host-master-3", 3, pause_host_master, doc="protocol.md §4.5: fencing, not overlap"),
     Scenario("isolate-master-3", 3, isolate_master),
-    Scenario("oneway-master-mute-3", 3, oneway_master_mute),
-    Scenario("oneway-master-deaf-3", 3, oneway_master_deaf),
+    Scenario("oneway-master-mute-3", 3, oneway_master(mute=True)),
+    Scenario("oneway-master-deaf-3", 3, oneway_master(mute=False)),
     Scenario("loss-5-3", 3, loss(5, 5.0), stable=True, doc="5% loss: no spurious election"),
     Scenario("loss-20-3", 3, loss(20, 5.0)),
     Scenario("loss-40-3", 3, loss(40, 5.0)),
@@ -564,24 +608,45 @@ def run_scenario(
     checker. ``broken``: run broken_daemon.py with these variants instead (testing the tester)."""
     net.heal()
     net.apply()
-    meta = {"stable": scenario.stable, "seed": seed, "doc": scenario.doc, "broken": broken}
-    cluster = Cluster(net, workdir, TUNED, key_file, scenario.name, broken=broken, meta=meta)
+    cluster = Cluster(
+        net.n,
+        Netns(net),
+        keys=key_file,
+        daemon=[sys.executable, str(Path(__file__).with_name("broken_daemon.py"))] if broken else (),
+        env={"PQT_BROKEN": broken} if broken else None,
+        verbosity=2 if os.environ.get("PYQUORUM_NETNS_DEBUG") else 1,
+        directory=workdir,
+        journal=True,
+        launch=False,
+    )
+    t = cluster.timing
+    meta = {"scenario": scenario.name, "n": net.n, "nodes": cluster.members, "stable": scenario.stable}
+    meta |= {"seed": seed, "doc": scenario.doc, "broken": broken, "start_delay_s": t.start_delay_s}
+    meta |= {"heartbeat_interval_s": t.heartbeat_interval_s, "election_timeout_s": t.election_timeout_s}
+    (workdir / "meta.json").write_text(
+        json.dumps({**meta, "stop_timeout_s": t.stop_timeout_s}, indent=2) + "\n"
+    )
+    cluster.note("state")
     h = Harness(cluster, random.Random(seed))
+    final: dict[str, int] = {}
     try:
-        cluster.start_all()
-        if h.c.wait_running(h.liveness_bound + STARTUP_ALLOWANCE_S) is None:
-            cluster.record("startup_failed", waited_s=h.liveness_bound + STARTUP_ALLOWANCE_S)
+        cluster.start(wait=False)
+        if h.wait_running(h.liveness_bound + STARTUP_ALLOWANCE_S) is None:
+            cluster.note("startup_failed", waited_s=h.liveness_bound + STARTUP_ALLOWANCE_S)
         else:
             h.sleep(WARMUP_S)
-            cluster.record("steady")
+            cluster.note("steady")
             try:
                 scenario.steps(h)
             except NotInjected as exc:
-                cluster.record("fault", id=-1, name=scenario.name, hosts=[], t_before=time.monotonic(),
-                               injected=False, evidence=str(exc))  # fmt: skip
+                cluster.note("fault", id=-1, name=scenario.name, hosts=[], t_before=time.monotonic(),
+                             injected=False, evidence=str(exc))  # fmt: skip
             h.heal_everything()
-            h.c.wait_running(h.liveness_bound)
+            h.wait_running(h.liveness_bound)
             h.sleep(SETTLE_S)
+        final = h.stop_all()
     finally:
-        cluster.close()
+        left = cluster.close()
+        gap = round(cluster.monitor.max_gap_s, 4)
+        cluster.note("closed", final_exit_codes=sorted(final.items()), leftovers=left, monitor_max_gap_s=gap)
     return workdir

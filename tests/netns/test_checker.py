@@ -1,6 +1,8 @@
 """The netns checker on made-up histories: each property it asserts is broken once and must be caught.
 
-These need no root and no namespaces; they run everywhere. Reference: checker.py's docstring, and
+These need no root and no namespaces; they run everywhere. The made-up nodes are named h1, h2 and h3
+(the harness names them by canonical id; the checker needs only names). Reference: checker.py's
+docstring, and
 protocol.md §3.8 (fencing), §4.2 (minority deadline), §4.5 (host pause), §5 (bounds), §6 (P1, P4-P6).
 """
 
@@ -13,20 +15,20 @@ from typing import Any
 
 import pytest
 
-from tests.netns.checker import check, liveness_bound_s, timing_of
+from tests.netns.checker import check, timing_of
 from tests.netns.report import table
 
 META = {
     "scenario": "made-up",
     "n": 3,
-    "hosts": {"h1": "10.99.0.1", "h2": "10.99.0.2", "h3": "10.99.0.3"},
+    "nodes": ["h1", "h2", "h3"],
     "heartbeat_interval_s": 0.05,
     "election_timeout_s": 0.5,
     "stop_timeout_s": 0.2,
     "start_delay_s": 0.0,
 }
 TIMING = timing_of(META)
-ALL_UP = {"up": [1, 2, 3], "paused": [], "cuts": [], "loss": 0}
+ALL_UP = {"up": ["h1", "h2", "h3"], "paused": [], "cuts": [], "loss": 0}
 
 
 @dataclass
@@ -74,7 +76,7 @@ def write(
         end = max((r.end for r in runs), default=1.0)
         steps.append({"t": end + 0.5, "kind": "shutdown", **ALL_UP})
     (tmp / "faults.jsonl").write_text("".join(json.dumps(s) + "\n" for s in steps))
-    for name, text in (logs or {"h1.log": " became master term=1 votes=2/3\n"}).items():
+    for name, text in (logs or {"h1.log": " event=became_master term=1 votes=2 members=3\n"}).items():
         (tmp / name).write_text(text)
     return tmp
 
@@ -87,7 +89,7 @@ def fault(fid: int, t: float, name: str = "isolate h1", **extra: Any) -> dict[st
         "kind": "fault",
         "id": fid,
         "name": name,
-        "hosts": [1],
+        "hosts": ["h1"],
         "injected": True,
         "evidence": "done",
         "network": False,
@@ -115,7 +117,7 @@ def steps_with(*middle: dict[str, Any], end: float = 10.0) -> list[dict[str, Any
 def test_checker_accepts_a_clean_failover(tmp_path: Path) -> None:
     runs = [R("h1", 10, 1, 1.0, 3.2), R("h2", 20, 2, 3.8, 9.0)]
     steps = steps_with(
-        fault(1, 3.0, minority=[1], expect_failover=True, failover_bound_s=1.2),
+        fault(1, 3.0, minority=["h1"], expect_failover=True, failover_bound_s=1.2),
         heal(1, 5.0),
     )
     report = check(write(tmp_path, runs, steps))
@@ -149,7 +151,7 @@ def test_checker_excuses_overlap_only_for_a_whole_host_pause(tmp_path: Path) -> 
     # protocol.md §4.5: h1 paused as a whole at 2.0, h2 starts at 2.8, h1 resumed at 3.5 and is
     # gone 0.1 s later: reported, excused; fencing still holds
     runs = [R("h1", 10, 1, 1.0, 3.6, last=3.55), R("h2", 20, 2, 2.8, 6.0)]
-    paused = {**ALL_UP, "up": [2, 3], "paused": [1]}
+    paused = {**ALL_UP, "up": ["h2", "h3"], "paused": ["h1"]}
     steps = steps_with(fault(1, 2.0, "SIGSTOP host h1", whole_host_pause=True, state=paused), heal(1, 3.5))
     report = check(write(tmp_path, runs, steps))
     assert report.overlaps == 0
@@ -192,7 +194,7 @@ def test_checker_reports_a_register_that_accepts_a_stale_token(tmp_path: Path) -
 def test_checker_reports_a_minority_that_writes_after_its_deadline(tmp_path: Path) -> None:
     # cut at 2.0: the deadline is 2.0 + L_kill (0.49 s); h1 writes until 2.7
     runs = [R("h1", 10, 1, 1.0, 2.71, last=2.7), R("h2", 20, 2, 2.8, 6.0)]
-    steps = steps_with(fault(1, 2.0, minority=[1]), heal(1, 4.0))
+    steps = steps_with(fault(1, 2.0, minority=["h1"]), heal(1, 4.0))
     report = check(write(tmp_path, runs, steps))
     assert any(p.startswith("minority:") and "wrote at" in p for p in report.problems)
 
@@ -200,14 +202,14 @@ def test_checker_reports_a_minority_that_writes_after_its_deadline(tmp_path: Pat
 def test_checker_reports_a_minority_process_alive_after_its_deadline(tmp_path: Path) -> None:
     # last line in time, but the process only gone at 2.6 > 2.49 + slack
     runs = [R("h1", 10, 1, 1.0, 2.6, last=2.4), R("h2", 20, 2, 2.8, 6.0)]
-    steps = steps_with(fault(1, 2.0, minority=[1]), heal(1, 4.0))
+    steps = steps_with(fault(1, 2.0, minority=["h1"]), heal(1, 4.0))
     report = check(write(tmp_path, runs, steps))
     assert any(p.startswith("minority:") and "still alive" in p for p in report.problems)
 
 
 def test_checker_reports_a_minority_that_starts_a_script(tmp_path: Path) -> None:
     runs = [R("h2", 20, 2, 1.0, 6.0), R("h1", 10, 3, 3.0, 3.5)]
-    steps = steps_with(fault(1, 2.0, minority=[1]), heal(1, 4.0))
+    steps = steps_with(fault(1, 2.0, minority=["h1"]), heal(1, 4.0))
     report = check(write(tmp_path, runs, steps))
     assert any(p.startswith("minority:") for p in report.problems)
 
@@ -242,10 +244,19 @@ def test_checker_process_fault_that_failed_is_not_injected(tmp_path: Path) -> No
 
 
 def test_checker_reports_tracebacks_and_bad_exit_codes(tmp_path: Path) -> None:
-    logs = {"h1.log": " became master term=1\n", "h2.log": "Traceback (most recent call last):\n  boom\n"}
+    logs = {
+        "h1.log": " event=became_master term=1\n",
+        "h2.log": "Traceback (most recent call last):\n  boom\n",
+    }
     steps = steps_with(
-        {"t": 5.0, "kind": "stopped", "host": 3, "exit_code": 1, **ALL_UP},
-        {"t": 11.0, "kind": "closed", "final_exit_codes": [[1, 0], [2, None]], "leftovers": [99], **ALL_UP},
+        {"t": 5.0, "kind": "stopped", "host": "h3", "exit_code": 1, **ALL_UP},
+        {
+            "t": 11.0,
+            "kind": "closed",
+            "final_exit_codes": [["h1", 0], ["h2", None]],
+            "leftovers": [99],
+            **ALL_UP,
+        },
     )
     report = check(write(tmp_path, [R("h1", 10, 1, 1.0, 9.0)], steps, logs=logs))
     text = "\n".join(report.problems)
@@ -257,7 +268,7 @@ def test_checker_reports_tracebacks_and_bad_exit_codes(tmp_path: Path) -> None:
 
 def test_checker_stable_scenario_reports_a_new_election(tmp_path: Path) -> None:
     runs = [R("h1", 10, 1, 1.0, 5.0), R("h2", 20, 2, 5.6, 10.5)]
-    logs = {"h1.log": " became master term=1\n", "h2.log": " became master term=2\n"}
+    logs = {"h1.log": " event=became_master term=1\n", "h2.log": " event=became_master term=2\n"}
     steps = steps_with({"t": 1.5, "kind": "steady", **ALL_UP})
     report = check(write(tmp_path, runs, steps, logs=logs, stable=True))
     assert any(p.startswith("spurious election") for p in report.problems)
@@ -265,14 +276,14 @@ def test_checker_stable_scenario_reports_a_new_election(tmp_path: Path) -> None:
     quiet = tmp_path / "quiet"
     quiet.mkdir()
     runs = [R("h1", 10, 1, 1.0, 10.5)]
-    report = check(write(quiet, runs, steps, logs={"h1.log": " became master term=1\n"}, stable=True))
+    report = check(write(quiet, runs, steps, logs={"h1.log": " event=became_master term=1\n"}, stable=True))
     assert report.problems == []
     assert report.availability == pytest.approx(1.0)
 
 
 def test_checker_availability_counts_only_time_with_a_healthy_majority(tmp_path: Path) -> None:
     # 1..10 s; no majority from 4 to 6 (two hosts down); a script from 1 to 4 and 7 to 10
-    down = {**ALL_UP, "up": [1]}
+    down = {**ALL_UP, "up": ["h1"]}
     steps = steps_with(
         {"t": 4.0, "kind": "fault-state", **down},
         {"t": 6.0, "kind": "state", **ALL_UP},
@@ -283,7 +294,7 @@ def test_checker_availability_counts_only_time_with_a_healthy_majority(tmp_path:
 
 
 def test_checker_recovery_after_heal_within_the_liveness_bound(tmp_path: Path) -> None:
-    bound = liveness_bound_s(TIMING, 3)
+    bound = TIMING.liveness_bound_s(3)
     runs = [R("h1", 10, 1, 1.0, 2.0), R("h2", 20, 2, 3.0 + bound + 1.0, 9.0)]
     steps = steps_with({"t": 3.0, "kind": "healed_all", "restarted": [], **ALL_UP})
     report = check(write(tmp_path, runs, steps))

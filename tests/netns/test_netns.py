@@ -12,13 +12,10 @@ that two clusters never compete for the CPU and turn timing into noise.
 from __future__ import annotations
 
 import atexit
-import contextlib
-import fcntl
 import os
 import random
 import shutil
 import signal
-import subprocess
 import tempfile
 import time
 import uuid
@@ -33,8 +30,9 @@ REASON = hosts.why_unavailable()
 if REASON is not None:
     pytest.skip(f"netns fault-injection suite skipped: {REASON}", allow_module_level=True)
 
+from pyquorum import keyfile  # noqa: E402
+from tests.harness.procfs import alive, sweep, sweep_stale  # noqa: E402
 from tests.netns.checker import Report, check  # noqa: E402
-from tests.netns.cluster import kill_all, pyquorum_command, sweep_processes, tagged_pids  # noqa: E402
 from tests.netns.nemesis import nemesis  # noqa: E402
 from tests.netns.report import ROWS, table, write_row  # noqa: E402
 from tests.netns.scenarios import (  # noqa: E402
@@ -55,20 +53,19 @@ NEMESIS_NODES = int(os.environ.get("PYQUORUM_NEMESIS_NODES", "7" if LONG else "5
 NEMESIS_SEED = int(os.environ.get("PYQUORUM_NEMESIS_SEED", str(random.SystemRandom().randrange(1 << 32))))
 KEEP = os.environ.get("PYQUORUM_NETNS_KEEP", "") not in ("", "0")  # keep every scenario's files
 SESSION = os.environ.get("PYTEST_XDIST_TESTRUNUID") or uuid.uuid4().hex
-LOCK_PATH = Path("/run/lock" if os.path.isdir("/run/lock") else tempfile.gettempdir()) / "pyquorum-netns.lock"
 
 
 class Lab:
     """The run's networks, temp dir and key; everything it made goes away in ``close()``."""
 
     def __init__(self) -> None:
-        sweep_processes()
+        sweep_stale(hosts.PREFIX)
         hosts.sweep()
         _sweep_temp_dirs()
         self.run = hosts.run_id()
         self.tmp = Path(tempfile.mkdtemp(prefix=f"{hosts.PREFIX}{self.run}-"))
         self.key_file = self.tmp / "cluster.key"
-        subprocess.run([*pyquorum_command(), "keygen", str(self.key_file)], check=True, capture_output=True)
+        keyfile.keygen(self.key_file)
         self.networks: dict[int, hosts.Network] = {}
         self.closed = False
 
@@ -83,9 +80,7 @@ class Lab:
         if self.closed:
             return
         self.closed = True
-        left = list(tagged_pids(f"{hosts.PREFIX}{self.run}-"))
-        kill_all(left, signal.SIGCONT)
-        kill_all(left, signal.SIGKILL)
+        sweep(f"{hosts.PREFIX}{self.run}-")
         for net in self.networks.values():
             net.destroy()
         shutil.rmtree(self.tmp, ignore_errors=True)
@@ -93,7 +88,7 @@ class Lab:
     def run_and_check(self, scenario: Scenario, seed: int, *, broken: str = "") -> tuple[Report, Path | None]:
         workdir = self.tmp / scenario.name
         shutil.rmtree(workdir, ignore_errors=True)
-        with _exclusive():
+        with hosts.exclusive():
             run_scenario(scenario, self.network(scenario.n), workdir, self.key_file, seed=seed, broken=broken)
         report = check(workdir)
         report.notes.insert(0, f"seed {seed}")
@@ -113,23 +108,8 @@ class Lab:
 def _sweep_temp_dirs() -> None:
     for path in Path(tempfile.gettempdir()).glob(f"{hosts.PREFIX}*"):
         owner = path.name[len(hosts.PREFIX) :].split("x", 1)[0]
-        if owner.isdigit() and not Path(f"/proc/{owner}").exists():
+        if owner.isdigit() and not alive(int(owner)):
             shutil.rmtree(path, ignore_errors=True)
-
-
-@contextlib.contextmanager
-def _exclusive() -> Iterator[None]:
-    # One cluster at a time on this machine. While waiting, pytest's faulthandler_timeout must not
-    # count: a worker may wait for another's nemesis.
-    import faulthandler
-
-    with open(LOCK_PATH, "a") as lock:
-        faulthandler.cancel_dump_traceback_later()
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 @pytest.fixture(scope="session")

@@ -111,7 +111,13 @@ def test_cli_help_explains_state_dir_default(capsys: pytest.CaptureFixture[str])
     code, out, _ = run_cli(capsys, ["--help"])
     assert code == 0
     assert "usage: pyquorum [-h] [--version] [-b BIND] [-p PORT] [-s SCRIPT] [-v] [-vv]" in out
-    for option in ("--heartbeat-interval", "--election-timeout", "--stop-timeout", "--start-delay"):
+    for option in (
+        "--heartbeat-interval",
+        "--election-timeout",
+        "--stop-timeout",
+        "--start-delay",
+        "--kill-margin",
+    ):
         assert option in out
     assert "<ip>_<port>" in out
     assert "several nodes" in out
@@ -297,6 +303,17 @@ def test_cli_unsafe_timing_says_what_works(capsys: pytest.CaptureFixture[str], b
     )
 
 
+def test_cli_kill_margin_too_small_says_what_works(
+    capsys: pytest.CaptureFixture[str], base: list[str]
+) -> None:
+    assert_bad_input(
+        capsys,
+        [*base, "--kill-margin", "0.001", "127.0.0.2"],
+        "--kill-margin (0.001s) must be at least 0.005s",
+        "use --kill-margin 0.025 (the default) or more",
+    )
+
+
 def test_cli_negative_timing(capsys: pytest.CaptureFixture[str], base: list[str]) -> None:
     assert_bad_input(
         capsys, [*base, "--stop-timeout", "-1", "127.0.0.2"], "--stop-timeout must not be negative"
@@ -363,6 +380,8 @@ def test_cli_valid_config_runs_daemon(
             "0.5",
             "--stop-timeout",
             "0.1",
+            "--kill-margin",
+            "0.04",
             "--restart",
             "never",
             "127.0.0.3",
@@ -378,6 +397,7 @@ def test_cli_valid_config_runs_daemon(
     assert config.timing.heartbeat_interval_s == 0.05
     assert config.timing.election_timeout_s == 0.5
     assert config.timing.stop_timeout_s == 0.1
+    assert config.timing.kill_margin_s == 0.04
     assert config.restart == "never"
     assert config.state_dir == tmp_path / "state"
     assert config.log_level == logging.WARNING

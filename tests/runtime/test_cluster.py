@@ -2,11 +2,12 @@
 
 Reference: protocol.md §3.3 (elections), §3.7 (planned handover), §3.8 (the fencing token), §4.2-§4.4
 (the kill deadline and the guard), §5.1 (the failover bound), §6 P4/P5 (no two scripts at once, tokens
-increase). Each test runs a ``Cluster`` (tests/runtime/cluster.py): the workload records what ran when,
-and leaving the ``with`` block checks that no two runs overlapped, that tokens increased and that no
-daemon logged a Traceback. Teardown kills every process a cluster started, pass or fail.
+increase). Each test runs a ``Cluster`` (tests/harness/cluster.py) on the ``Loopback()`` backend: the
+workload records what ran when, and leaving the ``with`` block checks that no two runs overlapped, that
+tokens increased, that the fencing register held and that no daemon logged a Traceback. Teardown kills
+every process a cluster started, pass or fail.
 
-Timing is ``TUNED`` (h = 0.05 s, E = 0.5 s, G = 0.2 s) unless the default is the point. Bounds from the
+Timing is ``TEST_TIMING`` (h = 0.05 s, E = 0.5 s, G = 0.2 s) unless the default is the point. Bounds from the
 protocol cover the daemons' decisions; a script run begins SCRIPT_START_SLACK_S later at most, because
 the guard and the workload are two Python interpreters to start (about 50 ms on an idle host, several
 hundred ms on a loaded 2-core CI runner that runs other suites at the same time).
@@ -19,17 +20,9 @@ import time
 
 import pytest
 
-from tests.runtime.cluster import (
-    DEFAULT,
-    TUNED,
-    Cluster,
-    Node,
-    Run,
-    build_runs,
-    check_runs,
-    parse_records,
-    tagged_pids,
-)
+from tests.harness.cluster import Cluster, Loopback, Node
+from tests.harness.runs import Run, check_runs, parse_runs
+from tests.timing import DEFAULT, TEST_TIMING
 
 slow = pytest.mark.slow
 
@@ -37,10 +30,10 @@ SCRIPT_START_SLACK_S = 0.5
 # Scheduling slack for the guard's signals on a loaded host (it is one of many runnable processes).
 SIGNAL_SLACK_S = 0.15
 E, G, K, H = (
-    TUNED.election_timeout_s,
-    TUNED.stop_timeout_s,
-    TUNED.kill_margin_s,
-    TUNED.heartbeat_interval_s,
+    TEST_TIMING.election_timeout_s,
+    TEST_TIMING.stop_timeout_s,
+    TEST_TIMING.kill_margin_s,
+    TEST_TIMING.heartbeat_interval_s,
 )
 
 
@@ -55,10 +48,11 @@ RECORD = """\
 127.0.0.2:9 9000002 10.300 2 start cluster=a,b,c
 127.0.0.2:9 9000002 10.305 2 tick
 """
+GONE = "9000001 10.202 pidfd\n9000002 10.400 pidfd\n"  # what the run monitor saw
 
 
 def test_checker_accepts_runs_one_after_another() -> None:
-    runs = build_runs(parse_records(RECORD), gone={9000001: 10.202, 9000002: 10.400})
+    runs = parse_runs(RECORD, GONE)
     check_runs(runs)
     assert [(r.node, r.token, r.start, r.end) for r in runs] == [
         ("127.0.0.1:9", 1, 10.0, 10.202),
@@ -68,31 +62,29 @@ def test_checker_accepts_runs_one_after_another() -> None:
 
 
 def test_checker_ends_a_run_when_its_process_is_gone_not_at_its_last_line() -> None:
-    """A SIGKILLed run's last line is a tick; it lasted until the watcher saw it gone: overlap."""
+    """A SIGKILLed run's last line is a tick; it lasted until the monitor saw it gone: overlap."""
     record = RECORD.replace(
         "127.0.0.1:9 9000001 10.200 1 term\n127.0.0.1:9 9000001 10.201 1 exit code=0\n", ""
     )
-    check_runs(build_runs(parse_records(record)))  # without the watcher: the last tick, a lower bound
-    assert build_runs(parse_records(record))[0].end_is_lower_bound
-    with pytest.raises(AssertionError, match="OVERLAP"):
-        check_runs(build_runs(parse_records(record), gone={9000001: 10.35, 9000002: 10.4}))
+    check_runs(parse_runs(record))  # without the monitor: the last tick, a lower bound
+    assert parse_runs(record)[0].end_is_lower_bound
+    with pytest.raises(AssertionError, match="overlap"):
+        check_runs(parse_runs(record, "9000001 10.35 pidfd\n9000002 10.4 pidfd\n"))
 
 
 def test_checker_rejects_a_token_that_does_not_increase() -> None:
-    with pytest.raises(AssertionError, match="TOKEN"):
-        check_runs(
-            build_runs(parse_records(RECORD.replace(" 2 start", " 1 start").replace(" 2 tick", " 1 tick")))
-        )
+    with pytest.raises(AssertionError, match="token did not increase"):
+        check_runs(parse_runs(RECORD.replace(" 2 start", " 1 start").replace(" 2 tick", " 1 tick")))
 
 
 def test_checker_allows_the_same_token_only_for_a_restart_on_the_same_node() -> None:
     restart = RECORD.replace("127.0.0.2:9 9000002", "127.0.0.1:9 9000002").replace(" 2 start", " 1 start")
-    check_runs(build_runs(parse_records(restart.replace(" 2 tick", " 1 tick"))))
+    check_runs(parse_runs(restart.replace(" 2 tick", " 1 tick")))
 
 
 def test_checker_rejects_a_run_without_a_start_line() -> None:
     with pytest.raises(AssertionError, match="no start line"):
-        check_runs(build_runs(parse_records(RECORD.replace("10.300 2 start cluster=a,b,c", "10.300 2 tick"))))
+        check_runs(parse_runs(RECORD.replace("10.300 2 start cluster=a,b,c", "10.300 2 tick")))
 
 
 # ---- real clusters -------------------------------------------------------------------------------
@@ -125,12 +117,12 @@ def slaves_follow(c: Cluster, master: Node, nodes: list[Node]) -> bool:
 def test_cluster_elects_one_master_within_bound(size: int) -> None:
     """Reference: protocol.md §3.3, §3.6, §5.1: after the start-up embargo E, the lowest live address
     proposes; the master's script runs within E + failover_bound_s of the start."""
-    with Cluster(size, key=size == 5) as c:
+    with Cluster(size, Loopback(), keys=size == 5) as c:
         master = c.wait_for_master()
         run = run_of(c, master)
         assert c.ready_at is not None
         took = run.start - c.ready_at
-        bound = E + TUNED.failover_bound_s() + SCRIPT_START_SLACK_S
+        bound = E + TEST_TIMING.failover_bound_s() + SCRIPT_START_SLACK_S
         assert took <= bound, f"first script started {took:.3f}s after the daemons, bound {bound:.3f}s"
         others = [n for n in c.nodes if n is not master]
         c.wait_for(lambda: slaves_follow(c, master, others), 5.0, "every other node to follow the master")
@@ -143,17 +135,17 @@ def test_cluster_elects_one_master_within_bound(size: int) -> None:
 @pytest.mark.parametrize("size", [3, 5])
 def test_crash_of_master_daemon_and_script_fails_over_and_the_node_rejoins(size: int) -> None:
     """Reference: protocol.md §5.1 (crash failover bound), §3.3 (no pre-emption by a rejoining node)."""
-    with Cluster(size) as c:
+    with Cluster(size, Loopback()) as c:
         old = c.wait_for_master()
         old_run, old_term = run_of(c, old), term_of(c, old)
-        t_kill = c.kill9(old, script=True)
+        t_kill = c.crash(old, host=True)
         new = c.wait_for_master(newer_than=old_term)
         new_run = c.wait_for_run(after=t_kill)
         assert new_run.node == new.name != old.name
         assert not c.runs()[0].alive, "the old script is gone"
         assert c.runs()[0].pid == old_run.pid
         took = new_run.start - t_kill
-        bound = TUNED.failover_bound_s() + SCRIPT_START_SLACK_S
+        bound = TEST_TIMING.failover_bound_s() + SCRIPT_START_SLACK_S
         assert took <= bound, f"failover took {took:.3f}s, bound {bound:.3f}s"
         assert new_run.token > old_run.token
         # the crashed node comes back as a slave of the new master, and does not take over
@@ -168,11 +160,11 @@ def test_crash_of_master_daemon_and_script_fails_over_and_the_node_rejoins(size:
 def test_kill9_of_daemon_alone_stops_its_script_within_stop_timeout() -> None:
     """Reference: protocol.md §4.4: the guard reads EOF, SIGTERMs the script at once and SIGKILLs it
     after G. The workload ignores SIGTERM here, so that it must be SIGKILLed."""
-    with Cluster(3, workload={"term_delay_s": 30}) as c:
+    with Cluster(3, Loopback(), workload={"term_delay_s": 30}) as c:
         old = c.wait_for_master()
         old_run = run_of(c, old)
-        t_kill = c.kill9(old)
-        gone = c.gone_at(old_run.pid, timeout=5.0)
+        t_kill = c.crash(old)
+        gone = c.gone_at(old_run.pid, timeout_s=5.0)
         assert gone - t_kill <= G + K + SIGNAL_SLACK_S, f"script outlived its daemon by {gone - t_kill:.3f}s"
         run = next(r for r in c.runs() if r.pid == old_run.pid)
         assert run.term_at is not None and run.exit_at is None, "SIGTERM first, then SIGKILL"
@@ -188,13 +180,13 @@ def test_sigstop_of_master_stops_its_script_by_the_deadline_and_sigcont_rejoins_
     reaped by the kill deadline t_ack + L_kill, where t_ack (the last acknowledged round) precedes the
     SIGSTOP; a new master takes over only after that. After SIGCONT the old master steps down and
     follows the new one (§3.3: its stale term cannot disrupt)."""
-    with Cluster(3, workload={"term_delay_s": 30}) as c:
+    with Cluster(3, Loopback(), workload={"term_delay_s": 30}) as c:
         old = c.wait_for_master()
         old_run = run_of(c, old)
         time.sleep(0.2)  # a few renewals
-        t_stop = c.sigstop(old)
-        gone = c.gone_at(old_run.pid, timeout=5.0)
-        lease_kill = TUNED.lease_kill_s
+        t_stop = c.pause(old)
+        gone = c.gone_at(old_run.pid, timeout_s=5.0)
+        lease_kill = TEST_TIMING.lease_kill_s
         assert gone <= t_stop + lease_kill, (
             f"script gone {gone - t_stop:.3f}s after SIGSTOP, after its kill deadline "
             f"(at most {lease_kill:.3f}s)"
@@ -204,7 +196,7 @@ def test_sigstop_of_master_stops_its_script_by_the_deadline_and_sigcont_rejoins_
         new = c.wait_for_master(newer_than=old_run.token, exclude=[old])
         new_run = c.wait_for_run(after=t_stop)
         assert new_run.node == new.name and new_run.start > gone
-        c.sigcont(old)
+        c.resume(old)
         c.wait_for(lambda: slaves_follow(c, new, [old]), 10 * E, f"{old} to rejoin as a slave of {new}")
         time.sleep(2 * E)
         assert c.master() is new and term_of(c, new) == new_run.token, "the thawed node did not disrupt"
@@ -215,11 +207,11 @@ def test_sigstop_of_master_stops_its_script_by_the_deadline_and_sigcont_rejoins_
 def test_sigterm_of_master_hands_over_in_well_under_an_election_timeout() -> None:
     """Reference: protocol.md §3.7, §5.3: the master stops its script, resigns and exits 0; its
     successor starts at once, without waiting for E. Default timing: E = 1 s is the point."""
-    with Cluster(3, timing=DEFAULT) as c:
+    with Cluster(3, Loopback(), timing=DEFAULT) as c:
         old = c.wait_for_master()
         old_run = run_of(c, old)
-        t_term = c.sigterm(old)
-        assert c.wait_exit(old, timeout=DEFAULT.stop_timeout_s + 5.0) == 0
+        t_term = c.shutdown(old)
+        assert c.wait_exit(old, timeout_s=DEFAULT.stop_timeout_s + 5.0) == 0
         new_run = c.wait_for_run(after=t_term)
         old_run = next(r for r in c.runs() if r.pid == old_run.pid)
         assert old_run.exit_at is not None and old_run.exit_code == 0, "the script exited on SIGTERM"
@@ -235,22 +227,22 @@ def test_minority_never_runs_the_script(size: int) -> None:
     """Reference: protocol.md §3.3, §6 P6: without a majority no node becomes master. Masters are
     stopped one by one (first a planned stop, then crashes) until a minority is left."""
     quorum = size // 2 + 1
-    with Cluster(size) as c:
+    with Cluster(size, Loopback()) as c:
         term = 0
         stopped = 0
         while sum(n.running for n in c.nodes) >= quorum:
             master = c.wait_for_master(newer_than=term)
             term = term_of(c, master)
             if stopped == 0:
-                c.sigterm(master)
-                assert c.wait_exit(master, timeout=5.0) == 0
+                c.shutdown(master)
+                assert c.wait_exit(master, timeout_s=5.0) == 0
             else:
-                c.kill9(master, script=True)
+                c.crash(master, host=True)
             stopped += 1
         t_minority = time.monotonic()
         survivors = [n for n in c.nodes if n.running]
         assert len(survivors) == size - quorum
-        give_up = t_minority + 3 * TUNED.failover_bound_s() + SCRIPT_START_SLACK_S
+        give_up = t_minority + 3 * TEST_TIMING.failover_bound_s() + SCRIPT_START_SLACK_S
         while time.monotonic() < give_up:
             for node in survivors:
                 st = c.status(node)
@@ -265,7 +257,7 @@ def test_minority_never_runs_the_script(size: int) -> None:
 def test_script_sees_its_environment_and_tokens_increase_over_handovers() -> None:
     """Reference: protocol.md §3.8: PYQUORUM_TERM is the master's term and grows with every new
     master; PYQUORUM_NODE and PYQUORUM_CLUSTER name the node and all members."""
-    with Cluster(3, key=True) as c:
+    with Cluster(3, Loopback(), keys=True) as c:
         members = ",".join(sorted(n.name for n in c.nodes))
         term = 0
         seen: list[tuple[str, int, int]] = []
@@ -276,8 +268,8 @@ def test_script_sees_its_environment_and_tokens_increase_over_handovers() -> Non
             seen.append((master.name, term, run.pid))
             assert run.node == master.name and run.token == term and run.cluster == members
             assert c.status(master)["members"] == sorted(n.name for n in c.nodes)  # type: ignore[index]
-            c.sigterm(master)
-            assert c.wait_exit(master, timeout=5.0) == 0
+            c.shutdown(master)
+            assert c.wait_exit(master, timeout_s=5.0) == 0
             c.restart(master)
         runs = c.runs()
         tokens = [r.token for r in runs]
@@ -290,7 +282,7 @@ def test_restart_on_failure_backs_off_then_resigns_and_another_node_takes_over()
     """Reference: README "restart policy", config.py: --restart on-failure restarts a failing script
     after 1, 2, 4, 8 s (same token: same master, same term); the 5th failure within 60 s makes the
     master resign, and another node runs the script with a higher token."""
-    with Cluster(3) as c:
+    with Cluster(3, Loopback()) as c:
         bad = c.wait_for_master()
         term = term_of(c, bad)
         c.set_workload(bad, exit_after_s=0.05, exit_code=1)
@@ -318,7 +310,7 @@ def test_restart_on_failure_backs_off_then_resigns_and_another_node_takes_over()
 def test_restart_policy(policy: str, exit_code: int, restarted: bool) -> None:
     """Reference: README "restart policy": on-failure does not restart a script that exited 0, never
     restarts nothing, always restarts after a clean exit too (after 1 s); the node stays master."""
-    with Cluster(3, restart=policy) as c:
+    with Cluster(3, Loopback(), restart=policy) as c:
         master = c.wait_for_master()
         term = term_of(c, master)
         first = run_of(c, master)
@@ -345,14 +337,14 @@ def test_restart_policy(policy: str, exit_code: int, restarted: bool) -> None:
 @slow
 def test_sigterm_stops_every_daemon_with_exit_0_and_leaves_no_process() -> None:
     """Reference: issue 3 "On SIGTERM the daemon stops the script (bounded), resigns and exits 0"."""
-    with Cluster(3, workload={"term_delay_s": 0.05}) as c:
+    with Cluster(3, Loopback(), workload={"term_delay_s": 0.05}) as c:
         master = c.wait_for_master()
         run = run_of(c, master)
         for node in c.nodes:
-            c.sigterm(node)
-        codes = [c.wait_exit(node, timeout=G + K + 5.0) for node in c.nodes]
+            c.shutdown(node)
+        codes = [c.wait_exit(node, timeout_s=G + K + 5.0) for node in c.nodes]
         assert codes == [0, 0, 0]
-        assert tagged_pids(c.tag) == [], "a guard or script outlived its daemon"
+        assert not any(c.processes(node) for node in c.nodes), "a guard or script outlived its daemon"
         run = next(r for r in c.runs() if r.pid == run.pid)
         assert run.term_at is not None and run.exit_code == 0, "the script was stopped with SIGTERM"
         for node in c.nodes:

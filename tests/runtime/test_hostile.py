@@ -1,7 +1,8 @@
 """Live hostile traffic (issue 5): real daemons on loopback, attacked by this test process.
 
-Each test runs a 3-node cluster (``python -m pyquorum`` subprocesses on 127.0.0.x, heartbeat 0.05 s,
-election timeout 0.5 s, see tests/runtime/_hostile_cluster.py) and sends from 127.0.0.1:
+Each test runs a 3-node cluster without a script (``Cluster(3, Loopback(), script=None)``, tests/harness:
+``python -m pyquorum`` subprocesses on 127.0.0.x, heartbeat 0.05 s, election timeout 0.5 s) and sends
+from 127.0.0.1:
 
 * ``test_flood_changes_nothing``: with a key file, every node is flooded, one kind after the other,
   with ``PER_KIND`` datagrams of each kind (``keyed_attacks`` lists them). For each kind the
@@ -43,6 +44,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import json
 import os
 import random
 import secrets
@@ -61,8 +63,7 @@ from typing import Any
 
 import pytest
 
-from pyquorum import keys
-from pyquorum.codec import ClusterInfo, Codec, cluster_fingerprint
+from pyquorum import keyfile
 from pyquorum.core.messages import (
     Heartbeat,
     HeartbeatResponse,
@@ -73,8 +74,9 @@ from pyquorum.core.messages import (
     VoteRequest,
     VoteResponse,
 )
-from pyquorum.keys import KeyRing
-from tests.runtime._hostile_cluster import HostileCluster, Node, wait_for
+from pyquorum.wire.codec import ClusterInfo, Codec, Hello, cluster_fingerprint
+from pyquorum.wire.keyring import KeyRing
+from tests.harness.cluster import Cluster, Loopback, Node
 
 pytestmark = pytest.mark.slow
 
@@ -198,11 +200,53 @@ class Recorder:
             sock.close()
 
 
-def statuses(nodes: Iterable[Node]) -> dict[str, Status]:
+def hostile_cluster(keys: Path | Sequence[Path] | None, verbosity: int = 1) -> Cluster:
+    """The cluster under attack: no script; the test starts the nodes."""
+    return Cluster(3, Loopback(), script=None, keys=keys, verbosity=verbosity, launch=False)
+
+
+def stop(c: Cluster, node: Node) -> int:
+    """SIGTERM and wait; returns the exit code."""
+    c.shutdown(node)
+    return c.wait_exit(node, timeout_s=5.0)
+
+
+def persisted(node: Node) -> dict[str, Any]:
+    """state.json: term, vote and boot_epoch."""
+    data: dict[str, Any] = json.loads((node.state_dir / "state.json").read_text(encoding="utf-8"))
+    return data
+
+
+def agreed_master(c: Cluster, among: Sequence[Node] | None = None) -> tuple[Node, int] | None:
+    """The master every running node of ``among`` follows, in one term, if they all agree."""
+    nodes = [n for n in (c.nodes if among is None else among) if n.running]
+    sts = [c.status(n) for n in nodes]
+    masters = {(s["master"], s["term"]) for s in sts if s is not None}
+    if not nodes or None in sts or len(masters) != 1:
+        return None
+    name, term = masters.pop()
+    master = next((n for n in nodes if n.name == name), None)
+    st = None if master is None else c.status(master)
+    return None if master is None or st is None or st["role"] != "master" else (master, int(term))
+
+
+def wait_for_master(
+    c: Cluster, timeout_s: float = 15.0, among: Sequence[Node] | None = None
+) -> tuple[Node, int]:
+    return c.wait_for(lambda: agreed_master(c, among), timeout_s, "a master all nodes follow")
+
+
+def assert_all_running(c: Cluster) -> None:
+    for node in c.nodes:
+        code = node.proc and node.proc.returncode
+        assert node.running, f"{node.name} exited with {code}:\n" + c.log(node)[-3000:]
+
+
+def statuses(c: Cluster, nodes: Iterable[Node]) -> dict[str, Status]:
     out = {}
     for node in nodes:
-        st = node.status()
-        assert st is not None, f"{node.name} has no status.json (running: {node.running()})"
+        st = c.status(node)
+        assert st is not None, f"{node.name} has no status.json (running: {node.running})"
         out[node.name] = st
     return out
 
@@ -222,7 +266,9 @@ def delta(after: Status, before: Status) -> Counter[str]:
     return +diff
 
 
-def settle(nodes: Sequence[Node], sent_to_each: int, before: dict[str, Status]) -> dict[str, Status]:
+def settle(
+    c: Cluster, nodes: Sequence[Node], sent_to_each: int, before: dict[str, Status]
+) -> dict[str, Status]:
     """Wait until every node has counted all we sent it, or counted nothing new across two status
     writes (the rest was dropped by a full socket buffer); return the statuses."""
     last: dict[str, tuple[float, int]] = {}
@@ -233,7 +279,7 @@ def settle(nodes: Sequence[Node], sent_to_each: int, before: dict[str, Status]) 
         for node in nodes:
             if node.name in done:
                 continue
-            st = statuses([node])[node.name]
+            st = statuses(c, [node])[node.name]
             counted = rejected_total(st) - rejected_total(before[node.name])
             prev = last.get(node.name)
             if counted >= sent_to_each or (
@@ -246,15 +292,15 @@ def settle(nodes: Sequence[Node], sent_to_each: int, before: dict[str, Status]) 
     return done
 
 
-def logged_more(node: Node, event: str, seen: int) -> Callable[[], bool | None]:
+def logged_more(c: Cluster, node: Node, event: str, seen: int) -> Callable[[], bool | None]:
     """A probe: has ``node`` logged ``event`` more than ``seen`` times?"""
-    return lambda: node.log_text().count(event) > seen or None
+    return lambda: c.log(node).count(event) > seen or None
 
 
-def assert_master(c: HostileCluster, master: Node, term: int) -> None:
-    found = c.agreed_master()
+def assert_master(c: Cluster, master: Node, term: int) -> None:
+    found = agreed_master(c)
     assert found is not None and found[0] is master and found[1] == term, (
-        f"expected {master.name} master in term {term}: {c.statuses()}"
+        f"expected {master.name} master in term {term}: {[c.status(n) for n in c.nodes]}"
     )
 
 
@@ -295,7 +341,7 @@ def cycle_to(items: Sequence[bytes], n: int, rng: random.Random) -> list[bytes]:
 class Scene:
     """What the attacks are built from."""
 
-    cluster: HostileCluster
+    cluster: Cluster
     ring: KeyRing  # the real key
     fp: bytes  # the cluster fingerprint, read off a genuine datagram (it is not secret)
     epochs: dict[str, int]  # each member's current boot epoch, from its state.json
@@ -347,7 +393,7 @@ def keyed_attacks(s: Scene) -> list[Attack]:
     # genuine datagrams cut short, and oversized datagrams up to the largest UDP payload
     genuine = [d for d, _ in s.early_life + s.to_old_v]
     cut = [d[: rng.randrange(0, len(d))] for d in cycle_to(genuine, PER_KIND // 2, rng)]
-    big = [b"PQ\x01\x01" + s.fp + os.urandom(size - 12) for size in (1201, 1500, 4096, 9000, 30000, 65507)]
+    big = [b"PQ\x02\x01" + s.fp + os.urandom(size - 12) for size in (1201, 1500, 4096, 9000, 30000, 65507)]
     oversized = [big[i % len(big)] for i in range(PER_KIND - len(cut))]
     # other versions, key ids we do not have, key id 0 with a random tail
     headers = []
@@ -357,7 +403,7 @@ def keyed_attacks(s: Scene) -> list[Attack]:
     wrong = KeyRing(send_key_id=s.ring.send_key_id, keys={s.ring.send_key_id: secrets.token_bytes(32)})
     other_id = 200 if s.ring.send_key_id != 200 else 201
     unknown = KeyRing(send_key_id=other_id, keys={other_id: secrets.token_bytes(32)})
-    stranger = f"127.0.0.1:{s.cluster.port}"
+    stranger = f"127.0.0.1:{nodes[0].port}"
 
     def replay(name: str, captured: list[Datagram], at_receiver: str) -> Attack:
         # every captured datagram to every node: its own receiver, and the others
@@ -403,23 +449,23 @@ def test_flood_changes_nothing(tmp_path: Path, attacker: socket.socket) -> None:
     seed = random.randrange(2**32)
     rng = random.Random(seed)
     key_file = tmp_path / "cluster.key"
-    keys.keygen(key_file)
-    ring = keys.load_keyring(key_file)
+    keyfile.keygen(key_file)
+    ring = keyfile.load_keyring(key_file)
     report = [f"seed={seed}"]
-    with HostileCluster(tmp_path, key_files=key_file) as c:
+    with hostile_cluster(key_file) as c:
         n0, others = c.nodes[0], c.nodes[1:]
 
         # Phase 0: node 0's earlier life. The test holds nodes 1 and 2's addresses and keeps what
         # node 0, alone, sends them: genuine signed heartbeats and pre-vote requests.
         rec = Recorder(n.addr for n in others)
         try:
-            n0.start()
+            c.start([n0])
             rec.record_until(
                 lambda: all(sum(1 for _, to in rec.captured if to == n.addr) >= 8 for n in others),
                 10.0,
                 "node 0's datagrams from its earlier life",
             )
-            assert n0.stop() == 0
+            assert stop(c, n0) == 0
             rec.drain()
         finally:
             rec.close()
@@ -428,14 +474,14 @@ def test_flood_changes_nothing(tmp_path: Path, attacker: socket.socket) -> None:
 
         # Phase 1: the cluster; node 0 starts again, with a higher boot epoch
         c.start()
-        master, term = c.wait_for_master()
+        master, term = wait_for_master(c)
 
         # Phase 2: stop a slave V and hold its address. As V, in V's current epoch, send the live
         # nodes cross-cluster datagrams (right key, another fingerprint); keep what they send V.
         v = next(n for n in c.nodes if n is not master)
         live = [n for n in c.nodes if n is not v]
-        assert v.stop() == 0
-        v_epoch = int(v.persisted()["boot_epoch"])
+        assert stop(c, v) == 0
+        v_epoch = int(persisted(v)["boot_epoch"])
         other_fp = cluster_fingerprint(c.members, "heartbeat_interval_s=0.06 (a misconfigured node)")
         cross = Codec(local=v.name, cluster_fp=other_fp, members=frozenset(c.members), keyring=ring)
         messages = itertools.cycle(protocol_messages(HUGE_TERM, c.members))
@@ -444,7 +490,7 @@ def test_flood_changes_nothing(tmp_path: Path, attacker: socket.socket) -> None:
             for i, msg in zip(range(PER_KIND), messages, strict=False)
             for n in live
         ]
-        before_cross = statuses(live)
+        before_cross = statuses(c, live)
         ours = Codec(local=v.name, cluster_fp=fp, members=frozenset(c.members), keyring=ring)
         rec = Recorder([v.addr])
         try:
@@ -452,7 +498,7 @@ def test_flood_changes_nothing(tmp_path: Path, attacker: socket.socket) -> None:
                 send_paced(attacker, cross_cluster[i : i + 64], RATE * len(live))
                 rec.drain()
 
-            def decoded() -> list[tuple[str, Message | ClusterInfo, bytes]]:
+            def decoded() -> list[tuple[str, Message | ClusterInfo | Hello, bytes]]:
                 out = []
                 for data, _ in rec.captured:
                     env, msg = ours.decode(data)  # genuine: the real key verifies it
@@ -471,7 +517,7 @@ def test_flood_changes_nothing(tmp_path: Path, attacker: socket.socket) -> None:
             captured = decoded()
         finally:
             rec.close()
-        after_cross = settle(live, PER_KIND, before_cross)
+        after_cross = settle(c, live, PER_KIND, before_cross)
         infos = Counter(s for s, m, _ in captured if isinstance(m, ClusterInfo))
         report.append(f"ClusterInfo answers received at V's address: {dict(infos)}")
         assert all(1 <= infos[n.name] <= 2 for n in live), f"ClusterInfo: one per 10 s each: {infos}"
@@ -480,23 +526,23 @@ def test_flood_changes_nothing(tmp_path: Path, attacker: socket.socket) -> None:
             got_cross = delta(after_cross[n.name], before_cross[n.name])
             report.append(f"cross-cluster-right-key ({PER_KIND}/node) at {n.name}: {dict(got_cross)}")
             assert set(got_cross) == {"cluster-mismatch"}, f"{n.name}: {got_cross}"
-            lines = [ln for ln in n.log_text().splitlines() if "event=cluster_mismatch" in ln]
+            lines = [ln for ln in c.log(n).splitlines() if "event=cluster_mismatch" in ln]
             assert 1 <= len(lines) <= 2, f"{n.name} logged cluster_mismatch {len(lines)} times"
-        v.start()
-        wait_for(lambda: c.agreed_master(), 10.0, "V back, following the master")
+        c.restart(v)
+        c.wait_for(lambda: agreed_master(c), 10.0, "V back, following the master")
         assert_master(c, master, term)
 
         # Phase 3: the flood, one kind after the other
-        epochs = {n.name: int(n.persisted()["boot_epoch"]) for n in c.nodes}
+        epochs = {n.name: int(persisted(n)["boot_epoch"]) for n in c.nodes}
         attacks = keyed_attacks(Scene(c, ring, fp, epochs, early_life, to_old_v, cross_cluster, rng))
         time.sleep(0.6)  # the restart's handshake rejects ("bad-echo") are counted and written
         queues = udp_sockets()
         drops_before = {n.name: queues.get(n.addr, (0, 0))[1] for n in c.nodes}
         flood_start = time.monotonic()
         for attack in attacks:
-            before = statuses(c.nodes)
+            before = statuses(c, c.nodes)
             send_paced(attacker, attack.datagrams, RATE * len(c.nodes))
-            after = settle(c.nodes, len(attack.datagrams) // len(c.nodes), before)
+            after = settle(c, c.nodes, len(attack.datagrams) // len(c.nodes), before)
             row = []
             for n in c.nodes:
                 got = delta(after[n.name], before[n.name])
@@ -516,37 +562,36 @@ def test_flood_changes_nothing(tmp_path: Path, attacker: socket.socket) -> None:
         )
 
         # Phase 4: nothing changed, everyone still listens, the logs stayed small
-        c.assert_all_running()
+        assert_all_running(c)
         assert_master(c, master, term)
-        sample = {name: accepted(st) for name, st in statuses(c.nodes).items()}
+        sample = {name: accepted(st) for name, st in statuses(c, c.nodes).items()}
         time.sleep(1.2)
-        for name, st in statuses(c.nodes).items():
+        for name, st in statuses(c, c.nodes).items():
             assert accepted(st) >= sample[name] + 10, f"{name} stopped accepting its peers: {st}"
             assert st["authenticated"] is True
         for n in c.nodes:
-            text = n.log_text()
+            text = c.log(n)
             assert "Traceback" not in text, text[-3000:]
             rejects = sum(1 for ln in text.splitlines() if "event=datagram_rejected" in ln)
             size = n.log_path.stat().st_size
-            report.append(
-                f"{n.name}: {statuses([n])[n.name]['rejected']} reject log lines={rejects} log bytes={size}"
-            )
+            counted = statuses(c, [n])[n.name]["rejected"]
+            report.append(f"{n.name}: {counted} reject log lines={rejects} log bytes={size}")
             assert rejects <= MAX_REJECT_LOG_LINES, f"{n.name} logged {rejects} rejects"
             assert size <= MAX_LOG_BYTES, f"{n.name}'s log is {size} bytes"
         reflected = pending(attacker)
         assert not reflected, f"{len(reflected)} datagrams were sent to the attacker's address"
 
         # Phase 5: the cluster still fails over
-        master.signal(signal.SIGTERM)
-        new_master, new_term = c.wait_for_master(10.0, among=[n for n in c.nodes if n is not master])
+        c.shutdown(master)
+        new_master, new_term = wait_for_master(c, 10.0, among=[n for n in c.nodes if n is not master])
         assert new_term > term
-        assert master.proc is not None and master.proc.wait(5.0) == 0
+        assert c.wait_exit(master, timeout_s=5.0) == 0
         report.append(f"failover: {master.name} term {term} -> {new_master.name} term {new_term}")
     print("\n" + "\n".join(report))
 
 
-def test_without_key_runs_unauthenticated(tmp_path: Path, attacker: socket.socket) -> None:
-    with HostileCluster(tmp_path, key_files=None, verbose=False) as c:  # the default log level
+def test_without_key_runs_unauthenticated(attacker: socket.socket) -> None:
+    with hostile_cluster(None, verbosity=0) as c:  # the default log level
         # Read the fingerprint off a genuine datagram: hold node 2's address for a moment.
         rec = Recorder([c.nodes[2].addr])
         try:
@@ -556,14 +601,14 @@ def test_without_key_runs_unauthenticated(tmp_path: Path, attacker: socket.socke
             rec.close()
         fp = rec.captured[0][0][4:12]
         c.start(c.nodes[2:])
-        master, term = c.wait_for_master()
-        for name, st in statuses(c.nodes).items():
+        master, term = wait_for_master(c)
+        for name, st in statuses(c, c.nodes).items():
             assert st["authenticated"] is False and st["send_key_id"] is None, name
         for n in c.nodes:
-            assert "cluster traffic is UNAUTHENTICATED" in n.log_text(), n.log_text()
+            assert "cluster traffic is UNAUTHENTICATED" in c.log(n), c.log(n)
 
         # Without a key anyone can compute the CRC. A member is tied to its address instead.
-        epochs = {n.name: int(n.persisted()["boot_epoch"]) for n in c.nodes}
+        epochs = {n.name: int(persisted(n)["boot_epoch"]) for n in c.nodes}
         datagrams: list[Datagram] = []
         for n in c.nodes:
             peer = next(m for m in c.members if m != n.name)
@@ -591,51 +636,51 @@ def test_without_key_runs_unauthenticated(tmp_path: Path, attacker: socket.socke
                         recrc(body + b"\x00"),
                     )
                 ]
-        before = statuses(c.nodes)
+        before = statuses(c, c.nodes)
         send_paced(attacker, datagrams, RATE * len(c.nodes))
-        after = settle(c.nodes, len(datagrams) // len(c.nodes), before)
+        after = settle(c, c.nodes, len(datagrams) // len(c.nodes), before)
         expect = {"wrong-source", "unexpected-mac", "bad-checksum", "bad-type", "bad-field", "trailing-bytes"}
         for n in c.nodes:
             got = delta(after[n.name], before[n.name])
             print(f"no key, {n.name}: {dict(sorted(got.items()))}")
             assert set(got) == expect, f"{n.name}: {dict(got)}"
-            assert "event=datagram_rejected reason=wrong-source" in n.log_text()
-            assert "Traceback" not in n.log_text()
+            assert "event=datagram_rejected reason=wrong-source" in c.log(n)
+            assert "Traceback" not in c.log(n)
         assert_master(c, master, term)
-        c.assert_all_running()
+        assert_all_running(c)
         assert not pending(attacker)
 
 
 def test_key_rotation_with_sighup(tmp_path: Path, attacker: socket.socket) -> None:
     both = tmp_path / "keys"
-    assert keys.keygen(both) == 1
-    assert keys.keygen(both, add=True) == 2
+    assert keyfile.keygen(both) == 1
+    assert keyfile.keygen(both, add=True) == 2
     k1, k2 = key_lines(both)
     files = [tmp_path / f"node{i}.key" for i in range(3)]  # every host has its own copy
     for f in files:
         write_key_file(f, [k1])
-    ring1 = keys.load_keyring(files[0])
-    with HostileCluster(tmp_path, key_files=files) as c:
+    ring1 = keyfile.load_keyring(files[0])
+    with hostile_cluster(files) as c:
         c.start()
-        master, term = c.wait_for_master()
-        before = statuses(c.nodes)
+        master, term = wait_for_master(c)
+        before = statuses(c, c.nodes)
 
         def step(lines: list[str], sends: int, accepts: list[int]) -> None:
             for node, f in zip(c.nodes, files, strict=True):
-                reloads = node.log_text().count("event=keys_reloaded")
+                reloads = c.log(node).count("event=keys_reloaded")
                 write_key_file(f, lines)
-                node.signal(signal.SIGHUP)
-                wait_for(
-                    logged_more(node, "event=keys_reloaded", reloads),
+                os.kill(node.pid, signal.SIGHUP)
+                c.wait_for(
+                    logged_more(c, node, "event=keys_reloaded", reloads),
                     5.0,
                     f"{node.name} to reload its keys",
                 )
-                assert f"KeyRing(send_key_id={sends}, key_ids={accepts})" in node.log_text()
+                assert f"KeyRing(send_key_id={sends}, key_ids={accepts})" in c.log(node)
                 time.sleep(0.2)  # one node at a time, as an operator would
                 assert_master(c, master, term)
 
             def peers_see_it() -> bool | None:
-                sts = statuses(c.nodes).values()
+                sts = statuses(c, c.nodes).values()
                 return (
                     all(
                         st["send_key_id"] == sends and sorted(st["peer_key_ids"].values()) == [sends, sends]
@@ -645,13 +690,13 @@ def test_key_rotation_with_sighup(tmp_path: Path, attacker: socket.socket) -> No
                 )
 
             # an operator checks this before the next step: every node's peers sign with `sends`
-            wait_for(peers_see_it, 5.0, f"every node seeing its peers sign with key {sends}")
+            c.wait_for(peers_see_it, 5.0, f"every node seeing its peers sign with key {sends}")
 
         step([k1, k2], 1, [1, 2])  # 1. add k2: accept both, still sign with k1
         step([k2, k1], 2, [1, 2])  # 2. switch: sign with k2, still accept k1
         step([k2], 2, [2])  # 3. retire k1
         assert_master(c, master, term)
-        for name, st in statuses(c.nodes).items():
+        for name, st in statuses(c, c.nodes).items():
             got = delta(st, before[name])
             assert not set(got) & {"unknown-key", "bad-mac"}, f"{name} refused a peer's key: {got}"
 
@@ -662,38 +707,39 @@ def test_key_rotation_with_sighup(tmp_path: Path, attacker: socket.socket) -> No
         grants = [
             old.encode(grant, receiver=target.name, sender_epoch=1, seq=i, echo_epoch=1) for i in range(50)
         ]
-        before_t = statuses([target])[target.name]
+        before_t = statuses(c, [target])[target.name]
         send_paced(attacker, [(d, target.addr) for d in grants], RATE)
-        wait_for(
-            lambda: delta(statuses([target])[target.name], before_t)["unknown-key"] >= 50 or None,
+        c.wait_for(
+            lambda: delta(statuses(c, [target])[target.name], before_t)["unknown-key"] >= 50 or None,
             5.0,
             "the retired key refused",
         )
 
         # A reload that would weaken the key file is refused: the node keeps its keys and runs.
         node = c.nodes[2]
-        failures = node.log_text().count("event=reload_failed")
+        failures = c.log(node).count("event=reload_failed")
         write_key_file(files[2], [k2], mode=0o644)
-        node.signal(signal.SIGHUP)
-        wait_for(logged_more(node, "event=reload_failed", failures), 5.0, "a refusal")
-        assert f"chmod 600 {files[2]}" in node.log_text()
+        os.kill(node.pid, signal.SIGHUP)
+        c.wait_for(logged_more(c, node, "event=reload_failed", failures), 5.0, "a refusal")
+        assert f"chmod 600 {files[2]}" in c.log(node)
         time.sleep(0.3)
         assert_master(c, master, term)
-        c.assert_all_running()
+        assert_all_running(c)
         for n in c.nodes:
-            assert "Traceback" not in n.log_text()
-            assert k1.split()[1] not in n.log_text() and k2.split()[1] not in n.log_text()
+            assert "Traceback" not in c.log(n)
+            assert k1.split()[1] not in c.log(n) and k2.split()[1] not in c.log(n)
 
 
 @pytest.mark.parametrize("mode", [0o644, 0o640, 0o604, 0o660])
 def test_refuses_key_file_readable_by_others(tmp_path: Path, mode: int) -> None:
     key_file = tmp_path / "cluster.key"
-    keys.keygen(key_file)
+    keyfile.keygen(key_file)
     os.chmod(key_file, mode)
-    node = HostileCluster(tmp_path, key_files=key_file).nodes[0]
-    proc = subprocess.run(node.argv, env=node.env, capture_output=True, text=True, timeout=30)
-    assert proc.returncode == 2, proc.stderr
-    assert f"chmod 600 {key_file}" in proc.stderr, proc.stderr
-    assert "Traceback" not in proc.stderr
-    assert key_lines(key_file)[0].split()[1] not in proc.stderr + proc.stdout
-    assert not (node.state_dir / "status.json").exists(), "it must refuse before it starts"
+    with hostile_cluster(key_file) as c:
+        node = c.nodes[0]
+        proc = subprocess.run(node.argv, env=c.node_env(node), capture_output=True, text=True, timeout=30)
+        assert proc.returncode == 2, proc.stderr
+        assert f"chmod 600 {key_file}" in proc.stderr, proc.stderr
+        assert "Traceback" not in proc.stderr
+        assert key_lines(key_file)[0].split()[1] not in proc.stderr + proc.stdout
+        assert not (node.state_dir / "status.json").exists(), "it must refuse before it starts"

@@ -1,4 +1,5 @@
-"""The state file: durable, atomic, never silently reset, never shared. Reference: protocol.md §2."""
+"""The state file: durable, atomic, never silently reset, never shared. Reference: protocol.md §3.4,
+§3.6 (the promise), §3.9 (a missing file is a node that may have lost its state), §1 (the members)."""
 
 from __future__ import annotations
 
@@ -7,11 +8,13 @@ import os
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
 
 from pyquorum.core.errors import ConfigError, LocalProtocolError
+from pyquorum.runtime import storage
 from pyquorum.runtime.storage import (
     STATE_VERSION,
     PersistedState,
@@ -31,17 +34,44 @@ def _leftovers(directory: Path) -> list[str]:
     return sorted(p.name for p in directory.iterdir() if p.name.endswith(".tmp"))
 
 
-def test_storage_missing_file_is_fresh_state(store: StateStore) -> None:
-    assert store.load() == PersistedState(term=0, voted_for=None, boot_epoch=0)
+def test_storage_missing_file_is_a_node_that_may_have_lost_its_state(store: StateStore) -> None:
+    """Reference: protocol.md §3.9: never silently treated as a brand-new node."""
+    assert store.load() == PersistedState(term=0, voted_for=None, boot_epoch=0, recovering=True)
+    assert store.bump_epoch() > 1
+    assert store.load().recovering  # persisted at once: a crash while recovering stays recovering
 
 
 def test_storage_round_trip(store: StateStore) -> None:
-    state = PersistedState(term=7, voted_for="[::1]:51621", boot_epoch=3)
+    state = PersistedState(
+        term=7,
+        voted_for="[::1]:51621",
+        boot_epoch=3,
+        promise_s=1.25,
+        recovering=True,
+        members=("[::1]:51621", "[::1]:51622", "[::1]:51623"),
+    )
     store.save(state)
     assert store.load() == state
     assert StateStore(store.state_dir).load() == state  # another reader sees the same
     store.save(PersistedState(term=8))
     assert store.load() == PersistedState(term=8, voted_for=None, boot_epoch=0)
+
+
+def test_storage_reads_a_file_written_before_promise_recovering_and_members(store: StateStore) -> None:
+    old = {"version": 1, "term": 4, "voted_for": None, "boot_epoch": 2}
+    store.state_file.write_text(json.dumps(old))
+    assert store.load() == PersistedState(term=4, boot_epoch=2, promise_s=0.0, recovering=False, members=None)
+
+
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [("promise_s", "1"), ("promise_s", -1), ("recovering", 1), ("members", "a,b"), ("members", [])],
+)
+def test_storage_refuses_bad_new_fields(store: StateStore, key: str, value: object) -> None:
+    data = {"version": 1, "term": 4, "voted_for": None, "boot_epoch": 2, key: value}
+    store.state_file.write_text(json.dumps(data))
+    with pytest.raises(ConfigError, match=key):
+        store.load()
 
 
 def test_storage_creates_private_directory_and_file(tmp_path: Path) -> None:
@@ -150,16 +180,61 @@ def test_storage_state_file_that_is_a_directory_is_an_error(store: StateStore) -
         store.load()
 
 
-def test_storage_bump_epoch_counts_starts_and_keeps_term_and_vote(store: StateStore) -> None:
+def test_storage_bump_epoch_grows_and_keeps_term_and_vote(store: StateStore) -> None:
     store.save(PersistedState(term=5, voted_for="127.0.0.2:51621", boot_epoch=0))
-    assert store.bump_epoch() == 1
-    assert store.bump_epoch() == 2
-    assert store.load() == PersistedState(term=5, voted_for="127.0.0.2:51621", boot_epoch=2)
+    assert store.bump_epoch(wall_clock_us=1_000) == 1_000
+    assert store.bump_epoch(wall_clock_us=1_000) == 1_001  # same clock reading: still one more
+    assert store.bump_epoch(wall_clock_us=500) == 1_002  # a clock set back: still one more
+    assert store.load() == PersistedState(term=5, voted_for="127.0.0.2:51621", boot_epoch=1_002)
 
 
-def test_storage_bump_epoch_on_fresh_dir(store: StateStore) -> None:
-    assert store.bump_epoch() == 1
-    assert store.load().boot_epoch == 1
+def test_storage_bump_epoch_reads_the_wall_clock(store: StateStore) -> None:
+    before_us = time.time_ns() // 1000
+    epoch = store.bump_epoch()
+    assert before_us <= epoch <= time.time_ns() // 1000
+    assert store.load().boot_epoch == epoch
+
+
+def test_storage_epoch_does_not_go_backwards_when_the_state_is_lost(tmp_path: Path) -> None:
+    """A node whose state.json is moved aside used to come back at epoch 1, below what its peers had
+    seen, and was refused both ways. Reference: docs/security.md §5 (the epoch rule)."""
+    with StateStore(tmp_path / "state") as store:
+        first = store.bump_epoch()
+        second = store.bump_epoch()
+        store.state_file.rename(tmp_path / "state.json.lost")
+        # a lost state reads as term 0, no vote, recovering (protocol.md §3.9)
+        assert store.load() == PersistedState(recovering=True)
+        after_loss = store.bump_epoch()
+    assert first < second < after_loss
+
+
+def test_storage_upgrade_from_start_counters(store: StateStore) -> None:
+    store.save(PersistedState(term=2, boot_epoch=41))  # written by a pyquorum that counted starts
+    assert store.bump_epoch() > 41
+
+
+def test_storage_epoch_beyond_64_bits_is_an_error(store: StateStore) -> None:
+    store.save(PersistedState(term=2, boot_epoch=2**64 - 1))
+    with pytest.raises(ConfigError, match="64 bits"):
+        store.bump_epoch(wall_clock_us=1)
+
+
+def test_storage_fsyncs_the_parents_of_a_new_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    synced: list[Path] = []
+    real = storage._fsync_dir
+
+    def record(directory: Path) -> None:
+        synced.append(Path(directory))
+        real(directory)
+
+    monkeypatch.setattr(storage, "_fsync_dir", record)
+    with StateStore(tmp_path / "a" / "b" / "state"):
+        pass
+    assert synced == [tmp_path, tmp_path / "a", tmp_path / "a" / "b"]
+    synced.clear()
+    with StateStore(tmp_path / "a" / "b" / "state"):
+        pass
+    assert synced == []  # nothing new to make durable
 
 
 def test_storage_save_needs_the_lock(tmp_path: Path) -> None:

@@ -1,8 +1,12 @@
 """The script supervisor and its guard, with real processes.
 
 Reference: protocol.md §4.3 (the kill deadline: absent renewal SIGTERM at D - G - K, SIGKILL at D - K,
-reaped by D; a requested stop SIGKILLs at min(now + G, D - K)) and §6 (supervision: a frozen or dead
-daemon, a dead guard, the whole process group).
+reaped by D; a requested stop SIGKILLs at min(now + G, D - K)) and §4.4 (the guard: a frozen or dead
+daemon, a dead guard, the whole process group, nothing reported while any of it lives, a kill's
+lateness measured).
+
+Tests that need root and the cgroup v1 freezer (``freezer``: a frozen process stands for one in
+uninterruptible sleep) skip without them.
 
 Every process a test creates carries a tag in its environment (standby guards, which inherit the
 supervisor's environment, too: the ``tag`` fixture puts it in the test's own); the ``tag`` fixture
@@ -18,6 +22,7 @@ import gc
 import json
 import logging
 import os
+import re
 import select
 import signal
 import subprocess
@@ -27,6 +32,7 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager, suppress
 from pathlib import Path
+from typing import BinaryIO
 
 import pytest
 
@@ -153,6 +159,53 @@ def spawn(tag: str) -> Iterator[Callable[..., subprocess.Popen[bytes]]]:
             proc.stdin.close()
 
 
+FREEZER = Path("/sys/fs/cgroup/freezer")
+
+
+class Freezer:
+    """A cgroup v1 freezer group of the test's own. A frozen process is in uninterruptible sleep (D
+    state): a SIGKILL sent to it takes effect only when it is thawed, which is what a process stuck
+    in a system call on a hung NFS mount or device does."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def freeze(self, pid: int) -> None:
+        (self.path / "cgroup.procs").write_text(f"{pid}\n")
+        (self.path / "freezer.state").write_text("FROZEN\n")
+        give_up = time.monotonic() + 5.0
+        while (self.path / "freezer.state").read_text().strip() != "FROZEN":
+            assert time.monotonic() < give_up, "the freezer did not freeze"
+            time.sleep(0.005)
+        assert _state(pid) == "D"
+
+    def thaw(self) -> None:
+        (self.path / "freezer.state").write_text("THAWED\n")
+
+
+@pytest.fixture
+def freezer() -> Iterator[Freezer]:
+    """A freezer group, thawed, emptied and removed at the end, pass or fail (take ``tag`` before
+    it, so that the processes it held are killed after they are thawed)."""
+    if os.geteuid() != 0 or not (FREEZER / "cgroup.procs").is_file():
+        pytest.skip("needs root and the cgroup v1 freezer, to hold a process in uninterruptible sleep")
+    path = FREEZER / f"pyquorum-test-{uuid.uuid4().hex}"
+    path.mkdir()
+    try:
+        yield Freezer(path)
+    finally:
+        (path / "freezer.state").write_text("THAWED\n")
+        for _ in range(500):
+            for pid in (path / "cgroup.procs").read_text().split():
+                with suppress(ProcessLookupError):
+                    (FREEZER / "cgroup.procs").write_text(f"{pid}\n")
+            try:
+                path.rmdir()
+                break
+            except OSError:  # EBUSY: a process was still moving out
+                time.sleep(0.01)
+
+
 def wait_dead(pid: int, timeout: float) -> float:
     """Block until ``pid`` has exited; the monotonic time at which that was seen."""
     fd = os.pidfd_open(pid)
@@ -184,6 +237,33 @@ def read_json_line(proc: subprocess.Popen[bytes], timeout: float = 5.0) -> dict[
     line = proc.stdout.readline()
     assert line, "the helper daemon exited without starting its script"
     return json.loads(line)  # type: ignore[no-any-return]
+
+
+HARDENED = re.compile(rb"hardened mlock=\S+ sched=\S+\n")
+
+
+def expect(report: BinaryIO, verb: bytes) -> list[bytes]:
+    """The next report line of a guard driven directly, which must be ``verb``; its other words."""
+    words = report.readline().split()
+    assert words[:1] == [verb], f"wanted {verb!r}, got {words!r}"
+    return words[1:]
+
+
+def expect_start(report: BinaryIO) -> int:
+    """A guard started for one run reports its hardening, then forked and started; the pid."""
+    assert HARDENED.fullmatch(report.readline())
+    (forked,) = expect(report, b"forked")
+    (started,) = expect(report, b"started")
+    assert forked == started
+    return int(started)
+
+
+def expect_exited(report: BinaryIO) -> tuple[int, float, dict[str, str]]:
+    """The guard's ``exited`` line: returncode, reaped_at, and deadline=, kill_due=, kill_sent=."""
+    returncode, reaped_at, *extra = expect(report, b"exited")
+    fields = dict(word.decode().split("=", 1) for word in extra)
+    assert sorted(fields) == ["deadline", "kill_due", "kill_sent"]
+    return int(returncode), float(reaped_at), fields
 
 
 # ---- the supervisor in the test's own event loop --------------------------------------------------
@@ -282,13 +362,14 @@ def run(scenario: Callable[[], Awaitable[None]], timeout: float = 10.0) -> None:
     [("exit 0", 0), ("exit 3", 3), ("kill -USR1 $$", -signal.SIGUSR1)],
 )
 def test_supervisor_reports_the_scripts_exit(tag: str, script: str, returncode: int, standby: bool) -> None:
-    """A script that ends by itself is reported once, with its status. Reference: protocol.md §6."""
+    """A script that ends by itself is reported once, with its status. Reference: protocol.md §4.4."""
 
     async def scenario() -> None:
         async with harness(["sh", "-c", script], tag, standby=standby) as h:
             deadline = await h.start(5.0)
             ended = await h.exit()
-            assert ended == ScriptExit(returncode, ended.reaped_at, None, requested=False)
+            # No SIGKILL was needed (kill_late_s None); the deadline in force at the end is reported.
+            assert ended == ScriptExit(returncode, ended.reaped_at, None, requested=False, deadline=deadline)
             assert ended.reaped_at <= deadline
 
     run(scenario)
@@ -299,7 +380,7 @@ def test_supervisor_gives_exactly_the_environment_and_devnull_stdin(
     tag: str, tmp_path: Path, standby: bool
 ) -> None:
     """The script sees the environment given to start(), nothing of the daemon's (a standby guard
-    runs with the daemon's), and stdin at EOF. Reference: protocol.md §6."""
+    runs with the daemon's), and stdin at EOF. Reference: protocol.md §4.4."""
     out = tmp_path / "env"
 
     async def scenario() -> None:
@@ -325,7 +406,7 @@ def test_supervisor_start_fails_clearly_when_the_script_cannot_run(
     tag: str, tmp_path: Path, problem: str, standby: bool
 ) -> None:
     """A script that cannot be exec'd is a ScriptStartError naming it, with nothing left running and
-    no on_exit. Reference: protocol.md §6."""
+    no on_exit. Reference: protocol.md §4.4."""
     path = tmp_path / "script"
     if problem == "not executable":
         path.write_text("#!/bin/sh\nsleep 100\n")
@@ -402,6 +483,49 @@ def test_supervisor_start_that_gives_up_leaves_no_unretrieved_exception(
     assert tagged(tag) == []
 
 
+def test_supervisor_second_start_during_a_run_raises_at_once_and_leaves_the_run_alone(tag: str) -> None:
+    """start() while a run is in progress is the caller's bug: RuntimeError at the call itself (the
+    daemon calls start() inside its Ready handling, which fails safe on it), and the run goes on."""
+
+    async def scenario() -> None:
+        async with harness(["sleep", "100"], tag) as h:
+            deadline = await h.start(5.0)
+            pid = h.sup.pid
+            with pytest.raises(RuntimeError, match="in progress"):
+                h.sup.start(deadline, h.env)
+            assert h.sup.pid == pid
+            assert pid is not None
+            assert alive(pid)
+            h.sup.stop(deadline)
+            assert (await h.exit()).returncode == -signal.SIGTERM
+
+    run(scenario)
+
+
+@with_standby
+def test_supervisor_cancelled_start_kills_the_run_without_on_exit(tag: str, standby: bool) -> None:
+    """Cancelling the task start() returned kills the run, whether or not the script has started;
+    on_exit is not called, and ``running`` is False once nothing of it is left."""
+
+    async def scenario() -> None:
+        async with harness(["sleep", "100"], tag, standby=standby) as h:
+            starting = h.sup.start(time.monotonic() + 5.0, h.env)
+            await asyncio.sleep(0)
+            starting.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await starting
+            give_up = time.monotonic() + 5.0
+            while h.sup.running:
+                assert time.monotonic() < give_up, "the cancelled run never ended"
+                await asyncio.sleep(0.01)
+            await asyncio.sleep(0.1)
+            assert h.exits == []
+            await h.only([] if not standby else [await h.standby()])
+
+    run(scenario)
+    assert tagged(tag) == []
+
+
 # ---- stopping -------------------------------------------------------------------------------------
 
 
@@ -423,6 +547,49 @@ def test_supervisor_stop_sends_sigterm_which_the_script_honours(tag: str, standb
             assert ended.reaped_at - asked < 0.1
 
     run(scenario)
+
+
+@with_standby
+def test_supervisor_carries_out_a_stop_asked_before_the_script_started(tag: str, standby: bool) -> None:
+    """stop() right after start(), before the script has started (the daemon's case when the core
+    steps down during a start): the run already exists, so the stop is not lost; the start completes,
+    the script is stopped at once (SIGTERM), and on_exit says the stop was requested."""
+
+    async def scenario() -> None:
+        async with harness(["sleep", "100"], tag, stop_timeout_s=2.0, standby=standby) as h:
+            deadline = time.monotonic() + 5.0
+            starting = h.sup.start(deadline, h.env)
+            assert h.sup.running
+            assert h.sup.pid is None  # not started yet
+            asked = time.monotonic()
+            h.sup.stop(deadline)
+            await starting  # completes normally: the script did start
+            ended = await h.exit()
+            assert ended.requested
+            assert ended.returncode == -signal.SIGTERM
+            assert ended.reaped_at - asked < 0.5  # at once, not at the deadline
+
+    run(scenario)
+    assert tagged(tag) == []
+
+
+def test_supervisor_stop_asked_before_a_start_that_fails_leaves_nothing(tag: str, tmp_path: Path) -> None:
+    """A stop remembered during a start that then fails: start() raises, nothing is left, and
+    no on_exit comes (there was nothing to stop)."""
+
+    async def scenario() -> None:
+        async with harness([str(tmp_path / "missing")], tag) as h:
+            deadline = time.monotonic() + 5.0
+            starting = h.sup.start(deadline, h.env)
+            h.sup.stop(deadline)
+            with pytest.raises(ScriptStartError, match="No such file"):
+                await starting
+            assert not h.sup.running
+            await asyncio.sleep(0.1)
+            assert h.exits == []
+
+    run(scenario)
+    assert tagged(tag) == []
 
 
 def test_supervisor_sigkills_a_script_that_ignores_sigterm_after_the_grace(tag: str, tmp_path: Path) -> None:
@@ -468,7 +635,7 @@ def test_supervisor_stop_with_an_earlier_deadline_kills_by_that_deadline(tag: st
 
 def test_supervisor_aclose_stops_and_waits_for_on_exit(tag: str, tmp_path: Path) -> None:
     """aclose() is a requested stop that returns once the script is reaped and reported.
-    Reference: protocol.md §6."""
+    Reference: protocol.md §4.4."""
     ready = tmp_path / "ready"
 
     async def scenario() -> None:
@@ -509,10 +676,6 @@ def test_supervisor_rejects_deadlines_that_are_not_finite(tag: str) -> None:
     run(scenario)
 
 
-# Scheduling latency tolerated on a badly overloaded test host (see the kill-deadline test).
-SCHED_SLACK = 0.02
-
-
 # ---- the kill deadline ----------------------------------------------------------------------------
 
 
@@ -529,14 +692,203 @@ def test_supervisor_without_renewal_terminates_then_kills_before_the_deadline(
             ended = await h.exit()
             assert ended.returncode == -signal.SIGKILL
             assert not ended.requested
-            # K (25 ms) covers SIGKILL-to-reap on a working host; on a host overloaded far beyond
-            # its cores (load 8 on 2 seen in CI with a soak running) the guard's own wake-up can
-            # lag a few ms, which this test tolerates (SCHED_SLACK) instead of failing at random.
-            assert deadline - K <= ended.reaped_at <= deadline + SCHED_SLACK
+            # Strict: K is all the slack there is at the drift bound (protocol.md §4.4). A host too
+            # loaded for the guard to keep it is a real failure; the test below shows that such a
+            # kill is reported, with its lateness, and bench/supervisor.py measures it under load.
+            assert deadline - K <= ended.reaped_at <= deadline
+            assert ended.deadline == deadline
+            assert ended.kill_late_s is not None
+            assert 0.0 <= ended.kill_late_s < K
             (term_at,) = map(float, terms.read_text().split())
             assert deadline - G - K <= term_at <= deadline - G - K + 0.05
 
     run(scenario)
+
+
+def test_supervisor_logs_every_kill_with_its_lateness_and_slack(
+    tag: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A SIGKILL on time is logged at INFO as event=script_killed with late_ms and slack_ms, the
+    figures ScriptExit carries. Reference: protocol.md §4.4."""
+    ready = tmp_path / "ready"
+
+    async def scenario() -> None:
+        async with harness(ignores_term(ready), tag) as h:
+            deadline = await h.start(G + K + 0.2)
+            ended = await h.exit()
+            assert ended.returncode == -signal.SIGKILL
+            assert ended.kill_late_s is not None
+            assert ended.reaped_at <= deadline
+
+    with caplog.at_level(logging.INFO, logger=LOG.name):
+        run(scenario)
+    (killed,) = [r for r in caplog.records if "event=script_killed" in r.getMessage()]
+    assert killed.levelno == logging.INFO
+    assert re.search(r"late_ms=\d+\.\d{3} slack_ms=\d+\.\d{3} requested=False$", killed.getMessage())
+
+
+def test_supervisor_reports_a_late_kill_with_its_lateness(
+    tag: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """What an overloaded host does to the guard, made certain: the guard is stopped (SIGSTOP) from
+    before its planned SIGKILL until after the kill deadline. Once it runs again it kills at once,
+    and the kill is reported as late, by how much, and as reaped after the deadline, at WARNING.
+    (Chosen over loading the host, which would make this test depend on the machine it runs on and
+    would slow down every other test running beside it.) Reference: protocol.md §4.4."""
+    ready = tmp_path / "ready"
+
+    async def scenario() -> None:
+        async with harness(ignores_term(ready), tag) as h:
+            deadline = await h.start(G + K + 0.2)
+            guard_pid = h.sup.guard_pid
+            assert guard_pid is not None
+            await asyncio.sleep(deadline - K - 0.05 - time.monotonic())  # SIGTERM sent, SIGKILL due in 50 ms
+            os.kill(guard_pid, signal.SIGSTOP)
+            await asyncio.sleep(deadline + 0.05 - time.monotonic())
+            os.kill(guard_pid, signal.SIGCONT)
+            ended = await h.exit()
+            assert ended.returncode == -signal.SIGKILL
+            assert ended.kill_late_s is not None
+            assert ended.kill_late_s >= K + 0.05 - 0.005  # due at D - K, sent after D + 0.05
+            assert ended.reaped_at > deadline
+            assert ended.deadline == deadline
+
+    with caplog.at_level(logging.INFO, logger=LOG.name):
+        run(scenario)
+    (killed,) = [r for r in caplog.records if "event=script_killed" in r.getMessage()]
+    assert killed.levelno == logging.WARNING
+    assert "slack_ms=-" in killed.getMessage()
+    assert "reaped AFTER the kill deadline" in killed.getMessage()
+
+
+# Prints, as JSON, what the script's process got: policy, nice value, locked memory.
+SCHED_REPORTER = [
+    sys.executable,
+    "-c",
+    "import json, os, sys, time\n"
+    "status = dict(line.split(':', 1) for line in open('/proc/self/status'))\n"
+    "with open(sys.argv[1], 'w') as f:\n"
+    "    json.dump({'policy': os.sched_getscheduler(0), 'nice': os.getpriority(os.PRIO_PROCESS, 0),\n"
+    "               'locked_kb': int(status['VmLck'].split()[0])}, f)\n"
+    "time.sleep(100)\n",
+]
+
+
+def locked_kb(pid: int) -> int:
+    status = dict(line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines())
+    return int(status["VmLck"].split()[0])
+
+
+@with_standby
+def test_guard_hardens_itself_and_the_script_inherits_nothing(
+    tag: str, tmp_path: Path, standby: bool, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The guard locks its memory and takes a real-time priority (or a negative nice value) where
+    allowed, and says what it got; the script gets the daemon's policy and nice value and no memory
+    locks (SCHED_RESET_ON_FORK; mlockall is not inherited). Reference: guard.py, "Punctuality"."""
+    out = tmp_path / "sched.json"
+    guard: dict[str, int] = {}
+
+    async def scenario() -> None:
+        async with harness([*SCHED_REPORTER, str(out)], tag, standby=standby) as h:
+            await h.start(5.0)
+            guard_pid = h.sup.guard_pid
+            assert guard_pid is not None
+            give_up = time.monotonic() + 5.0
+            while not out.exists() or not out.read_text():
+                assert time.monotonic() < give_up, "the script wrote nothing"
+                await asyncio.sleep(0.01)
+            guard["policy"] = os.sched_getscheduler(guard_pid)
+            guard["nice"] = os.getpriority(os.PRIO_PROCESS, guard_pid)
+            guard["locked_kb"] = locked_kb(guard_pid)
+
+    with caplog.at_level(logging.INFO, logger=LOG.name):
+        run(scenario)
+    (line,) = [r.getMessage() for r in caplog.records if "event=guard_hardened" in r.getMessage()]
+    got = dict(word.split("=", 1) for word in line.split()[2:])
+    script = json.loads(out.read_text())
+    # What it says it obtained is what it has.
+    assert (got["mlock"] == "yes") == (guard["locked_kb"] > 0)
+    realtime = guard["policy"] & ~os.SCHED_RESET_ON_FORK == os.SCHED_RR
+    assert (got["sched"] == "rr:1") == realtime
+    if realtime:
+        assert guard["policy"] & os.SCHED_RESET_ON_FORK
+    assert (got["sched"] == "nice:-10") == (guard["nice"] == -10)
+    if got["mlock"] != "yes" and got["sched"] not in ("rr:1", "nice:-10"):
+        pytest.skip(f"the guard obtained nothing here ({line}): nothing to see inherited or not")
+    # And the script inherits none of it.
+    assert script == {"policy": os.SCHED_OTHER, "nice": os.getpriority(os.PRIO_PROCESS, 0), "locked_kb": 0}
+
+
+def test_script_keeps_the_daemons_nice_value_under_a_hardened_guard(
+    tag: str, spawn: Callable[..., subprocess.Popen[bytes]], tmp_path: Path
+) -> None:
+    """A daemon run at nice 5: its guard may take a real-time priority, whose SCHED_RESET_ON_FORK
+    would start the script at nice 0; the script gets 5, as it would without a guard."""
+    out = tmp_path / "sched.json"
+    daemon = spawn(
+        [sys.executable, "-c", DAEMON, json.dumps([*SCHED_REPORTER, str(out)]), "5.0", "0", repr(G), repr(K)],
+        stdout=subprocess.PIPE,
+        preexec_fn=lambda: os.nice(5),
+    )
+    read_json_line(daemon)
+    give_up = time.monotonic() + 5.0
+    while not out.exists() or not out.read_text():
+        assert time.monotonic() < give_up, "the script wrote nothing"
+        time.sleep(0.01)
+    assert json.loads(out.read_text()) == {"policy": os.SCHED_OTHER, "nice": 5, "locked_kb": 0}
+
+
+def _without_privileges() -> None:
+    # In the child, before exec: no CAP_SYS_NICE or CAP_IPC_LOCK (as for an ordinary user), no
+    # memory to lock, no real-time priority.
+    import ctypes
+    import resource
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    for cap in (14, 23):  # CAP_IPC_LOCK, CAP_SYS_NICE
+        if libc.prctl(24, cap, 0, 0, 0) != 0:  # PR_CAPBSET_DROP
+            raise OSError(ctypes.get_errno(), "PR_CAPBSET_DROP")
+    resource.setrlimit(resource.RLIMIT_MEMLOCK, (0, 0))
+    resource.setrlimit(resource.RLIMIT_RTPRIO, (0, 0))
+
+
+@pytest.mark.parametrize("mode", ["cold", "standby"])
+def test_guard_without_privileges_says_so_and_works(
+    tag: str, spawn: Callable[..., subprocess.Popen[bytes]], mode: str
+) -> None:
+    """Hardening is best effort: a guard that may lock no memory and raise no priority says so in
+    its report, then starts, guards and stops the script as usual."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root, to take the privileges away")
+    report_r, report_w = os.pipe()
+    deadline = time.monotonic() + 5.0
+    guard = spawn(
+        guard_command(
+            report_w, ["--standby"] if mode == "standby" else ["--deadline", repr(deadline)], ["sleep", "100"]
+        ),
+        stdin=subprocess.PIPE,
+        pass_fds=(report_w,),
+        preexec_fn=_without_privileges,
+    )
+    os.close(report_w)
+    with os.fdopen(report_r, "rb") as report:
+        assert report.readline() == b"hardened mlock=EPERM sched=rr-EPERM,nice-EACCES\n"
+        assert guard.stdin is not None
+        if mode == "standby":
+            assert report.readline() == b"ready\n"
+            env = {"PATH": os.environ["PATH"], TAG_VAR: tag}
+            guard.stdin.write(f"start {deadline!r} {json.dumps({'env': env})}\n".encode())
+            guard.stdin.flush()
+        (forked,) = expect(report, b"forked")
+        (started,) = expect(report, b"started")
+        assert forked == started
+        assert alive(int(started))
+        guard.stdin.write(f"stop {deadline!r}\n".encode())
+        guard.stdin.flush()
+        returncode, _, _ = expect_exited(report)
+        assert returncode == -signal.SIGTERM
+    assert guard.wait(timeout=2.0) == 0
 
 
 @with_standby
@@ -587,7 +939,7 @@ def test_supervisor_kills_the_whole_process_group(
     tag: str, tmp_path: Path, script: str, count: int, stop: bool, standby: bool
 ) -> None:
     """Nothing the script started outlives it: its group, and, through the guard being a child
-    subreaper, descendants that left the group. Reference: protocol.md §6."""
+    subreaper, descendants that left the group. Reference: protocol.md §4.4."""
     pids_file = tmp_path / "pids"
 
     async def scenario() -> None:
@@ -612,7 +964,7 @@ def test_guard_stops_the_script_when_the_daemon_dies(
     tag: str, spawn: Callable[..., subprocess.Popen[bytes]], tmp_path: Path
 ) -> None:
     """The daemon is SIGKILLed: the guard reads EOF and stops the script at once, so a script that
-    ignores SIGTERM is dead within G + K. Reference: protocol.md §6."""
+    ignores SIGTERM is dead within G + K. Reference: protocol.md §4.4."""
     ready = tmp_path / "ready"
     daemon = spawn(
         [sys.executable, "-c", DAEMON, json.dumps(ignores_term(ready)), "5.0", "0", repr(G), repr(K)],
@@ -633,7 +985,7 @@ def test_guard_kills_by_the_deadline_while_the_daemon_is_frozen(
     tag: str, spawn: Callable[..., subprocess.Popen[bytes]], tmp_path: Path
 ) -> None:
     """The daemon is SIGSTOPped while renewing every 50 ms: renewals stop, and the guard kills the
-    script by the last deadline it was given, on its own clock. Reference: protocol.md §4.3, §6."""
+    script by the last deadline it was given, on its own clock. Reference: protocol.md §4.3, §4.4."""
     lifetime_s, every_s = 0.5, 0.05
     daemon = spawn(
         [
@@ -665,7 +1017,7 @@ def test_guard_kills_by_the_deadline_while_the_daemon_is_frozen(
 @with_standby
 def test_supervisor_kills_the_group_when_the_guard_is_killed(tag: str, tmp_path: Path, standby: bool) -> None:
     """The guard is SIGKILLed: the script dies of PR_SET_PDEATHSIG, the supervisor SIGKILLs the
-    rest of its group and reports the exit, once. Reference: protocol.md §6."""
+    rest of its group and reports the exit, once. Reference: protocol.md §4.4."""
     pids_file = tmp_path / "pids"
 
     async def scenario() -> None:
@@ -693,9 +1045,83 @@ def test_supervisor_kills_the_group_when_the_guard_is_killed(tag: str, tmp_path:
 
 
 @with_standby
+def test_supervisor_reports_nothing_while_a_dead_guards_group_lives(
+    tag: str, freezer: Freezer, tmp_path: Path, standby: bool, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The guard is SIGKILLed while a process of the script's group is in uninterruptible sleep
+    (frozen): SIGKILLed, it lives on until it thaws. Nothing is reported until then, however long
+    that is (the core still counts the script as running), and an ERROR each second names it; the
+    exit comes once it is gone. Reference: protocol.md §4.4."""
+    pids_file = tmp_path / "pids"
+    seen: list[int] = []
+
+    async def scenario() -> None:
+        script = f"sleep 100 & echo $! > {pids_file}; wait"
+        async with harness(["sh", "-c", script], tag, standby=standby) as h:
+            await h.start(5.0)
+            (child,) = read_pids(pids_file, 1)
+            seen.append(child)
+            guard_pid = h.sup.guard_pid
+            assert guard_pid is not None
+            freezer.freeze(child)
+            os.kill(guard_pid, signal.SIGKILL)
+            await asyncio.sleep(2.5)  # far past the 1 s after which this used to be reported
+            assert h.exits == []
+            assert h.sup.running
+            assert alive(child)  # SIGKILLed and in D state
+            thawed_at = time.monotonic()
+            freezer.thaw()
+            ended = await h.exit()
+            assert ended.reaped_at >= thawed_at
+            assert not alive(child)
+            assert ended.returncode is None
+            assert ended.error is not None
+            assert "guard exited unexpectedly (killed by signal 9)" in ended.error
+
+    with caplog.at_level(logging.ERROR, logger=LOG.name):
+        run(scenario)
+    complaints = [r.getMessage() for r in caplog.records if "event=script_group_alive" in r.getMessage()]
+    assert len(complaints) >= 2, caplog.text  # at 1 s and at 2 s
+    assert all(f"pids={seen[0]}" in line for line in complaints)
+    assert tagged(tag) == []
+
+
+def test_supervisor_start_raises_only_once_its_stuck_guard_is_gone(
+    tag: str, freezer: Freezer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The standby guard is frozen when it is given the start: start() gives up at the deadline and
+    SIGKILLs it, but it cannot die until it thaws. start() raises only then, with ``running`` False,
+    so that the next start() begins at once instead of raising RuntimeError; meanwhile an ERROR each
+    second. Reference: protocol.md §4.4."""
+
+    async def scenario() -> None:
+        async with harness(["sleep", "100"], tag, standby=True) as h:
+            standby = await h.standby()
+            freezer.freeze(standby)
+            starting = h.sup.start(time.monotonic() + G + K + 0.3, h.env)
+            await asyncio.sleep(2.5)  # it gave up after 0.3 s; the guard is SIGKILLed, and frozen
+            assert not starting.done()
+            assert h.sup.running
+            assert alive(standby)
+            freezer.thaw()
+            with pytest.raises(ScriptStartError, match="did not start before its kill deadline"):
+                await starting
+            assert not h.sup.running
+            assert not alive(standby)
+            await h.start(5.0)  # at once: no run in progress
+            assert h.sup.pid is not None
+
+    with caplog.at_level(logging.ERROR, logger=LOG.name):
+        run(scenario)
+    complaints = [r.getMessage() for r in caplog.records if "event=guard_not_dying" in r.getMessage()]
+    assert len(complaints) >= 2, caplog.text
+    assert tagged(tag) == []
+
+
+@with_standby
 def test_guard_ignores_sigint_and_sighup_and_stops_on_sigterm(tag: str, standby: bool) -> None:
     """Terminal signals meant for the daemon do not reach the script; SIGTERM to the guard stops
-    the script, then the guard reports and exits. Reference: protocol.md §6."""
+    the script, then the guard reports and exits. Reference: protocol.md §4.4."""
 
     async def scenario() -> None:
         async with harness(["sleep", "100"], tag, standby=standby) as h:
@@ -721,7 +1147,7 @@ def test_script_dies_with_its_guard_while_the_daemon_is_frozen(
     tag: str, spawn: Callable[..., subprocess.Popen[bytes]]
 ) -> None:
     """Daemon frozen and guard SIGKILLed: nothing is left to kill the script but PR_SET_PDEATHSIG,
-    and it does at once. Reference: protocol.md §6."""
+    and it does at once. Reference: protocol.md §4.4."""
     daemon = spawn(
         [sys.executable, "-c", DAEMON, json.dumps(["sleep", "100"]), "5.0", "0", repr(G), repr(K)],
         stdout=subprocess.PIPE,
@@ -737,7 +1163,7 @@ def test_script_dies_with_its_guard_while_the_daemon_is_frozen(
 def test_supervisor_never_blocks_on_a_guard_that_does_not_read(tag: str) -> None:
     """A stopped guard stops reading: renewals that no longer fit are dropped (the guard keeps the
     earlier deadline), and a stop that does not fit closes the pipe, which the guard reads as
-    "stop now" once it runs again. Reference: protocol.md §4.3, §6."""
+    "stop now" once it runs again. Reference: protocol.md §4.3, §4.4."""
 
     async def scenario() -> None:
         async with harness(["sleep", "100"], tag) as h:
@@ -794,19 +1220,20 @@ def test_guard_line_protocol(tag: str, spawn: Callable[..., subprocess.Popen[byt
     )
     os.close(report_w)
     with os.fdopen(report_r, "rb") as report:
-        verb, pid = report.readline().split()
-        assert verb == b"started"
+        pid = expect_start(report)
         assert guard.stdin is not None
         guard.stdin.write(b"bogus\nrenew soon\nrenew inf\nrenew nan\nrenew 1 2\n")
         guard.stdin.flush()
         time.sleep(0.2)
-        assert alive(int(pid))
+        assert alive(pid)
         stop_at = time.monotonic()
         guard.stdin.write(f"stop {deadline + 100!r}\n".encode())  # never moves the deadline later
         guard.stdin.flush()
-        verb, returncode, reaped_at = report.readline().split()
-        assert (verb, int(returncode)) == (b"exited", -signal.SIGTERM)
-        assert stop_at <= float(reaped_at) <= stop_at + 0.1
+        returncode, reaped_at, fields = expect_exited(report)
+        assert returncode == -signal.SIGTERM
+        assert stop_at <= reaped_at <= stop_at + 0.1
+        assert float(fields["deadline"]) == deadline  # the later one in the stop did not count
+        assert fields["kill_due"] == fields["kill_sent"] == "-"  # sleep obeyed the SIGTERM
         assert report.readline() == b""
     assert guard.wait(timeout=2.0) == 0
     assert guard.stderr is not None
@@ -900,7 +1327,7 @@ def test_supervisor_keeps_a_standby_guard_between_runs(tag: str) -> None:
 @pytest.mark.parametrize("when", ["ready", "starting up", "after a run"])
 def test_supervisor_aclose_leaves_no_guard(tag: str, when: str) -> None:
     """aclose() ends the standby guard, ready or still starting up, and none comes after it, not
-    even the one due after a run. Reference: protocol.md §6."""
+    even the one due after a run. Reference: protocol.md §4.4."""
 
     async def scenario() -> None:
         async with harness(["sleep", "100"], tag) as h:
@@ -997,6 +1424,7 @@ def test_guard_standby_exits_quietly_when_closed(
     )
     os.close(report_w)
     with os.fdopen(report_r, "rb") as report:
+        assert HARDENED.fullmatch(report.readline())
         assert report.readline() == b"ready\n"
         cpu_ticks = cpu_time_ticks(guard.pid)
         time.sleep(0.5)
@@ -1034,6 +1462,7 @@ def test_guard_standby_line_protocol(
     os.close(report_w)
     env = {"PATH": os.environ["PATH"], TAG_VAR: tag, "ONLY": "this"}
     with os.fdopen(report_r, "rb") as report:
+        assert HARDENED.fullmatch(report.readline())
         assert report.readline() == b"ready\n"
         assert guard.stdin is not None
         guard.stdin.write(b"renew 1e9\nbogus\n")
@@ -1042,10 +1471,11 @@ def test_guard_standby_line_protocol(
         order = json.dumps({"env": env})
         guard.stdin.write(f"start {now + G + K / 2!r} {order}\nrenew {now + 5.0!r}\n".encode())
         guard.stdin.flush()
-        verb, pid = report.readline().split()
-        assert verb == b"started"
+        (forked,) = expect(report, b"forked")
+        (started,) = expect(report, b"started")
+        assert forked == started
         time.sleep(0.5)  # past the start line's own deadline: the renewal holds
-        assert alive(int(pid))
+        assert alive(int(started))
         lines = out.read_text().splitlines()
         shells = ("PWD=", "SHLVL=", "_=")  # what sh adds of its own
         assert sorted(line for line in lines if not line.startswith(shells)) == sorted(
@@ -1053,8 +1483,8 @@ def test_guard_standby_line_protocol(
         )
         guard.stdin.write(f"stop {now + 5.0!r}\n".encode())
         guard.stdin.flush()
-        verb, returncode, _ = report.readline().split()
-        assert (verb, int(returncode)) == (b"exited", -signal.SIGTERM)
+        returncode, _, _ = expect_exited(report)
+        assert returncode == -signal.SIGTERM
         assert report.readline() == b""
     assert guard.wait(timeout=2.0) == 0
     assert guard.stderr is not None
@@ -1080,6 +1510,7 @@ def test_guard_standby_refuses_a_bad_start_line(
     )
     os.close(report_w)
     with os.fdopen(report_r, "rb") as report:
+        assert HARDENED.fullmatch(report.readline())
         assert report.readline() == b"ready\n"
         assert guard.stdin is not None
         line = "start " + order.format(deadline=repr(time.monotonic() + 5.0))
@@ -1113,7 +1544,7 @@ def test_standby_guard_exits_when_the_daemon_is_killed(
     tag: str, spawn: Callable[..., subprocess.Popen[bytes]]
 ) -> None:
     """The daemon is SIGKILLed while its standby guard waits: the guard reads EOF and exits; nothing
-    is left. Reference: protocol.md §6."""
+    is left. Reference: protocol.md §4.4."""
     daemon = spawn([sys.executable, "-c", STANDBY_DAEMON], stdout=subprocess.PIPE)
     assert daemon.stdout is not None
     ready, _, _ = select.select([daemon.stdout], [], [], 5.0)

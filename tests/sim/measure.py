@@ -9,9 +9,6 @@ from dataclasses import dataclass
 from pyquorum.core.lease import Timing
 from tests.sim.sim import Cluster
 
-DEFAULT = Timing()
-TUNED = Timing(heartbeat_interval_s=0.02, election_timeout_s=0.2, stop_timeout_s=0.1)
-
 
 @dataclass(frozen=True)
 class Stats:

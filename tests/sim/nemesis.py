@@ -2,7 +2,7 @@
 
 ``run_schedule(seed, n)`` builds a cluster with randomized timing, injects a seeded random fault every
 so often for the schedule's duration, then heals everything and checks liveness: within
-``liveness_bound`` a master exists, every node follows it, and its script runs; then nothing changes
+``Timing.liveness_bound_s`` a master exists, every node follows it, and its script runs; then nothing changes
 for a while (no spurious election). Safety invariants are checked by ``Cluster`` after every event.
 The seed alone reproduces the run: ``python -m tests.sim.soak --seed S --nodes N``.
 """
@@ -16,8 +16,14 @@ from dataclasses import dataclass
 from pyquorum.core.lease import MIN_ROUNDS_BEFORE_STOP, Timing
 from pyquorum.core.node import Role
 from tests.sim.sim import Cluster
+from tests.timing import TUNED
 
 NODE_COUNTS = (1, 2, 3, 4, 5, 7)
+# Every schedule puts its messages through the real wire (sim.py); one in KEYED_EVERY signs them
+# with HMAC-SHA256 as with a key file, the others use CRC-32 as without one. The replay guard and the
+# epochs work the same in both; the MAC costs about a third more per datagram, so most schedules
+# skip it (8 and the 6 node counts cover every node count with a key every 24 seeds).
+KEYED_EVERY = 8
 
 
 def random_timing(rng: random.Random) -> Timing:
@@ -26,7 +32,7 @@ def random_timing(rng: random.Random) -> Timing:
     if pick < 0.3:
         return Timing()
     if pick < 0.5:
-        return Timing(heartbeat_interval_s=0.02, election_timeout_s=0.2, stop_timeout_s=0.1)
+        return TUNED
     h = rng.choice((0.02, 0.05, 0.1, 0.2))
     e = h * rng.uniform(5, 15)
     d = rng.choice((0.0, 0.0, rng.uniform(0, e)))
@@ -36,14 +42,6 @@ def random_timing(rng: random.Random) -> Timing:
     t = Timing(heartbeat_interval_s=h, election_timeout_s=e, stop_timeout_s=g, start_delay_s=d)
     assert not t.validate(), t.validate()
     return t
-
-
-def liveness_bound(timing: Timing, n: int) -> float:
-    """protocol.md §5.2: after the network heals and every node is up, a master runs its script
-    within this time. Stickiness and the restart embargo end within E, a resigned node's quiet
-    period within 2E; then the lowest live node has its slot; a few slots cover failed attempts."""
-    e, s, h = timing.election_timeout_s, timing.slot_s, timing.heartbeat_interval_s
-    return (2 * e + (n + 2) * s + 4 * h) * (1 + timing.drift_bound) + timing.start_delay_s + e
 
 
 @dataclass
@@ -88,61 +86,139 @@ def _pick(c: Cluster, rng: random.Random, *, prefer_master: float = 0.5) -> int:
     return rng.randrange(c.n)
 
 
-def inject_random_fault(c: Cluster, rng: random.Random) -> None:
+def lower_timing(base: Timing, rng: random.Random) -> Timing:
+    """A valid timing with a smaller E + D than ``base``: the target of a rolling change that lowers
+    the election timeout (protocol.md §3.6), e.g. from the defaults to the README's tuned profile."""
+    e = max(0.1, base.election_timeout_s * rng.uniform(0.2, 0.8))
+    h = min(base.heartbeat_interval_s, e / rng.uniform(5, 10))
+    d = rng.choice((0.0, base.start_delay_s * rng.uniform(0, 0.5)))
+    if e + d >= base.election_timeout_s + base.start_delay_s:
+        e, d = 0.8 * base.election_timeout_s, 0.0
+    probe = Timing(heartbeat_interval_s=h, election_timeout_s=e, start_delay_s=d)
+    g_max = probe.lease_kill_s - probe.kill_margin_s - MIN_ROUNDS_BEFORE_STOP * h
+    g = rng.uniform(0, g_max)
+    t = Timing(heartbeat_interval_s=h, election_timeout_s=e, stop_timeout_s=g, start_delay_s=d)
+    assert not t.validate(), t.validate()
+    return t
+
+
+def _wipe(c: Cluster, rng: random.Random) -> None:
+    # protocol.md §3.9 covers state lost on one node at a time: a node that lost its state relearns the
+    # terms from every other member, so a second loss before that (or in a cluster of one, where nobody
+    # else remembers) can make a term reusable; and a lost disk cannot know under which timing its run
+    # acknowledged a master, so a loss during a rolling change that LOWERED the timing is outside it
+    # too. Both are documented operator rules; the nemesis loses a disk only where they hold.
+    if c.n == 1 or c.amnesia():
+        return
+    who = _pick(c, rng, prefer_master=0.3)
+    node = c.nodes[who]
+    if node.disk.promise_s <= node.timing.election_timeout_s + node.timing.start_delay_s + 1e-9:
+        c.wipe(who)
+
+
+def _resign(c: Cluster, rng: random.Random) -> None:
+    # resign() on any role, as the daemon may call it (protocol.md §3.7), a few times over the next
+    # election timeout (a daemon that resigns after each failed start). The interesting target is a
+    # follower while another node campaigns: its stickiness is what the master's lease counts on.
+    campaigners = [nd.idx for nd in c.nodes if nd.core is not None and nd.core.role is not Role.SLAVE]
+    followers = [
+        nd.idx
+        for nd in c.nodes
+        if nd.core is not None and nd.core.role is Role.SLAVE and nd.core.master is not None
+    ]
+    if campaigners and followers and rng.random() < 0.7:
+        who = rng.choice(followers)
+    else:
+        who = _pick(c, rng, prefer_master=0.3)
+    e = c.timing.election_timeout_s
+    c.resign(who)
+    for _ in range(rng.randint(0, 3)):
+        c.at(c.now + rng.uniform(0, e), lambda: c.resign(who))
+
+
+def _retime(c: Cluster, rng: random.Random, alt: Timing) -> None:
+    # one step of a rolling change: a node restarts with the other of the schedule's two timings
+    who = _pick(c, rng, prefer_master=0.2)
+    node = c.nodes[who]
+    c.retime(who, alt if node.timing == c.timing else c.timing)
+
+
+def inject_random_fault(c: Cluster, rng: random.Random, alt: Timing | None = None) -> None:
+    """One seeded fault. ``alt``: a second timing for rolling configuration changes (none: no retime)."""
     e = c.timing.election_timeout_s
     op = rng.random()
-    if op < 0.10:
+    if op < 0.08:
         c.isolate(_pick(c, rng))
-    elif op < 0.18:
+    elif op < 0.15:
         nodes = list(range(c.n))
         rng.shuffle(nodes)
         k = rng.randint(1, max(1, c.n // 2))
         c.partition(nodes[:k], nodes[k:])
-    elif op < 0.22 and c.n >= 3:
+    elif op < 0.18 and c.n >= 3:
         _bridge(c, rng)
-    elif op < 0.26 and c.n >= 5:
+    elif op < 0.21 and c.n >= 5:
         _ring(c, rng)
-    elif op < 0.32 and c.n >= 2:
+    elif op < 0.26 and c.n >= 2:
         a, b = rng.sample(range(c.n), 2)
         if rng.random() < 0.5:
             m = c.master()
             a = c.index[m] if m else a
             b = b if b != a else (a + 1) % c.n
         c.cut_links([(a, b)], both=False)
-    elif op < 0.42:
+    elif op < 0.34:
         c.heal()
-    elif op < 0.48:
+    elif op < 0.38:
         c.net.loss = rng.choice((0.0, 0.05, 0.2, 0.4))
         c.log(f"NEMESIS loss {c.net.loss}")
-    elif op < 0.52:
+    elif op < 0.42 and c.n >= 2:
+        # asymmetric loss: one node's inbound, or one direction of one link (protocol.md §3.3)
+        loss = rng.choice((0.3, 0.6, 0.8))
+        if rng.random() < 0.5:
+            c.lossy_inbound(_pick(c, rng), loss)
+        else:
+            a, b = rng.sample(range(c.n), 2)
+            c.lossy_link(a, b, loss)
+    elif op < 0.45:
         c.net.duplicate = rng.choice((0.0, 0.1, 0.3))
         c.net.delay_min, c.net.delay_max = rng.choice(((0.0002, 0.002), (0.001, 0.02), (0.0, 0.05)))
         c.log(f"NEMESIS duplicate {c.net.duplicate} delay {c.net.delay_min}-{c.net.delay_max}")
-    elif op < 0.58:
+    elif op < 0.48:
+        c.net.tail = rng.choice((0.01, 0.05))
+        c.net.tail_s = rng.choice((0.05, 0.2)) * e
+        c.log(f"NEMESIS long-tail delays {c.net.tail} from {c.net.tail_s:.3f}s")
+    elif op < 0.54:
         c.crash(_pick(c, rng), with_script=rng.random() < 0.5)
-    elif op < 0.62:
+    elif op < 0.58:
         # kill -9 and an immediate restart (systemd Restart=always): tests the restart embargo
         who = _pick(c, rng, prefer_master=0.2)
         c.crash(who)
         c.run_for(rng.uniform(0, e / 4))
         c.restart(who)
-    elif op < 0.74:
+    elif op < 0.68:
         down = [nd.idx for nd in c.nodes if nd.core is None]
         if down:
             c.restart(rng.choice(down))
-    elif op < 0.79:
+    elif op < 0.72:
         c.shutdown(_pick(c, rng, prefer_master=0.8))
-    elif op < 0.90:
+    elif op < 0.81:
         c.pause(_pick(c, rng), rng.uniform(0.05, 3 * e))
-    elif op < 0.95:
+    elif op < 0.85:
         c.script_crash(_pick(c, rng, prefer_master=1.0), rng.choice((0.0, 0.2, None)))
+    elif op < 0.89:
+        _resign(c, rng)
+    elif op < 0.92:
+        _wipe(c, rng)
+    elif op < 0.97:
+        if alt is not None:
+            _retime(c, rng, alt)
     else:
         c.clock_jump(rng.randrange(c.n), rng.uniform(-3 * e, 3 * e))
 
 
 def heal_all(c: Cluster, rng: random.Random | None = None) -> None:
-    """Heal the network and bring every node back; with ``rng``, sometimes leave a minority down
-    or cut off (liveness needs only a majority that is up and connected both ways)."""
+    """Heal the network and bring every node back, all with the cluster's timing; with ``rng``,
+    sometimes leave a minority down or cut off (liveness needs only a majority that is up and
+    connected both ways)."""
     c.heal()
     c.net.delay_min, c.net.delay_max = 0.0002, 0.002
     for nd in c.nodes:
@@ -150,10 +226,14 @@ def heal_all(c: Cluster, rng: random.Random | None = None) -> None:
             nd.paused_until = -1.0  # cancels the pending resume event
             c._resume(nd)
     # a node in the middle of a planned shutdown finishes it, then comes back like the others
-    c.run_for(c.timing.stop_timeout_s + c.timing.kill_margin_s + 0.01)
+    c.run_for(max(nd.timing.stop_timeout_s + nd.timing.kill_margin_s for nd in c.nodes) + 0.01)
     for nd in c.nodes:
-        if nd.core is None:
+        if nd.timing != c.timing:
+            c.retime(nd.idx, c.timing)  # the rolling change completes
+        elif nd.core is None:
             c.restart(nd.idx)
+    # a node that lost its state hears every member within a heartbeat round (protocol.md §3.9)
+    c.run_for(3 * c.timing.heartbeat_interval_s + 0.01)
     if rng is not None and c.n >= 3 and rng.random() < 0.3:
         minority = rng.sample(range(c.n), rng.randint(1, c.n - c.quorum))
         for idx in minority:
@@ -165,7 +245,7 @@ def heal_all(c: Cluster, rng: random.Random | None = None) -> None:
 
 def check_liveness(c: Cluster, *, stable_for: float) -> None:
     """protocol.md §5.2: a healthy cluster has one master, followed by all, running its script."""
-    bound = liveness_bound(c.timing, c.n)
+    bound = c.timing.liveness_bound_s(c.n)
     healed = c.now
     c.run_for(bound)
     m = c.master()
@@ -198,19 +278,24 @@ def run_schedule(
     broken: Iterable[str] = (),
     timing: Timing | None = None,
     check_live: bool = True,
+    keyed: bool | None = None,
 ) -> ScheduleResult:
-    """One randomized schedule of at least ``duration`` simulated seconds. Raises ``Violation``."""
+    """One randomized schedule of at least ``duration`` simulated seconds. Raises ``Violation``.
+    ``keyed`` defaults to one seed in ``KEYED_EVERY``."""
     rng = random.Random(seed * 1_000_003 + n)
     timing = timing or random_timing(rng)
-    c = Cluster(n, timing, seed=seed, broken=broken)
+    if keyed is None:
+        keyed = seed % KEYED_EVERY == 0
+    c = Cluster(n, timing, seed=seed, broken=broken, keyed=keyed)
     e = timing.election_timeout_s
     stable = max(5.0, 10 * e)
-    tail = liveness_bound(timing, n) + stable
+    tail = timing.liveness_bound_s(n) + stable
     fault_until = max(duration - tail, duration / 2)
+    alt = lower_timing(timing, rng)
     c.run_for(rng.uniform(0, 3 * e))
     faults = 0
     while c.now < fault_until:
-        inject_random_fault(c, rng)
+        inject_random_fault(c, rng, alt)
         faults += 1
         c.run_for(rng.expovariate(1.0 / (rng.choice((0.3, 1.0, 3.0)) * e)))
     heal_all(c, rng)

@@ -7,13 +7,23 @@ core (message delivery, clocks, processes, disks) is simulated here, driven by o
 
 What is modelled
 ----------------
-* Network: per-datagram delay with jitter (so reordering), loss at a rate, duplication, directed link
-  cuts (isolate, majority/minority, bridge, ring, one-way).
+* Network: per-datagram delay with jitter (so reordering) and an optional long tail (a few datagrams
+  delayed by seconds), loss at a rate for every link and per directed link (asymmetric loss),
+  duplication, directed link cuts (isolate, majority/minority, bridge, ring, one-way). Nodes with
+  different timing do not hear each other: the cluster fingerprint covers the timing (protocol.md §1).
 * Clocks: each node's monotonic clock runs at a constant rate within ``1 +- drift_bound`` of true
   time, from an arbitrary offset. The variant ``wall_clock`` adds jumps (a clock that can be set).
 * Processes: crash of the daemon alone (its guard then stops the script), of the whole host (the script
-  dies at once), restart from the persisted hard state, SIGSTOP-like pauses (the node executes
-  nothing; datagrams wait in its socket buffer; its clock runs on), planned shutdown.
+  dies at once), restart from the persisted hard state, restart with another timing (a rolling
+  configuration change), a lost state directory (restart with nothing on disk), SIGSTOP-like pauses
+  (the node executes nothing; datagrams wait in its socket buffer; its clock runs on), planned
+  shutdown, and ``resign()`` called on any node at any moment (the daemon may call it).
+* The wire: every message goes through the real ``pyquorum.wire.Endpoint`` as the daemon's do, so
+  the network carries bytes. Each life of a node has its own endpoint, with a boot epoch picked by
+  the daemon's rule from the one on its simulated disk (``next_boot_epoch``, a wall clock that never
+  goes back); epoch handshakes, replay refusals of duplicated datagrams, and datagrams from or to an
+  earlier life (delivered after a restart, and refused) are part of every run. ``keyed=True`` signs
+  with HMAC-SHA256, otherwise CRC-32 as without a key file.
 * The script, WORST CASE: once started it runs until the moment its stop is complete. A requested stop
   completes at min(request + G + K, kill deadline) on the node's clock; absent renewal, the guard
   kills it exactly at the kill deadline, even while the daemon is paused or dead. Scripts may also
@@ -31,10 +41,11 @@ Invariants checked after every event, on true simulated time (protocol.md §6)
 
 from __future__ import annotations
 
+import hashlib
 import heapq
 import random
 import typing
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
@@ -54,9 +65,12 @@ from pyquorum.core.node import (
     StopScript,
 )
 from pyquorum.core.quorum import quorum_size
+from pyquorum.wire import Deliver, Endpoint, Handshake, KeyRing, Reject, cluster_fingerprint, next_boot_epoch
+from tests.sim.variants import VARIANTS, rules_for
 
 SIM_VARIANTS = frozenset({"no_persist", "wall_clock"})
 EPS = 1e-9
+WALL_CLOCK_BASE_S = 1.7e9  # the simulated wall clocks' reading at time 0, give or take a node's offset
 
 # event kinds
 _TICK, _DELIVER, _DEATH, _RESUME, _CALL = range(5)
@@ -81,6 +95,11 @@ class NetConfig:
     delay_max: float = 0.002
     loss: float = 0.0
     duplicate: float = 0.0
+    # the long tail: this fraction of datagrams is delayed by a Pareto-distributed extra time of at
+    # least tail_s, capped at tail_max_s (a congested switch, a retransmitting wireless hop)
+    tail: float = 0.0
+    tail_s: float = 0.05
+    tail_max_s: float = 5.0
 
 
 @dataclass
@@ -96,7 +115,7 @@ class SimNode:
     paused: bool = False
     paused_until: float = 0.0
     last_resume: float = -1e9
-    inbox: list[tuple[int, Message]] = field(default_factory=list)
+    inbox: list[tuple[int, bytes]] = field(default_factory=list)
     deferred_stops: list[float | None] = field(default_factory=list)
     run: ScriptRun | None = None
     deadline_real: float = 0.0  # guard's current kill deadline, true time
@@ -104,6 +123,11 @@ class SimNode:
     death_version: int = 0
     max_term: int = 0
     jump: float = 0.0  # wall_clock variant: accumulated clock jumps
+    timing: Timing = field(default_factory=Timing)  # this node's configuration (a rolling change differs)
+    wiped: bool = False  # its state was lost and it has not yet heard every member since (§3.9)
+    heard: set[int] = field(default_factory=set)  # members it received a datagram from since its boot
+    endpoint: Endpoint | None = None  # this life's wire
+    disk_epoch: int = 0  # the boot epoch on its disk, as state.json holds it
 
     def local(self, real: float) -> float:
         return self.offset + self.rate * real + self.jump
@@ -129,31 +153,46 @@ class Cluster:
         drift: bool = True,
         script: bool = True,
         trace_len: int = 300,
+        rates: Iterable[float] | None = None,
+        keyed: bool = False,
     ) -> None:
         self.seed = seed
         self.rng = random.Random(seed)
         self.timing = timing or Timing()
         broken = frozenset(broken)
+        unknown = broken - SIM_VARIANTS - VARIANTS.keys()
+        if unknown:
+            raise ValueError(f"unknown broken variants {sorted(unknown)}")
         self.sim_broken = broken & SIM_VARIANTS
         self.core_broken = broken - SIM_VARIANTS
+        self.rules = rules_for(self.core_broken)
         self.n = n
         self.quorum = quorum_size(n)
         self.names = [f"127.0.0.{i + 1}:51621" for i in range(n)]
         self.index = {name: i for i, name in enumerate(self.names)}
+        self.addresses = [(f"127.0.0.{i + 1}", 51621) for i in range(n)]
+        self.fingerprint = cluster_fingerprint(self.names, self.timing.describe())
+        key = hashlib.sha256(b"pyquorum simulation %d" % seed).digest()
+        self.keyring = KeyRing(send_key_id=1, keys={1: key}) if keyed else None
+        self.wire_rejects: Counter[str] = Counter()  # every refusal of every life's endpoint
+        self.wire_delivered = 0  # datagrams the endpoints handed on to a core
         self.now = 0.0
         self.net = NetConfig()
         self.cut: set[tuple[int, int]] = set()
+        self.link_loss: dict[tuple[int, int], float] = {}  # (src, dst) -> loss on that direction only
         self.queue: list[tuple[float, int, int, int, int, object]] = []
         self._seq = 0
         self.trace: deque[str] = deque(maxlen=trace_len)
         self.script = script
         rho = self.timing.drift_bound if drift else 0.0
+        given = list(rates) if rates is not None else None
         self.nodes = [
             SimNode(
                 i,
                 name,
-                rate=1.0 + self.rng.uniform(-rho, rho),
+                rate=given[i] if given is not None else 1.0 + self.rng.uniform(-rho, rho),
                 offset=self.rng.uniform(0, 1000),
+                timing=self.timing,
             )
             for i, name in enumerate(self.names)
         ]
@@ -166,6 +205,8 @@ class Cluster:
         self.last_token: tuple[int, int] | None = None  # (token, node)
         self.events_processed = 0
         self.messages_sent = 0
+        self.events: Counter[str] = Counter()  # the core's events, by kind
+        self.sent_by = [0] * n  # datagrams each node sent (the cost of idling, protocol.md §5.4)
         self.master_changes: list[tuple[float, int, int]] = []  # (time, node, term)
         for node in self.nodes:
             self._boot(node)
@@ -188,20 +229,31 @@ class Cluster:
 
     def _boot(self, node: SimNode) -> None:
         node.gen += 1
+        node.heard = set()
         node.paused = False
         node.inbox = []
         node.deferred_stops = []
-        disk = node.disk
+        disk, disk_epoch = node.disk, node.disk_epoch
         if "no_persist" in self.sim_broken:
-            disk = HardState()
+            disk, disk_epoch = HardState(), 0
+        # the daemon's order: the new epoch is on disk before its first datagram (docs/security.md §5)
+        wall_clock_us = int((WALL_CLOCK_BASE_S + node.offset + self.now) * 1e6)
+        node.disk_epoch = next_boot_epoch(disk_epoch, wall_clock_us)
+        node.endpoint = Endpoint(
+            local=node.name,
+            members=self.names,
+            cluster_fp=self.fingerprint,
+            keyring=self.keyring,
+            epoch=node.disk_epoch,
+        )
         node.core = Node(
             node.name,
             self.names,
-            self.timing,
+            node.timing,
             now=node.local(self.now),
             rng=random.Random(self.rng.getrandbits(64)),
             hard_state=disk,
-            broken=self.core_broken,
+            rules=self.rules,
         )
         if node.core.term < node.max_term:
             self.fail(f"term decreased on {node.name} across restart: {node.max_term} -> {node.core.term}")
@@ -232,7 +284,9 @@ class Cluster:
                 if gen == node.death_version and node.run is not None:
                     self._script_dies(node, "stopped")
                 continue
-            if gen != node.gen or node.core is None:
+            # a datagram is for the socket, not for one life: one sent to an earlier life arrives
+            # (and is refused by the endpoint) if the node is up again by then
+            if node.core is None or (gen != node.gen and kind != _DELIVER):
                 continue
             if kind == _TICK:
                 if payload != node.timer or node.paused:
@@ -240,12 +294,15 @@ class Cluster:
                 node.core.tick(node.local(self.now))
                 self._after(node)
             elif kind == _DELIVER:
-                src, msg = typing.cast("tuple[int, Message]", payload)
+                src, data = typing.cast("tuple[int, bytes]", payload)
                 if node.paused:
-                    node.inbox.append((src, msg))
+                    node.inbox.append((src, data))
                     continue
-                node.core.step(self.names[src], msg, node.local(self.now))
-                self._after(node)
+                msg = self._receive(node, src, data)
+                if msg is not None:
+                    self._heard(node, src)
+                    node.core.step(self.names[src], msg, node.local(self.now))
+                    self._after(node)
             elif kind == _RESUME and node.paused and payload == node.paused_until:
                 self._resume(node)
         self.now = max(self.now, t)
@@ -282,7 +339,8 @@ class Cluster:
         if rd.hard_state is not None:
             node.disk = rd.hard_state
         for ev in rd.events:
-            self.log(f"{node.name} {ev.text}")
+            self.events[ev.kind.value] += 1
+            self.log(f"{node.name} {ev}")
         for dest, msg in rd.messages:
             self._observe_send(node, self.index[dest], msg, t_local)
             self._send(node.idx, self.index[dest], msg)
@@ -296,15 +354,57 @@ class Cluster:
             node.deadline_real = max(node.deadline_real, node.real_of(rd.kill_deadline))
             self._push(node.deadline_real, _DEATH, node.idx, node.death_version, None)
 
-    def _send(self, src: int, dst: int, msg: Message) -> None:
+    def _heard(self, node: SimNode, src: int) -> None:
+        node.heard.add(src)
+        if node.wiped and len(node.heard) == self.n - 1:
+            node.wiped = False
+
+    def amnesia(self) -> bool:
+        """Whether a node whose state was lost has not yet heard every other member (protocol.md §3.9)."""
+        return any(nd.wiped for nd in self.nodes)
+
+    def _send(self, src: int, dst: int, msg: Message | None, data: bytes | None = None) -> None:
+        """Carry ``msg`` (encoded here) or the encoded ``data`` from ``src`` to ``dst``."""
         self.messages_sent += 1
+        self.sent_by[src] += 1
         net, rng = self.net, self.rng
         if (src, dst) in self.cut or (net.loss and rng.random() < net.loss):
             return
+        link = self.link_loss.get((src, dst))
+        if link and rng.random() < link:
+            return
+        if self.nodes[src].timing != self.nodes[dst].timing:
+            return  # another fingerprint: the receiver counts nothing from it (protocol.md §1)
+        # Encoded only when the network carries it (two thirds of all sends hit a cut link): a
+        # dropped datagram would only have used up a sequence number, and receivers see gaps anyway.
+        if data is None:
+            sender = self.nodes[src].endpoint
+            assert sender is not None and msg is not None
+            data = sender.send(self.names[dst], msg).data  # the daemon's encode: seq, epoch, echo
         copies = 2 if net.duplicate and rng.random() < net.duplicate else 1
         for _ in range(copies):
             delay = net.delay_min + (net.delay_max - net.delay_min) * rng.random()
-            self._push(self.now + delay, _DELIVER, dst, self.nodes[dst].gen, (src, msg))
+            if net.tail and rng.random() < net.tail:
+                delay += min(net.tail_max_s, net.tail_s * rng.paretovariate(1.2))
+            self._push(self.now + delay, _DELIVER, dst, self.nodes[dst].gen, (src, data))
+
+    def _receive(self, node: SimNode, src: int, data: bytes) -> Message | None:
+        """The daemon's receive path: the message to step, or None if the endpoint refused it."""
+        assert node.endpoint is not None
+        result = node.endpoint.receive(data, self.addresses[src])
+        if isinstance(result, Deliver):
+            self.wire_delivered += 1
+            return result.message
+        if isinstance(result, Reject):
+            self.wire_rejects[result.reason] += 1
+            self.log(f"{node.name} WIRE refused {result.reason} from {self.names[src]}")
+            if result.reply is not None:  # a Hello, to complete the sender's epoch handshake
+                self._send(node.idx, src, None, result.reply.data)
+        elif isinstance(result, Handshake):
+            self.log(f"{node.name} WIRE hello from {self.names[src]}")
+        else:
+            self.fail(f"{node.name} took a datagram of its own cluster for another's: {result}")
+        return None
 
     # ------------------------------------------------------------------ the script model
 
@@ -340,7 +440,7 @@ class Cluster:
     def _stop_script(self, node: SimNode, act: StopScript, t_local: float) -> None:
         if node.run is None:
             return
-        t = self.timing
+        t = node.timing
         grace = t.stop_timeout_s + t.kill_margin_s
         # protocol.md §4.3: a master steps down while its script still has the whole grace left,
         # unless the daemon was paused past that moment (then only the guard's deadline holds).
@@ -357,7 +457,7 @@ class Cluster:
         self._request_death(node, t_local, act.kill_deadline)
 
     def _request_death(self, node: SimNode, t_local: float, deadline_local: float | None) -> None:
-        t = self.timing
+        t = node.timing
         end_local = t_local + t.stop_timeout_s + t.kill_margin_s
         if deadline_local is not None:
             end_local = min(end_local, deadline_local)
@@ -421,7 +521,7 @@ class Cluster:
     def _check_lease(self, node: SimNode, deadline: float, what: str) -> None:
         """protocol.md §4.2: a kill deadline must come from a round a majority really acknowledged."""
         assert node.core is not None
-        lease_start = deadline - self.timing.lease_kill_s
+        lease_start = deadline - node.timing.lease_kill_s
         best = self.best_lease.get((node.idx, node.core.term))
         if self.n == 1:
             best = node.core.lease_start  # a single node is its own majority: it sends no datagrams
@@ -446,10 +546,10 @@ class Cluster:
             # protocol.md §4.3: a master without a live lease must have stepped down
             t_local = node.local(self.now)
             start = core.lease_start if core.lease_start is not None else core.became_master_at
-            if t_local > start + self.timing.stop_begin_s + 1e-6 and self.now - node.last_resume > 1e-6:
+            if t_local > start + node.timing.stop_begin_s + 1e-6 and self.now - node.last_resume > 1e-6:
                 self.fail(
                     f"{node.name} is still master {t_local - start:.4f}s after its last acknowledged "
-                    f"round (must step down after {self.timing.stop_begin_s:.4f}s)"
+                    f"round (must step down after {node.timing.stop_begin_s:.4f}s)"
                 )
 
     # ------------------------------------------------------------------ faults
@@ -486,9 +586,25 @@ class Cluster:
 
     def heal(self) -> None:
         self.cut.clear()
+        self.link_loss.clear()
         self.net.loss = 0.0
         self.net.duplicate = 0.0
+        self.net.tail = 0.0
         self.log("NEMESIS heal")
+
+    def lossy_link(self, src: int | str, dst: int | str, loss: float) -> None:
+        """Drop ``loss`` of what ``src`` sends to ``dst`` (that direction only: asymmetric loss)."""
+        a, b = self._nodes([src, dst])
+        self.link_loss[(a.idx, b.idx)] = loss
+        self.log(f"NEMESIS loss {loss} on {a.name} -> {b.name}")
+
+    def lossy_inbound(self, who: int | str, loss: float) -> None:
+        """Drop ``loss`` of every datagram sent to ``who``; what it sends arrives (protocol.md §3.3)."""
+        (node,) = self._nodes([who])
+        for other in range(self.n):
+            if other != node.idx:
+                self.link_loss[(other, node.idx)] = loss
+        self.log(f"NEMESIS inbound loss {loss} at {node.name}")
 
     def crash(self, who: int | str, *, with_script: bool = False) -> None:
         """kill -9 of the daemon (its guard stops the script) or of the whole host."""
@@ -552,11 +668,42 @@ class Cluster:
             self._after(node)
         node.deferred_stops = []
         inbox, node.inbox = node.inbox, []
-        for src, msg in inbox:
+        for src, data in inbox:
             if node.core is None or node.paused:
                 return
-            node.core.step(self.names[src], msg, t)
-            self._after(node)
+            msg = self._receive(node, src, data)
+            if msg is not None:
+                self._heard(node, src)
+                node.core.step(self.names[src], msg, t)
+                self._after(node)
+
+    def resign(self, who: int | str) -> None:
+        """Call ``resign()`` on the node, whatever its role: the daemon may (protocol.md §3.7)."""
+        (node,) = self._nodes([who])
+        if node.core is None or node.paused:
+            return
+        done = node.core.resign(node.local(self.now), "nemesis")
+        self.log(f"NEMESIS resign {node.name} ({node.core.role.value}, {'resigning' if done else 'refused'})")
+        self._after(node)
+
+    def wipe(self, who: int | str) -> None:
+        """Lose the node's state directory: crash it, and restart it with nothing on disk (§3.9)."""
+        (node,) = self._nodes([who])
+        self.crash(who)
+        node.disk = HardState(recovering=True)
+        node.disk_epoch = 0  # lost with the state file: the wall clock keeps the epoch rising
+        node.max_term = 0  # terms cannot be monotonic across a lost disk; votes must still be unique
+        node.wiped = self.n > 1
+        self.log(f"NEMESIS wipe {node.name}")
+        self._boot(node)
+
+    def retime(self, who: int | str, timing: Timing) -> None:
+        """Restart the node with another timing (one step of a rolling change, protocol.md §3.6)."""
+        (node,) = self._nodes([who])
+        self.crash(who)
+        node.timing = timing
+        self.log(f"NEMESIS retime {node.name} {timing.describe()}")
+        self._boot(node)
 
     def script_crash(self, who: int | str, restart_after: float | None = 0.5) -> None:
         (node,) = self._nodes([who])

@@ -7,12 +7,15 @@ expected outcome of each story.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import pytest
 
 from pyquorum.core.lease import Timing
 from pyquorum.core.node import Role
-from tests.sim.measure import DEFAULT, TUNED, crash_failover, handover
-from tests.sim.sim import Cluster
+from tests.sim.measure import crash_failover, handover
+from tests.sim.sim import Cluster, Violation
+from tests.timing import DEFAULT, TUNED
 
 A, B, C, D, E5 = (f"127.0.0.{i}:51621" for i in range(1, 6))
 
@@ -203,3 +206,199 @@ def test_crash_failover_time_in_simulation(timing: Timing, median_max: float, p9
 def test_handover_time_in_simulation() -> None:
     stats = handover(DEFAULT, trials=30)
     assert stats.median_s < 0.1
+
+
+# ---- the safety holes of protocol.md §3.3, §3.6, §3.7, §3.9 and §4.2: each story fails with the rule
+# broken (the variant) and passes with it, so each would have caught the hole it closes.
+
+
+def _violation(fn: Callable[..., object], *args: object) -> str | None:
+    try:
+        fn(*args)
+    except Violation as exc:
+        return str(exc).splitlines()[0]
+    return None
+
+
+def _resign_a_follower_while_another_campaigns(broken: tuple[str, ...], seed: int) -> Cluster:
+    c = Cluster(3, seed=seed, broken=broken)
+    c.run_for(3.0)
+    assert c.master() == A
+    c.cut_links([(0, 2)])  # C hears A no more (nor A C); B hears both: A's lease counts on B
+    for _ in range(40):
+        c.run_for(0.05)
+        core = c.nodes[2].core
+        if core is not None and core.role is Role.PRECANDIDATE:
+            c.resign(B)  # the daemon may call resign() on a node that is not master
+            break
+    c.run_for(3.0)
+    return c
+
+
+def test_resign_on_a_follower_keeps_its_stickiness() -> None:
+    """Reference: protocol.md §3.7: only a master resigns; a follower's stickiness is never dropped."""
+    for seed in range(10):
+        c = _resign_a_follower_while_another_campaigns((), seed)
+        assert c.master() == A  # nothing changed: B refused to resign and C's pre-votes are refused
+    caught = [
+        _violation(_resign_a_follower_while_another_campaigns, ("resign_any_role",), seed)
+        for seed in range(10)
+    ]
+    assert any(v is not None and "OVERLAP" in v for v in caught), caught
+
+
+def _lower_timing_one_node_at_a_time(broken: tuple[str, ...], seed: int) -> Cluster:
+    c = Cluster(3, seed=seed, broken=broken)
+    c.run_for(3.0)
+    assert c.master() == A
+    for who in (B, C, A):  # followers first, the way operators roll out a change
+        c.retime(who, TUNED)
+        c.run_for(3.0)
+    return c
+
+
+def test_lowering_the_election_timeout_one_node_at_a_time_is_safe() -> None:
+    """Reference: protocol.md §3.6: the embargo covers the previous run's E + D (its promise)."""
+    for seed in range(4):
+        c = _lower_timing_one_node_at_a_time((), seed)
+        assert c.master() is not None and c.running_script() == c.master()
+        assert all(nd.timing == TUNED and nd.disk.promise_s == TUNED.election_timeout_s for nd in c.nodes)
+    caught = [
+        _violation(_lower_timing_one_node_at_a_time, ("embargo_ignores_promise",), seed) for seed in range(4)
+    ]
+    assert all(v is not None and "OVERLAP" in v for v in caught), caught
+
+
+def _lose_the_voters_state(broken: tuple[str, ...], seed: int) -> tuple[str | None, str | None]:
+    c = Cluster(3, seed=seed, broken=broken)
+    c.isolate(C)  # C never hears of term 1: only A and B know it (B voted for A in it)
+    c.run_for(3.0)
+    assert c.master() == A
+    c.wipe(B)  # B's state dir is lost; it restarts at term 0
+    c.heal()
+    c.isolate(A)  # B and C are a majority; B cannot hear A
+    c.run_for(5.0)
+    while_cut_off = c.master()
+    c.heal()
+    c.run_for(5.0)
+    return while_cut_off, c.master()
+
+
+def test_a_node_that_lost_its_state_never_votes_twice_in_a_term() -> None:
+    """Reference: protocol.md §3.9: it votes only once it knows every member's term, and only above."""
+    for seed in range(4):
+        while_cut_off, after = _lose_the_voters_state((), seed)
+        assert while_cut_off is None  # B cannot hear A, so it does not vote (nor does it campaign)
+        assert after is not None  # healed: B hears every member, learns term 1, and votes from term 2
+    caught = [_violation(_lose_the_voters_state, ("amnesia_votes",), seed) for seed in range(4)]
+    assert all(v is not None and "TWO MASTERS in term 1" in v for v in caught), caught
+
+
+def _run_at_the_drift_bound(rate_error: float) -> str | None:
+    """The worst case of protocol.md §4.2: the old master's clock runs slow by ``rate_error``, the
+    others' fast, datagrams take a microsecond, and the master is cut off the instant its newest
+    round is acknowledged; the script dies exactly at its kill deadline."""
+    t = Timing()
+    c = Cluster(3, t, seed=0, rates=[1 - rate_error, 1 + rate_error, 1 + rate_error])
+    c.net.delay_min = c.net.delay_max = 1e-6
+    c.run_for(3.0)
+    master = c.nodes[0].core
+    assert master is not None and master.role is Role.MASTER and c.running_script() == A
+    acked = master.lease_start
+    while master.lease_start == acked:
+        c.run_for(t.heartbeat_interval_s / 20)
+    c.isolate(A)
+    violation = _violation(lambda: c.run_for(3.0))
+    if violation is None:
+        assert c.running_script() == B
+    return violation
+
+
+def test_the_lease_holds_at_the_drift_bound_and_is_caught_just_above_it() -> None:
+    """Reference: protocol.md §4.2: L_kill is exact at rho = 1% (the network's microseconds are the
+    only slack left; K is the real system's), and the simulation sees an overlap at 1.01%."""
+    assert _run_at_the_drift_bound(0.01) is None
+    beyond = _run_at_the_drift_bound(0.0101)
+    assert beyond is not None and "OVERLAP" in beyond
+
+
+def _failovers_with_lossy_inbound(broken: tuple[str, ...], seed: int) -> tuple[int, float]:
+    c = Cluster(3, seed=seed, broken=broken)
+    c.run_for(3.0)
+    first, changes = c.now, len(c.master_changes)
+    c.lossy_inbound(A, 0.7)  # A's sends arrive; 70% of what is sent to A is lost
+    c.run_for(120.0)
+    ran = sum(
+        max(0.0, min(r.end if r.end is not None else c.now, c.now) - max(r.start, first)) for r in c.runs
+    )
+    return len(c.master_changes) - changes, ran / (c.now - first)
+
+
+def test_a_lowest_node_that_keeps_losing_its_lease_stops_winning() -> None:
+    """Reference: protocol.md §3.3 (demotion): after a lost-lease step-down a node proposes last, so
+    the lowest address with lossy inbound traffic does not win every election and lose every lease."""
+    for seed in range(3):
+        failovers, available = _failovers_with_lossy_inbound((), seed)
+        assert failovers <= 2 and available >= 0.98, (seed, failovers, available)
+    before = [_failovers_with_lossy_inbound(("no_demotion",), seed) for seed in range(3)]
+    assert all(failovers >= 8 for failovers, _ in before), before
+
+
+# ---- protocol.md §3.2: followers of a live master keep quiet; the master reports who is live
+
+
+def _crash_failovers(broken: tuple[str, ...], n: int, seeds: int) -> tuple[float, int]:
+    """(the slowest crash failover, the elections that failed on the way) over ``seeds`` clusters."""
+    worst, failed = 0.0, 0
+    for seed in range(seeds):
+        c = Cluster(n, seed=seed, broken=broken)
+        c.run_for(4.0)
+        victim = c.master()
+        assert victim is not None
+        before = c.events["election_failed"]
+        c.crash(victim, with_script=True)
+        crashed = c.now
+        while c.running_script() is None and c.now < crashed + 10.0:
+            c.run_for(0.01)
+        worst = max(worst, c.now - crashed)
+        failed += c.events["election_failed"] - before
+    return worst, failed
+
+
+def test_followers_rank_each_other_by_the_masters_report() -> None:
+    """Reference: protocol.md §3.2, §5.1: followers no longer hear each other; with the master's report
+    of who is live the lowest live follower proposes alone and wins at the first attempt, without it
+    every follower thinks it is the lowest and they split the vote."""
+    worst, failed = _crash_failovers((), 7, 30)
+    assert worst <= DEFAULT.failover_bound_s() and failed == 0
+    worst_without, failed_without = _crash_failovers(("no_live_report",), 7, 30)
+    assert failed_without > 0 and worst_without > worst
+
+
+def _follower_that_lost_its_state_recovers(broken: tuple[str, ...]) -> bool:
+    c = Cluster(3, seed=1, broken=broken)
+    c.run_for(3.0)
+    c.wipe(C)  # restarts at once, and follows A: it must still hear B's term (§3.9)
+    c.run_for(3.0)
+    core = c.nodes[2].core
+    assert core is not None and core.master == A
+    return not core.recovering
+
+
+def test_a_quiet_follower_answers_a_node_that_needs_to_hear_it() -> None:
+    """Reference: protocol.md §3.2, §3.9: a recovering node asks; quiet followers answer once per h."""
+    assert _follower_that_lost_its_state_recovers(())
+    assert not _follower_that_lost_its_state_recovers(("no_plain_answer",))
+
+
+def test_a_followers_traffic_does_not_grow_with_the_cluster() -> None:
+    """Reference: protocol.md §5.4: one acknowledgement per heartbeat interval, whatever N."""
+    for n in (3, 15, 51):
+        c = settled(n)
+        before, start = list(c.sent_by), c.now
+        c.run_for(10.0)
+        master = c.index[c.master() or ""]
+        rates = [(c.sent_by[i] - before[i]) / (c.now - start) for i in range(n)]
+        h = DEFAULT.heartbeat_interval_s
+        assert all(r <= 1.05 / h for i, r in enumerate(rates) if i != master), rates
+        assert rates[master] <= 1.05 * (n - 1) / h

@@ -1,7 +1,7 @@
 """The protocol's messages: what one node says to another.
 
 Every message is a frozen, slotted dataclass. The sender's identity is NOT a field: it travels in the
-authenticated envelope (see ``pyquorum.codec``) and is handed to ``Node.step`` separately, so a message
+authenticated envelope (see ``pyquorum.wire.codec``) and is handed to ``Node.step`` separately, so a message
 can never claim to come from someone else than the envelope that carried it.
 
 Every message carries ``term``: the sender's current term (protocol.md §2). ``Node.step`` compares it
@@ -15,16 +15,20 @@ from dataclasses import dataclass
 
 @dataclass(frozen=True, slots=True)
 class Heartbeat:
-    """Sent by every node to every peer each ``heartbeat_interval`` (protocol.md §3.2).
+    """A keep-alive (protocol.md §3.2): the master's, each ``heartbeat_interval``, to every peer; a plain
+    one from a node that follows no live master, to every peer.
 
     ``master`` is true when the sender is the master of ``term``; then ``round`` numbers the
-    heartbeat round, and every node that accepts the master answers with a ``HeartbeatResponse``
-    for that round. A non-master's heartbeat only proves that it is alive (``round`` is 0).
+    heartbeat round, every node that accepts the master answers with a ``HeartbeatResponse`` for that
+    round, and ``live`` lists the members the master heard from within E (its followers' liveness,
+    which they no longer tell each other). A plain heartbeat only proves that its sender is alive
+    (``round`` 0, ``live`` empty).
     """
 
     term: int
     master: bool
     round: int = 0
+    live: frozenset[str] = frozenset()
 
 
 @dataclass(frozen=True, slots=True)

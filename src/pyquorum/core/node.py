@@ -9,10 +9,11 @@ are thin shells that move bytes, read clocks and spawn processes.
 
 What it must not know
 ---------------------
-Sockets, clocks, processes, files, threads, asyncio. Time and randomness are inputs: every call takes
-``now`` (a monotonic clock reading of the caller's choice) and the node owns a seeded
-``random.Random``. The same inputs in the same order give the same outputs, which is what makes the
-simulation reproducible from a seed.
+Sockets, clocks, processes, files, threads, asyncio (tests/core/test_purity.py fails if it imports
+any). Time and randomness are inputs: every call takes ``now`` (a monotonic clock reading of the
+caller's choice) and the node owns a seeded ``random.Random``. The same inputs in the same order give
+the same outputs, which is what makes the simulation reproducible from a seed. Which variant of the
+rules it runs is an input too (``pyquorum.core.rules``): production code has no test branches.
 
 How the caller drives it (after etcd-io/raft's Node/Ready)
 ----------------------------------------------------------
@@ -23,6 +24,28 @@ How the caller drives it (after etcd-io/raft's Node/Ready)
    ``ready.messages``, THEN obey ``ready.script`` actions and push ``ready.kill_deadline`` to the
    script's guard, THEN log ``ready.events``. Then call ``advance(ready)``.
    Sending before persisting breaks protocol.md §3.4 (a restart could vote twice in a term).
+
+How a message is handled (after etcd-io/raft's Step)
+----------------------------------------------------
+Every input goes through ``_step``: first the term (protocol.md §3.1: a higher term makes us a slave
+of it, a lower one is answered where that helps the sender and otherwise dropped; pre-votes are the
+one exception), then the handler of the current role, ``_step_slave``, ``_step_candidate`` (for both
+PRECANDIDATE and CANDIDATE) or ``_step_master``. ``tick(now)`` feeds the timeouts that are due as
+``Timeout`` inputs through the same path, so a timeout is handled like a message. Every role change
+goes through a ``_become_*`` method, which refuses a transition that the table below does not allow:
+
+    from \\ to      SLAVE                          PRECANDIDATE     CANDIDATE       MASTER
+    SLAVE          a higher term                  election due     -               -
+    PRECANDIDATE   higher term, a master, slot    -                pre-vote        -
+                   over                                            majority
+    CANDIDATE      higher term, a master, slot    -                -               vote majority
+                   over
+    MASTER         higher term, lease lapsed,     -                -               -
+                   resigned
+
+(A cluster of one goes SLAVE -> PRECANDIDATE -> CANDIDATE -> MASTER in one step: it is its own
+majority.) The outputs are data: messages, script actions, a kill deadline, a hard state to persist,
+and typed ``Event``s (a kind and fields) that the runtime logs as ``event=<kind> term=<t> k=v ...``.
 
 Invariants (checked by tests/sim after every step)
 --------------------------------------------------
@@ -36,14 +59,15 @@ Honest limits
 Safety rests on the clock-rate bound ``Timing.drift_bound`` holding for the monotonic clocks of all
 nodes, and on the runtime reaping the script by the kill deadline (which the guard process enforces
 even when the daemon is frozen). A whole-host pause (VM freeze) stops the guard too: only fencing
-tokens protect against that (protocol.md §7).
+tokens protect against that (protocol.md §4.5). A lost state is recovered only one node at a time
+(protocol.md §3.9).
 """
 
 from __future__ import annotations
 
 import enum
 import random
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 from pyquorum.core.address import sort_nodes
@@ -60,6 +84,7 @@ from pyquorum.core.messages import (
     VoteResponse,
 )
 from pyquorum.core.quorum import quorum_size
+from pyquorum.core.rules import RULES, Rules
 
 
 class Role(enum.Enum):
@@ -69,18 +94,40 @@ class Role(enum.Enum):
     MASTER = "master"
 
 
+# The transition table of the module docstring: the roles each role may become.
+TRANSITIONS: dict[Role, frozenset[Role]] = {
+    Role.SLAVE: frozenset({Role.SLAVE, Role.PRECANDIDATE}),
+    Role.PRECANDIDATE: frozenset({Role.SLAVE, Role.CANDIDATE}),
+    Role.CANDIDATE: frozenset({Role.SLAVE, Role.MASTER}),
+    Role.MASTER: frozenset({Role.SLAVE}),
+}
+
+
 class ScriptState(enum.Enum):
     IDLE = "idle"  # no script process exists (reaped)
     RUNNING = "running"
     STOPPING = "stopping"  # stop requested, not yet reaped
 
 
+# protocol.md §3.9: ``voted_for`` of a node that lost its state and then learned the cluster's terms: it
+# may have voted in this term before, for someone it no longer knows, so it votes for nobody in it.
+UNKNOWN_VOTE = "?"
+
+
 @dataclass(frozen=True, slots=True)
 class HardState:
-    """What must survive a restart: persisted before any message that depends on it is sent."""
+    """What must survive a restart: persisted before any message that depends on it is sent.
+
+    ``promise_s`` (protocol.md §3.6): the longest ``E + D`` under which this node may have acknowledged a
+    master and not yet waited out; the next run's restart embargo covers it. ``recovering``
+    (protocol.md §3.9): this node's state was lost, so it may have voted in terms it does not remember;
+    it grants no vote and does not campaign until it has heard the term of every other member.
+    """
 
     term: int = 0
     voted_for: str | None = None
+    promise_s: float = 0.0
+    recovering: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,15 +149,49 @@ class StopScript:
 ScriptAction = StartScript | StopScript
 
 
+class EventKind(enum.Enum):
+    """What an ``Event`` reports: the ``event=`` word of the log line (docs/operations.md)."""
+
+    ELECTION_STARTED = "election_started"  # alive
+    ELECTION_FAILED = "election_failed"  # phase got members needed retry_in_s
+    BECAME_CANDIDATE = "became_candidate"
+    BECAME_MASTER = "became_master"  # votes members
+    LEASE_ESTABLISHED = "lease_established"  # acked members
+    SCRIPT_STARTING = "script_starting"  # token deadline_in_s
+    STEPPED_DOWN = "stepped_down"  # reason (lost_quorum acked needed deadline_in_s | higher_term from)
+    BECAME_SLAVE = "became_slave"  # was reason
+    NEW_TERM = "new_term"  # reason from
+    FOLLOWING = "following"  # master
+    MASTER_RESIGNED = "master_resigned"  # master successor
+    VOTED = "voted"  # candidate
+    IGNORED_MASTER = "ignored_master"  # sender: another master of our own term (a broken or forged peer)
+    RESIGNING = "resigning"  # role reason
+    RESIGNED = "resigned"  # successor
+    STOPPED = "stopped"
+    RECOVERED = "recovered"  # heard
+
+
 @dataclass(frozen=True, slots=True)
 class Event:
-    """One state change, for the operator's log: ``became master term=7 votes=3/3``."""
+    """One state change, for the operator's log: ``event=became_master term=7 votes=3 members=3``."""
 
-    text: str
+    kind: EventKind
     term: int
+    fields: tuple[tuple[str, object], ...] = ()
+
+    def get(self, name: str) -> object:
+        return dict(self.fields).get(name)
 
     def __str__(self) -> str:
-        return self.text
+        parts = [f"event={self.kind.value}", f"term={self.term}"]
+        parts += [f"{k}={_text(v)}" for k, v in self.fields]
+        return " ".join(parts)
+
+
+def _text(value: object) -> str:
+    if isinstance(value, float):
+        return f"{value:.3f}"
+    return "-" if value is None or value == "" else str(value)
 
 
 @dataclass(slots=True)
@@ -134,6 +215,26 @@ class Ready:
         )
 
 
+class TimeoutKind(enum.Enum):
+    EMBARGO_OVER = "embargo_over"  # the previous run's promise is waited out (§3.6)
+    LEASE_LAPSED = "lease_lapsed"  # master: no acknowledged round for L_kill - G - K (§4.3)
+    SCRIPT_DUE = "script_due"  # master: the script may start (lease, D, restart backoff)
+    CAMPAIGN_OVER = "campaign_over"  # (pre)candidate: its slot S ended (§3.3)
+    REQUEST_DUE = "request_due"  # (pre)candidate: re-send unanswered requests
+    ELECTION_TIMER = "election_timer"  # slave: checked on every tick; an attempt when due (§3.3)
+    HEARTBEAT_DUE = "heartbeat_due"  # everyone, every h (§3.2)
+
+
+@dataclass(frozen=True, slots=True)
+class Timeout:
+    """An input the node gives itself from ``tick()``; never on the wire."""
+
+    kind: TimeoutKind
+
+
+Input = Message | Timeout
+
+
 @dataclass(slots=True)
 class _Round:
     sent_at: float
@@ -150,22 +251,6 @@ class Status:
     lease_deadline: float | None
 
 
-# Variants of the protocol with one rule deliberately broken. The simulation must catch each of them
-# (tests/sim/test_broken_variants.py: "test the tester"). Production code never sets any of these.
-BROKEN_VARIANTS = frozenset(
-    {
-        "double_vote",  # grants a vote to every candidate of a term (protocol.md §3.4)
-        "no_prevote_stickiness",  # grants (pre-)votes while it hears a live master (§3.3)
-        "no_restart_embargo",  # votes right after a restart (§3.6)
-        "no_drift_margin",  # L_kill = E, ignoring clock-rate drift (§4.2)
-        "late_stepdown",  # master starts stopping its script only at the kill deadline (§4.3)
-        "lease_from_ack_time",  # lease counted from the ack's arrival, not the round's send (§4.2)
-        "resign_before_stop",  # resigns before the script is reaped (§3.7)
-        "no_quorum_check",  # master never steps down without acks (§4.3)
-    }
-)
-
-
 class Node:
     """One member's view of the election. See the module docstring for how to drive it."""
 
@@ -178,15 +263,12 @@ class Node:
         now: float,
         rng: random.Random,
         hard_state: HardState | None = None,
-        broken: frozenset[str] = frozenset(),
+        rules: Rules = RULES,
     ) -> None:
         if me not in members:
             raise LocalProtocolError(f"{me} is not among the members {list(members)}")
         if len(set(members)) != len(members):
             raise LocalProtocolError(f"duplicate members in {list(members)}")
-        unknown = broken - BROKEN_VARIANTS
-        if unknown:
-            raise LocalProtocolError(f"unknown broken variants {sorted(unknown)}")
         self.me = me
         self.members = frozenset(members)
         self.order = sort_nodes(self.members)  # protocol.md §3.3: lowest address proposes first
@@ -194,18 +276,30 @@ class Node:
         self.quorum = quorum_size(len(self.members))
         self.timing = timing
         self.rng = rng
-        self.broken = broken
+        self.rules = rules
         hs = hard_state or HardState()
         self.term = hs.term
         self.voted_for = hs.voted_for
-        self._hs_dirty = False
         self.role = Role.SLAVE
         self.master: str | None = None
         self.started_at = now
+        # protocol.md §3.6: the restart embargo covers what the previous run promised (its E + D) as well
+        # as this run's E; until it has passed, the larger promise stays on disk.
+        self.embargo_s = rules.embargo_s(timing, hs.promise_s)
+        self.promise_s = max(hs.promise_s, timing.election_timeout_s + timing.start_delay_s)
+        self._promise_settled = False
+        # protocol.md §3.9: a node that lost its state heard nothing yet; it needs every member's term.
+        self.recovering = hs.recovering and rules.recovers_lost_state
+        self.heard_terms: dict[str, int] = {}
+        self._hs_dirty = self.promise_s != hs.promise_s or self.recovering != hs.recovering
+        self.demoted_until = now
         self.last_heard: dict[str, float] = {}
+        # protocol.md §3.2: who the master last said it heard from, and when we heard it say so
+        self.reported: frozenset[str] = frozenset()
+        self.reported_at: float | None = None
+        self.plain_sent: dict[str, float] = {}  # when we last sent each peer a plain heartbeat
         # protocol.md §3.3: the last time we accepted a live master's heartbeat (or sent one as master)
         self.last_master_heard: float | None = None
-        self.last_ack_sent = -1e18  # when we last acknowledged our master's round
         self.attempt_at: float | None = None
         self.quiet_until = now
         # (master, term) that resigned: its heartbeats of that term, reordered behind the Resign, are void
@@ -230,56 +324,28 @@ class Node:
         self.final = False
         self.finished = False
         self._ready = Ready()
+        if self.recovering and not self.peers:
+            # a cluster of one has nobody to ask: it can only take its own (lost) word (§3.9, limits)
+            self._finish_recovery()
 
     # ------------------------------------------------------------------ inputs
 
     def step(self, sender: str, msg: Message, now: float) -> None:
-        """Handle one message from ``sender`` (an authenticated member id). Then call ``ready()``.
-
-        protocol.md §3.1: the term is compared before anything else.
-        """
+        """Handle one message from ``sender`` (an authenticated member id). Then call ``ready()``."""
         if self.finished or sender not in self.members or sender == self.me:
             return
         self.last_heard[sender] = now
-        if isinstance(msg, PreVoteRequest):
-            self._on_prevote_request(sender, msg, now)
-            return
-        if isinstance(msg, PreVoteResponse):
-            if msg.voter_term > self.term and not msg.granted:
-                self._become_slave(now, msg.voter_term, f"higher term from {sender}")
-            elif self.role is Role.PRECANDIDATE and msg.term == self.term + 1 and msg.granted:
-                self.grants.add(sender)
-                self._maybe_win_prevote(now)
-            return
-        if isinstance(msg, VoteRequest):
-            self._on_vote_request(sender, msg, now)
-            return
-        if msg.term > self.term:
-            self._become_slave(now, msg.term, f"higher term from {sender}")
-        if isinstance(msg, Heartbeat):
-            self._on_heartbeat(sender, msg, now)
-        elif isinstance(msg, HeartbeatResponse):
-            self._on_heartbeat_response(sender, msg, now)
-        elif isinstance(msg, VoteResponse):
-            if self.role is Role.CANDIDATE and msg.term == self.term and msg.granted:
-                self.grants.add(sender)
-                if len(self.grants) >= self.quorum:
-                    self._become_master(now)
-        elif isinstance(msg, Resign):
-            self._on_resign(sender, msg, now)
+        if self.recovering:
+            self._learn_term(sender, msg)
+        self._step(sender, msg, now)
 
     def tick(self, now: float) -> None:
-        """Advance timers: heartbeats, elections, the lease. Call at ``next_wakeup()`` or later."""
+        """Feed the timeouts that are due (heartbeats, elections, the lease) through the same path as
+        messages. Call at ``next_wakeup()`` or later; then call ``ready()``."""
         if self.finished:
             return
-        if self.role is Role.MASTER:
-            self._tick_master(now)
-        elif self.role in (Role.PRECANDIDATE, Role.CANDIDATE):
-            self._tick_candidate(now)
-        if self.role is Role.SLAVE and not self.leaving:
-            self._tick_slave(now)
-        if now >= self.next_heartbeat_at:
-            self._send_heartbeats(now)
+        for kind in self._due(now):
+            self._step(self.me, Timeout(kind), now)
 
     def script_stopped(self, now: float, *, restart_after: float | None = 0.0) -> None:
         """The script's process group is gone and reaped.
@@ -298,10 +364,16 @@ class Node:
         if self.leaving:
             self._finish_leaving(now)
 
-    def resign(self, now: float, reason: str) -> None:
+    def resign(self, now: float, reason: str) -> bool:
         """Give up mastership (e.g. the script keeps failing): stop the script, then tell the peers
-        (protocol.md §3.7). The node stays a member and may become master again later."""
+        (protocol.md §3.7). The node stays a member and may become master again later.
+
+        Only a master resigns: on any other role this changes nothing and returns False (the leaving
+        path would drop the stickiness that the lease of the master we follow counts on)."""
+        if not self.rules.may_resign(self.role is Role.MASTER):
+            return False
         self._leave(now, reason, final=False)
+        return True
 
     def shutdown(self, now: float) -> None:
         """Planned stop: stop the script, resign so a peer takes over at once, then ``finished``."""
@@ -313,7 +385,7 @@ class Node:
         """What to do now (see the module docstring for the order). Then call ``advance()``."""
         rd = self._ready
         if self._hs_dirty:
-            rd.hard_state = HardState(self.term, self.voted_for)
+            rd.hard_state = self.hard_state
         rd.finished = self.finished
         return rd
 
@@ -330,6 +402,8 @@ class Node:
         if self.finished:
             return float("inf")
         t = self.next_heartbeat_at
+        if not self._promise_settled:
+            t = min(t, self.started_at + self.embargo_s)
         if self.role is Role.MASTER:
             t = min(t, self._stop_at())
             start_at = self._script_may_start_at()
@@ -350,12 +424,212 @@ class Node:
 
     @property
     def hard_state(self) -> HardState:
-        return HardState(self.term, self.voted_for)
+        return HardState(self.term, self.voted_for, self.promise_s, self.recovering)
+
+    # ------------------------------------------------------------------ the one path (etcd Step)
+
+    def _step(self, sender: str, msg: Input, now: float) -> None:
+        if isinstance(msg, Timeout):
+            self._step_role(sender, msg, now)
+            return
+        # protocol.md §3.1: the term first. The one exception is a pre-vote request: its term is the
+        # term its sender WOULD have, and it changes nothing here (§3.3).
+        if isinstance(msg, PreVoteRequest):
+            self._answer_prevote(sender, msg, now)
+            return
+        term = msg.voter_term if isinstance(msg, PreVoteResponse) else msg.term
+        if term > self.term:
+            if isinstance(msg, VoteRequest) and self._sticky(now) is not None:
+                # §3.3: while sticky, a higher term does not even change ours (Raft thesis §4.2.3)
+                self._send(sender, VoteResponse(self.term, False))
+                return
+            self._become_slave(now, term, "higher_term", peer=sender)
+        elif term < self.term and not isinstance(msg, PreVoteResponse):
+            # (a pre-vote response is judged by the term it answers, which is ours + 1)
+            self._step_stale(sender, msg)
+            return
+        self._step_role(sender, msg, now)
+
+    def _step_role(self, sender: str, msg: Input, now: float) -> None:
+        if self.role is Role.MASTER:
+            self._step_master(sender, msg, now)
+        elif self.role is Role.SLAVE:
+            self._step_slave(sender, msg, now)
+        else:
+            self._step_candidate(sender, msg, now)
+
+    def _step_stale(self, sender: str, msg: Message) -> None:
+        """A message of a lower term: answered where the answer helps its sender catch up."""
+        if isinstance(msg, Heartbeat) and msg.master and self.resigned != (sender, msg.term):
+            # protocol.md §3.5: a stale master learns our term and steps down
+            self._send(sender, HeartbeatResponse(self.term, msg.round))
+        elif isinstance(msg, VoteRequest):
+            self._send(sender, VoteResponse(self.term, False))
+
+    def _step_slave(self, sender: str, msg: Input, now: float) -> None:
+        if isinstance(msg, Timeout):
+            if msg.kind is TimeoutKind.ELECTION_TIMER:
+                self._election_timer(now)
+            else:
+                self._common_timeout(msg.kind, now)
+        elif isinstance(msg, Heartbeat):
+            if msg.master:
+                self._follow(sender, msg, now)
+            else:
+                self._plain_heartbeat(sender, msg, now)
+        else:
+            self._common_message(sender, msg, now)
+
+    def _step_candidate(self, sender: str, msg: Input, now: float) -> None:
+        if isinstance(msg, Timeout):
+            if msg.kind is TimeoutKind.CAMPAIGN_OVER:
+                self._campaign_over(now)
+            elif msg.kind is TimeoutKind.REQUEST_DUE:
+                self._send_requests(now)
+            else:
+                self._common_timeout(msg.kind, now)
+        elif isinstance(msg, PreVoteResponse):
+            if self.role is Role.PRECANDIDATE and msg.term == self.term + 1 and msg.granted:
+                self.grants.add(sender)
+                self._maybe_win_prevote(now)
+        elif isinstance(msg, VoteResponse):
+            if self.role is Role.CANDIDATE and msg.granted:  # msg.term == self.term: §3.1 above
+                self.grants.add(sender)
+                if len(self.grants) >= self.quorum:
+                    self._become_master(now)
+        elif isinstance(msg, Heartbeat):
+            if msg.master:
+                if self.resigned == (sender, msg.term):
+                    return  # protocol.md §3.7: a heartbeat overtaken by its master's Resign
+                self._become_slave(now, self.term, "master_exists", peer=sender)
+                self._follow(sender, msg, now)
+            else:
+                self._plain_heartbeat(sender, msg, now)
+        else:
+            self._common_message(sender, msg, now)
+
+    def _step_master(self, sender: str, msg: Input, now: float) -> None:
+        if isinstance(msg, Timeout):
+            if msg.kind is TimeoutKind.LEASE_LAPSED:
+                self._lease_lapsed(now)
+            elif msg.kind is TimeoutKind.SCRIPT_DUE:
+                self._maybe_start_script(now)
+            else:
+                self._common_timeout(msg.kind, now)
+        elif isinstance(msg, HeartbeatResponse):
+            self._on_heartbeat_response(sender, msg, now)
+        elif isinstance(msg, Heartbeat):
+            if msg.master:
+                # Impossible unless a peer is broken or forged (unauthenticated mode): never crash on
+                # what a peer says; the simulation's invariants catch a real double master.
+                self._emit(EventKind.IGNORED_MASTER, sender=sender)
+        else:
+            self._common_message(sender, msg, now)
+
+    def _common_message(self, sender: str, msg: Message, now: float) -> None:
+        if isinstance(msg, VoteRequest):
+            self._on_vote_request(sender, msg, now)
+        elif isinstance(msg, Resign):
+            self._on_resign(sender, msg, now)
+        # anything else is not for this role: a late response, an ack for a round we no longer run
+
+    def _common_timeout(self, kind: TimeoutKind, now: float) -> None:
+        if kind is TimeoutKind.HEARTBEAT_DUE:
+            self._send_heartbeats(now)
+        elif kind is TimeoutKind.EMBARGO_OVER:
+            # protocol.md §3.6: what the previous run promised has been waited out
+            self._promise_settled = True
+            self._set_promise(self.timing.election_timeout_s + self.timing.start_delay_s)
+
+    def _due(self, now: float) -> Iterator[TimeoutKind]:
+        # Evaluated lazily, in this order: a timeout handled first may change the role, and so
+        # which of the later ones are due (a candidate whose slot ended is a slave at once).
+        if not self._promise_settled and now >= self.started_at + self.embargo_s:
+            yield TimeoutKind.EMBARGO_OVER
+        if self.role is Role.MASTER:
+            if now >= self._stop_at():
+                yield TimeoutKind.LEASE_LAPSED
+            start_at = self._script_may_start_at()
+            if self.role is Role.MASTER and start_at is not None and now >= start_at:
+                yield TimeoutKind.SCRIPT_DUE
+        elif self.role in (Role.PRECANDIDATE, Role.CANDIDATE):
+            if now >= self.campaign_ends_at:
+                yield TimeoutKind.CAMPAIGN_OVER
+            elif now >= self.next_request_at:
+                yield TimeoutKind.REQUEST_DUE
+        if self.role is Role.SLAVE and not self.leaving:
+            yield TimeoutKind.ELECTION_TIMER
+        if now >= self.next_heartbeat_at:
+            yield TimeoutKind.HEARTBEAT_DUE
+
+    # ------------------------------------------------------------------ transitions
+
+    def _to(self, role: Role) -> None:
+        if role not in TRANSITIONS[self.role]:
+            raise LocalProtocolError(f"impossible transition {self.role.value} -> {role.value}")
+        self.role = role
+
+    def _become_slave(self, now: float, term: int, reason: str, **fields: object) -> None:
+        old_role, old_term = self.role, self.term
+        self._set_term(term)
+        self._to(Role.SLAVE)
+        self.master = None
+        self.grants = set()
+        if old_role is Role.MASTER:
+            self._stop_script(now, reason)
+            if reason == "resigned":
+                self._emit(EventKind.RESIGNED, **fields)
+            else:
+                self._emit(EventKind.STEPPED_DOWN, reason=reason, **fields)
+        elif old_role is not Role.SLAVE:
+            if reason != "campaign_over":  # election_failed says it, with the numbers
+                self._emit(EventKind.BECAME_SLAVE, was=old_role.value, reason=reason, **fields)
+        elif term > old_term:
+            self._emit(EventKind.NEW_TERM, reason=reason, **fields)
+
+    def _become_precandidate(self, now: float) -> None:
+        self._to(Role.PRECANDIDATE)
+        self.grants = {self.me}
+        self.campaign_ends_at = now + self.timing.slot_s
+        self.attempt_at = None
+        self._emit(
+            EventKind.ELECTION_STARTED,
+            for_term=self.term + 1,
+            alive=len(self._alive(now)),
+            members=len(self.members),
+        )
+        self._maybe_win_prevote(now)
+        if self.role is Role.PRECANDIDATE:
+            self._send_requests(now)
+
+    def _become_candidate(self, now: float) -> None:
+        self._to(Role.CANDIDATE)
+        self._set_term(self.term + 1)
+        self.voted_for = self.me
+        self._hs_dirty = True
+        self.grants = {self.me}
+        self._emit(EventKind.BECAME_CANDIDATE)
+        if len(self.grants) >= self.quorum:
+            self._become_master(now)
+        else:
+            self._send_requests(now)
+
+    def _become_master(self, now: float) -> None:
+        votes = len(self.grants)
+        self._to(Role.MASTER)
+        self.master = self.me
+        self.became_master_at = now
+        self.rounds = {}
+        self.lease_start = None
+        self.script_not_before = now + self.timing.start_delay_s
+        self.attempt_at = None
+        self._emit(EventKind.BECAME_MASTER, votes=votes, members=len(self.members))
+        self.next_heartbeat_at = now  # the first round establishes the lease at once
 
     # ------------------------------------------------------------------ helpers
 
-    def _emit(self, text: str) -> None:
-        self._ready.events.append(Event(text, self.term))
+    def _emit(self, kind: EventKind, **fields: object) -> None:
+        self._ready.events.append(Event(kind, self.term, tuple(fields.items())))
 
     def _send(self, to: str, msg: Message) -> None:
         self._ready.messages.append((to, msg))
@@ -365,43 +639,52 @@ class Node:
             self._send(p, msg)
 
     def _alive(self, now: float) -> list[str]:
-        """Members heard from within E, and ourselves, in protocol order."""
+        """Ourselves, the members heard from within E, and those the master reported live within 2E
+        (followers do not hear each other while they have a master: protocol.md §3.2), in protocol
+        order. The report is at most E old when a master is lost; the second E covers the slots."""
         e = self.timing.election_timeout_s
+        fresh = self.reported_at is not None and now - self.reported_at < self.rules.report_e * e
+        reported = self.reported if fresh else frozenset()
         return [
-            m for m in self.order if m == self.me or (m in self.last_heard and now - self.last_heard[m] < e)
+            m
+            for m in self.order
+            if m == self.me or (m in self.last_heard and now - self.last_heard[m] < e) or m in reported
         ]
 
+    def _has_live_master(self, now: float) -> bool:
+        """protocol.md §3.2: we follow a master heard within E (or are the master)."""
+        if self.role is Role.MASTER:
+            return True
+        return (
+            self.master is not None
+            and self.last_master_heard is not None
+            and now - self.last_master_heard < self.timing.election_timeout_s
+        )
+
     def _sticky(self, now: float) -> str | None:
-        """Why we refuse any (pre-)vote now, or None. protocol.md §3.3 and §3.6."""
-        e = self.timing.election_timeout_s
+        """Why we refuse any (pre-)vote now, or None. protocol.md §3.3, §3.6 and §3.9."""
         if self.leaving:
             return "leaving"
         if self.role is Role.MASTER:
             return "i am master"
-        if "no_restart_embargo" not in self.broken and now - self.started_at < e:
+        if self.recovering:
+            return "recovering"
+        if now - self.started_at < self.embargo_s:
             return "restart embargo"
-        if (
-            "no_prevote_stickiness" not in self.broken
-            and self.last_master_heard is not None
-            and now - self.last_master_heard < e
-        ):
+        stickiness = self.rules.stickiness_e * self.timing.election_timeout_s
+        if self.last_master_heard is not None and now - self.last_master_heard < stickiness:
             return "live master"
         return None
 
     def _deadline(self) -> float:
-        assert self.lease_start is not None
-        if "no_drift_margin" in self.broken:
-            return self.lease_start + self.timing.election_timeout_s + self.timing.start_delay_s
-        return self.timing.kill_deadline(self.lease_start)
+        if self.lease_start is None:
+            raise LocalProtocolError("a kill deadline without a lease")
+        return self.lease_start + self.rules.lease_kill_s(self.timing)
 
     def _stop_at(self) -> float:
         """When the master must step down and send SIGTERM unless a newer round is acknowledged."""
         start = self.lease_start if self.lease_start is not None else self.became_master_at
-        if "no_quorum_check" in self.broken:
-            return float("inf")
-        if "late_stepdown" in self.broken:
-            return start + self.timing.lease_kill_s
-        return self.timing.stop_at(start)
+        return start + self.rules.stop_begin_s(self.timing)
 
     def _set_term(self, term: int) -> None:
         if term < self.term:
@@ -411,73 +694,86 @@ class Node:
             self.voted_for = None
             self._hs_dirty = True
 
-    def _become_slave(self, now: float, term: int, reason: str) -> None:
-        old_role, old_term = self.role, self.term
-        self._set_term(term)
-        if old_role is Role.MASTER:
-            self._stop_script(now, f"stepped down: {reason}")
-        if old_role is not Role.SLAVE:
-            self._emit(f"became slave term={self.term} was={old_role.value} reason={reason}")
-        elif term > old_term:
-            self._emit(f"new term term={self.term} reason={reason}")
-        self.role = Role.SLAVE
-        self.master = None
-        self.grants = set()
+    def _set_promise(self, promise_s: float) -> None:
+        if promise_s != self.promise_s:
+            self.promise_s = promise_s
+            self._hs_dirty = True
 
     def _stop_script(self, now: float, reason: str) -> None:
         if self.script_state is ScriptState.RUNNING and self.kill_deadline is not None:
             self.script_state = ScriptState.STOPPING
             self._ready.script.append(StopScript(self.kill_deadline, reason))
 
+    # ------------------------------------------------------------------ recovery (protocol.md §3.9)
+
+    def _learn_term(self, sender: str, msg: Message) -> None:
+        """A recovering node collects every other member's current term; once it has them all, no
+        term it may have voted in is above their maximum, so it takes that term with an unknown vote
+        (it votes for nobody in it) and is an ordinary member again."""
+        if isinstance(msg, PreVoteRequest):
+            term = msg.term - 1  # a pre-vote asks for the sender's term + 1
+        elif isinstance(msg, PreVoteResponse):
+            term = msg.voter_term
+        else:
+            term = msg.term
+        self.heard_terms[sender] = max(term, self.heard_terms.get(sender, 0))
+        if len(self.heard_terms) == len(self.peers):
+            self._finish_recovery()
+
+    def _finish_recovery(self) -> None:
+        floor = max([self.term, *self.heard_terms.values()])
+        self.recovering = False
+        self._set_term(floor)
+        self.voted_for = UNKNOWN_VOTE
+        self._hs_dirty = True
+        self._emit(EventKind.RECOVERED, heard=len(self.heard_terms))
+
     # ------------------------------------------------------------------ slave
 
     def _election_due_at(self) -> float:
-        """protocol.md §3.3: no election before E after start and after the last live master."""
-        e = self.timing.election_timeout_s
-        due = max(self.started_at + e, self.quiet_until)
+        """protocol.md §3.3: no election before the embargo ends, nor E after the last live master."""
+        if self.recovering:
+            return float("inf")  # protocol.md §3.9: no candidacy before every member's term is known
+        due = max(self.started_at + self.embargo_s, self.quiet_until)
         if self.last_master_heard is not None:
-            due = max(due, self.last_master_heard + e)
+            due = max(due, self.last_master_heard + self.timing.election_timeout_s)
         return due
 
-    def _tick_slave(self, now: float) -> None:
+    def _election_timer(self, now: float) -> None:
         due = self._election_due_at()
         if now < due:
             self.attempt_at = None
             return
         if self.attempt_at is None:
             # protocol.md §3.3: the k-th lowest live address waits k slots, so the lowest proposes
-            # first and a node that cannot win (one-way link) is followed by the next.
+            # first and a node that cannot win (one-way link) is followed by the next; a node that
+            # lost its lease recently waits after all of them (demotion).
             alive = self._alive(now)
-            rank = alive.index(self.me)
+            rank = len(alive) if now < self.demoted_until else alive.index(self.me)
             self.attempt_at = due + rank * self.timing.slot_s
         if now >= self.attempt_at:
             self._become_precandidate(now)
 
-    def _on_heartbeat(self, sender: str, msg: Heartbeat, now: float) -> None:
-        if not msg.master:
-            if sender == self.master and msg.term == self.term:
-                self.master = None  # it stepped down; stickiness still runs from last_master_heard
-            return
+    def _plain_heartbeat(self, sender: str, msg: Heartbeat, now: float) -> None:
+        if sender == self.master and msg.term == self.term:
+            self.master = None  # it stepped down; stickiness still runs from last_master_heard (§3.2)
+        # protocol.md §3.2: a node with no master (restarted, cut off, recovering) hears from the
+        # followers only in answer: once per h, so that it learns who is alive and their terms
+        quiet = self.rules.answer_plain and self._has_live_master(now) and self.role is not Role.MASTER
+        if quiet and now - self.plain_sent.get(sender, -1e18) >= self.timing.heartbeat_interval_s:
+            self.plain_sent[sender] = now
+            self._send(sender, Heartbeat(self.term, False, 0))
+
+    def _follow(self, sender: str, msg: Heartbeat, now: float) -> None:
         if self.resigned == (sender, msg.term):
             return  # protocol.md §3.7: a heartbeat overtaken by its master's Resign
-        if msg.term < self.term:
-            # protocol.md §3.5: a stale master learns our term and steps down
-            self._send(sender, HeartbeatResponse(self.term, msg.round))
-            return
-        if self.role is Role.MASTER:
-            # Impossible unless a peer is broken or forged (unauthenticated mode): never crash on
-            # what a peer says; the simulation's invariants catch a real double master.
-            self._emit(f"ignored master heartbeat from={sender} term={msg.term}: i am master")
-            return
-        if self.role is not Role.SLAVE:
-            self._become_slave(now, self.term, f"master {sender} exists")
         if self.master != sender:
-            self._emit(f"following master={sender} term={self.term}")
+            self._emit(EventKind.FOLLOWING, master=sender)
         self.master = sender
         self.attempt_at = None
+        self.reported, self.reported_at = msg.live, now
         # protocol.md §3.5: stickiness is set BEFORE the acknowledgement leaves
         self.last_master_heard = now
-        self.last_ack_sent = now
         self._send(sender, HeartbeatResponse(self.term, msg.round))
 
     def _on_resign(self, sender: str, msg: Resign, now: float) -> None:
@@ -486,7 +782,7 @@ class Node:
         self.master = None
         self.last_master_heard = None
         self.resigned = (sender, msg.term)
-        self._emit(f"master resigned master={sender} term={msg.term} successor={msg.successor}")
+        self._emit(EventKind.MASTER_RESIGNED, master=sender, successor=msg.successor)
         if self.role is Role.SLAVE and not self.leaving:
             alive = [m for m in self._alive(now) if m != sender]
             rank = 0 if msg.successor == self.me else alive.index(self.me)
@@ -494,25 +790,19 @@ class Node:
 
     # ------------------------------------------------------------------ votes
 
-    def _on_prevote_request(self, sender: str, msg: PreVoteRequest, now: float) -> None:
+    def _answer_prevote(self, sender: str, msg: PreVoteRequest, now: float) -> None:
         # protocol.md §3.3: a pre-vote changes no state; it is granted only for a higher term, when
         # we hear no live master, and not during the restart embargo.
         granted = msg.term > self.term and self._sticky(now) is None
         self._send(sender, PreVoteResponse(msg.term, granted, self.term))
 
     def _on_vote_request(self, sender: str, msg: VoteRequest, now: float) -> None:
-        why = self._sticky(now)
-        if msg.term < self.term or why is not None:
-            # protocol.md §3.3: while sticky, a higher term does not even change ours
-            self._send(sender, VoteResponse(self.term, False))
-            return
-        if msg.term > self.term:
-            self._become_slave(now, msg.term, f"vote request from {sender}")
-        if self.voted_for in (None, sender) or "double_vote" in self.broken:
+        # msg.term == self.term here (§3.1 in _step): grant at most once per term (§3.4)
+        if self._sticky(now) is None and self.rules.may_vote(self.voted_for, sender):
             if self.voted_for != sender:
                 self.voted_for = sender
                 self._hs_dirty = True
-                self._emit(f"voted for={sender} term={self.term}")
+                self._emit(EventKind.VOTED, candidate=sender)
             # a granted vote defers our own candidacy: the candidate should get its chance
             self.attempt_at = max(self.attempt_at or now, now + 2 * self.timing.slot_s)
             self._send(sender, VoteResponse(self.term, True))
@@ -521,28 +811,9 @@ class Node:
 
     # ------------------------------------------------------------------ candidate
 
-    def _become_precandidate(self, now: float) -> None:
-        self.role = Role.PRECANDIDATE
-        self.grants = {self.me}
-        self.campaign_ends_at = now + self.timing.slot_s
-        self.attempt_at = None
-        self._emit(f"election started term={self.term + 1} alive={len(self._alive(now))}/{len(self.members)}")
-        self._maybe_win_prevote(now)
-        if self.role is Role.PRECANDIDATE:
-            self._send_requests(now)
-
     def _maybe_win_prevote(self, now: float) -> None:
-        if len(self.grants) < self.quorum:
-            return
-        self.role = Role.CANDIDATE
-        self._set_term(self.term + 1)
-        self.voted_for = self.me
-        self._hs_dirty = True
-        self.grants = {self.me}
         if len(self.grants) >= self.quorum:
-            self._become_master(now)
-        else:
-            self._send_requests(now)
+            self._become_candidate(now)
 
     def _send_requests(self, now: float) -> None:
         for p in self.peers:
@@ -554,62 +825,50 @@ class Node:
                 self._send(p, VoteRequest(self.term))
         self.next_request_at = now + self.timing.retry_interval_s
 
-    def _tick_candidate(self, now: float) -> None:
-        if now >= self.campaign_ends_at:
-            got, role = len(self.grants), self.role
-            self.role = Role.SLAVE
-            self.grants = set()
-            alive = self._alive(now)
-            # protocol.md §3.3: after a failed attempt, wait for the others' slots, plus jitter
-            self.attempt_at = (
-                now + (len(alive) - 1) * self.timing.slot_s + self.rng.uniform(0, self.timing.slot_s)
-            )
-            kind = "pre-votes" if role is Role.PRECANDIDATE else "votes"
-            self._emit(
-                f"election failed term={self.term} {kind}={got}/{len(self.members)} "
-                f"needed={self.quorum} retry_in={self.attempt_at - now:.3f}s"
-            )
-            return
-        if now >= self.next_request_at:
-            self._send_requests(now)
+    def _campaign_over(self, now: float) -> None:
+        got, role = len(self.grants), self.role
+        alive = self._alive(now)
+        self._become_slave(now, self.term, "campaign_over")
+        # protocol.md §3.3: after a failed attempt, wait for the others' slots, plus jitter
+        self.attempt_at = (
+            now + (len(alive) - 1) * self.timing.slot_s + self.rng.uniform(0, self.timing.slot_s)
+        )
+        self._emit(
+            EventKind.ELECTION_FAILED,
+            phase="pre-vote" if role is Role.PRECANDIDATE else "vote",
+            got=got,
+            members=len(self.members),
+            needed=self.quorum,
+            retry_in_s=self.attempt_at - now,
+        )
 
     # ------------------------------------------------------------------ master
-
-    def _become_master(self, now: float) -> None:
-        if self.role is Role.MASTER:
-            raise LocalProtocolError("already master")
-        votes = len(self.grants)
-        self.role = Role.MASTER
-        self.master = self.me
-        self.became_master_at = now
-        self.rounds = {}
-        self.lease_start = None
-        self.script_not_before = now + self.timing.start_delay_s
-        self.attempt_at = None
-        self._emit(f"became master term={self.term} votes={votes}/{len(self.members)}")
-        self.next_heartbeat_at = now  # the first round establishes the lease at once
 
     def _send_heartbeats(self, now: float) -> None:
         h = self.timing.heartbeat_interval_s
         self.next_heartbeat_at = now + h
         if self.role is not Role.MASTER:
-            # protocol.md §3.2: an acknowledgement sent to the master within h proves we are alive;
-            # a plain heartbeat to it would only cost CPU on both sides.
-            skip = self.master if now - self.last_ack_sent < h else None
-            for p in self.peers:
-                if p != skip:
-                    self._send(p, Heartbeat(self.term, False, 0))
+            # protocol.md §3.2: a follower of a live master keeps quiet (its acknowledgements prove it
+            # alive, the master's report tells the others); a node with none tells everyone. A
+            # recovering node asks the members whose terms it still needs (§3.9).
+            if self._has_live_master(now):
+                targets = [p for p in self.peers if self.recovering and p not in self.heard_terms]
+            else:
+                targets = self.peers
+            for p in targets:
+                self.plain_sent[p] = now
+                self._send(p, Heartbeat(self.term, False, 0))
             return
         self.round += 1
         self.rounds[self.round] = _Round(now, {self.me})
         self.last_master_heard = now  # protocol.md §3.5: the master is sticky to itself
-        self._broadcast(Heartbeat(self.term, True, self.round))
+        e = self.timing.election_timeout_s
+        live = frozenset(p for p in self.peers if p in self.last_heard and now - self.last_heard[p] < e)
+        self._broadcast(Heartbeat(self.term, True, self.round, live))
         self._check_acks(self.round, now)
 
     def _on_heartbeat_response(self, sender: str, msg: HeartbeatResponse, now: float) -> None:
-        if self.role is not Role.MASTER or msg.term != self.term:
-            return
-        rnd = self.rounds.get(msg.round)
+        rnd = self.rounds.get(msg.round)  # msg.term == self.term here (§3.1 in _step)
         if rnd is None:
             return
         rnd.acks.add(sender)
@@ -620,7 +879,7 @@ class Node:
         if len(rnd.acks) < self.quorum:
             return
         # protocol.md §4.2: the lease runs from the SEND time of the newest acknowledged round
-        start = now if "lease_from_ack_time" in self.broken else rnd.sent_at
+        start = self.rules.lease_start(rnd.sent_at, now)
         first = self.lease_start is None
         if self.lease_start is None or start > self.lease_start:
             self.lease_start = start
@@ -628,7 +887,7 @@ class Node:
                 self.kill_deadline = self._deadline()
                 self._ready.kill_deadline = self.kill_deadline
         if first:
-            self._emit(f"lease established term={self.term} acked={len(rnd.acks)}/{len(self.members)}")
+            self._emit(EventKind.LEASE_ESTABLISHED, acked=len(rnd.acks), members=len(self.members))
         for old in [r for r in self.rounds if r <= number]:
             del self.rounds[old]
         self._maybe_start_script(now)
@@ -650,19 +909,24 @@ class Node:
         self.script_state = ScriptState.RUNNING
         self.kill_deadline = self._deadline()
         self._ready.script.append(StartScript(self.term, self.kill_deadline))
-        self._emit(
-            f"starting script term={self.term} token={self.term} deadline_in={self.kill_deadline - now:.3f}s"
-        )
+        self._emit(EventKind.SCRIPT_STARTING, token=self.term, deadline_in_s=self.kill_deadline - now)
 
-    def _tick_master(self, now: float) -> None:
-        if now >= self._stop_at():
-            acked = max((len(r.acks) for r in self.rounds.values()), default=1)
-            reason = f"lost quorum acked={acked}/{len(self.members)} needed={self.quorum}"
-            if self.script_state is ScriptState.RUNNING and self.kill_deadline is not None:
-                reason += f" stopping script deadline_in={self.kill_deadline - now:.3f}s"
-            self._become_slave(now, self.term, reason)
-            return
-        self._maybe_start_script(now)
+    def _lease_lapsed(self, now: float) -> None:
+        acked = max((len(r.acks) for r in self.rounds.values()), default=1)
+        deadline_in = None
+        if self.script_state is ScriptState.RUNNING and self.kill_deadline is not None:
+            deadline_in = self.kill_deadline - now
+        # protocol.md §3.3: a master that could not keep its lease proposes last for a while
+        self.demoted_until = now + self.rules.demotion_e * self.timing.election_timeout_s
+        self._become_slave(
+            now,
+            self.term,
+            "lost_quorum",
+            acked=acked,
+            needed=self.quorum,
+            members=len(self.members),
+            deadline_in_s=deadline_in,
+        )
 
     # ------------------------------------------------------------------ leaving
 
@@ -673,30 +937,34 @@ class Node:
         if self.leaving:
             return
         self.leaving = True
-        self._emit(f"resigning term={self.term} role={self.role.value} reason={reason}")
-        if "resign_before_stop" in self.broken and self.role is Role.MASTER:
+        self._emit(EventKind.RESIGNING, role=self.role.value, reason=reason)
+        if not self.rules.resign_after_reap and self.role is Role.MASTER:
             self._send_resign(now)
         self._stop_script(now, reason)
         if self.script_state is ScriptState.IDLE:
             self._finish_leaving(now)
 
-    def _send_resign(self, now: float) -> None:
+    def _send_resign(self, now: float) -> str:
         alive = [m for m in self._alive(now) if m != self.me]
         successor = alive[0] if alive else ""
         self._broadcast(Resign(self.term, successor))
+        return successor
 
     def _finish_leaving(self, now: float) -> None:
         # protocol.md §3.7: Resign only after the script is reaped, so lifting the peers'
         # stickiness cannot let a new master start while our script lives.
-        if self.role is Role.MASTER:
-            if "resign_before_stop" not in self.broken:
-                self._send_resign(now)
-            self._become_slave(now, self.term, "resigned")
+        was_master = self.role is Role.MASTER
+        if was_master:
+            successor = self._send_resign(now) if self.rules.resign_after_reap else ""
+            self._become_slave(now, self.term, "resigned", successor=successor)
         if self.final:
             self.finished = True
-            self._emit(f"stopped term={self.term}")
+            self._emit(EventKind.STOPPED)
         else:
             self.leaving = False
             # do not campaign again at once: give the others two election timeouts
             self.quiet_until = now + 2 * self.timing.election_timeout_s
-            self.last_master_heard = None
+            if self.rules.may_resign(was_master):
+                # our own rounds made us sticky to ourselves; a master we now follow (we were deposed
+                # while waiting for the script) keeps the stickiness its lease counts on (§3.7)
+                self.last_master_heard = None

@@ -9,8 +9,10 @@ order the core's docstring prescribes: persist (fsync), send, act on the script,
 Whose fault is it
 -----------------
 A datagram that does not decode, is stale, replayed, from another cluster or from a stranger is a
-peer's fault: it is dropped, counted per reason (``status.json`` shows the counters) and logged at a
-rate limit, never a crash. A broken invariant of the core is ours: it stops the script and the daemon.
+peer's fault: ``pyquorum.wire.Endpoint.receive`` refuses and counts it per reason (``status.json``
+shows the counters), and this module logs it at a rate limit, never a crash; a peer refused for
+longer than ``REFUSED_WARN_AFTER_S`` is a WARNING. A broken invariant of the core is ours: it stops
+the script and the daemon. The datagram path, hop by hop, is listed in ``pyquorum.wire.endpoint``.
 
 Time
 ----
@@ -31,19 +33,30 @@ import signal
 import socket
 import time
 from collections import Counter
-from dataclasses import dataclass
+from collections.abc import Awaitable
+from dataclasses import dataclass, replace
 from typing import Any
 
 from pyquorum import __version__
-from pyquorum.codec import ClusterInfo, Codec, DatagramError, cluster_fingerprint
 from pyquorum.config import Config
-from pyquorum.core.errors import ConfigError, RemoteProtocolError
+from pyquorum.core.errors import ConfigError
 from pyquorum.core.messages import Message
-from pyquorum.core.node import HardState, Node, Ready, Role, StartScript
-from pyquorum.keys import KeyRing, load_keyring
-from pyquorum.replay import ReplayGuard
-from pyquorum.runtime.storage import PersistedState, StateStore, write_status
+from pyquorum.core.node import EventKind, HardState, Node, Ready, Role, StartScript
+from pyquorum.keyfile import load_keyring
+from pyquorum.runtime.restart import Action, Decision, RestartPolicy
+from pyquorum.runtime.storage import PersistedState, StateStore, member_change_problem, write_status
 from pyquorum.supervisor import ScriptExit, ScriptStartError, ScriptSupervisor
+from pyquorum.wire import (
+    ClusterInfo,
+    Deliver,
+    Endpoint,
+    Foreign,
+    Handshake,
+    Hello,
+    KeyRing,
+    Reject,
+    cluster_fingerprint,
+)
 
 log = logging.getLogger("pyquorum")
 
@@ -58,6 +71,11 @@ SHUTDOWN_SLACK_S = 2.0
 # most this often: its counters (received, sent, rejected) and lease stay current while traffic
 # flows, and a flood of datagrams does not become a flood of file writes (a rewrite costs ~0.2 ms).
 STATUS_REFRESH_S = 0.5
+# A peer whose datagrams have all been refused for this long (none accepted meanwhile, no silence
+# longer than this in between) is logged as a WARNING naming it and the reason. A (re)start's
+# handshake refuses one datagram each way ("bad-echo", one heartbeat interval apart at most), and a
+# restarted peer's last datagrams in flight are "stale-epoch" for milliseconds: both stay at debug.
+REFUSED_WARN_AFTER_S = 3.0
 
 
 class _RateLimiter:
@@ -78,12 +96,41 @@ class _RateLimiter:
         return self._suppressed.pop(key, 0)
 
 
+class _RefusedPeers:
+    """For how long each peer's datagrams have been refused without one accepted (monotonic s).
+
+    A refusal after a silence longer than ``after_s`` starts a new episode, so one first-contact
+    refusal after a long silence is not mistaken for a long refusal.
+    """
+
+    def __init__(self, after_s: float) -> None:
+        self.after_s = after_s
+        self._episodes: dict[str, tuple[float, float]] = {}  # peer -> (first, last) refusal
+        self.warned: set[str] = set()
+
+    def refused(self, peer: str, now: float) -> float:
+        """Record one refusal of ``peer``'s datagram; return how long its refusals have lasted."""
+        first, last = self._episodes.get(peer, (now, now))
+        if now - last > self.after_s:
+            first = now
+        self._episodes[peer] = (first, now)
+        return now - first
+
+    def accepted(self, peer: str, now: float) -> float | None:
+        """Record an accepted datagram; if ``peer`` had been warned about, return for how long it
+        was refused (the caller logs the recovery), else None."""
+        episode = self._episodes.pop(peer, None)
+        if peer in self.warned:
+            self.warned.discard(peer)
+            return now - episode[0] if episode is not None else 0.0
+        return None
+
+
 @dataclass
 class _ScriptRun:
     token: int
     started_at: float
     task: asyncio.Task[None]
-    stop_deadline: float | None = None
 
 
 class _Protocol(asyncio.DatagramProtocol):
@@ -107,7 +154,6 @@ class Daemon:
         self.members = tuple(config.members)
         self.timing = config.timing
         self.store = StateStore(config.state_dir)
-        self.rejected: Counter[str] = Counter()
         # the key id of each peer's last accepted datagram: shows who still signs with an old key
         # during a rotation (docs/security.md §6); one entry per member at most
         self.peer_key_ids: dict[str, int] = {}
@@ -115,24 +161,22 @@ class Daemon:
         self.sent = 0
         self._reject_log = _RateLimiter(REJECT_LOG_INTERVAL_S)
         self._info_sent = _RateLimiter(REJECT_LOG_INTERVAL_S)
-        self._seq = 0
+        self._refused = _RefusedPeers(REFUSED_WARN_AFTER_S)
         self._wake = asyncio.Event()
         self._finished = asyncio.Event()
         self._run: _ScriptRun | None = None
-        self._failures: list[float] = []
-        self._consecutive_failures = 0
+        self.restart_policy = RestartPolicy(
+            config.restart,
+            backoff_s=config.restart_backoff_s,
+            backoff_max_s=config.restart_backoff_max_s,
+            max_failures=config.max_failures,
+            window_s=config.failure_window_s,
+        )
         self._signals = 0
         self._last_status: tuple[object, ...] | None = None
         self._status_written = float("-inf")
-        self._addr: dict[str, tuple[str, int]] = {}
-        self._by_addr: dict[tuple[str, int], str] = {}
-        for addr in config.peers:
-            self._addr[str(addr)] = (str(addr.ip), addr.port)
-            self._by_addr[(str(addr.ip), addr.port)] = str(addr)
         self.epoch = 0
-        self.keyring: KeyRing | None = None
-        self.codec: Codec
-        self.guard: ReplayGuard
+        self.endpoint: Endpoint | None = None
         self.node: Node
         self.transport: asyncio.DatagramTransport | None = None
         self.supervisor: ScriptSupervisor | None = None
@@ -143,15 +187,21 @@ class Daemon:
     def _open_state(self) -> PersistedState:
         self.store.acquire()
         state = self.store.load()
+        if state.members is not None and state.members != self.members:
+            # protocol.md §1, §8: two member lists can elect two masters; never change it silently
+            self.store.release()
+            raise ConfigError([member_change_problem(self.store.state_file, state.members, self.members)])
+        if state.members is None:
+            self.store.save(replace(state, members=self.members))
         self.epoch = self.store.bump_epoch()
         return state
 
     def _load_keys(self) -> KeyRing | None:
         return load_keyring(self.config.key_file) if self.config.key_file else None
 
-    def _make_codec(self) -> Codec:
+    def _make_endpoint(self, keyring: KeyRing | None) -> Endpoint:
         fp = cluster_fingerprint(self.members, self.config.cluster_text)
-        return Codec(local=self.me, cluster_fp=fp, members=frozenset(self.members), keyring=self.keyring)
+        return Endpoint(local=self.me, members=self.members, cluster_fp=fp, keyring=keyring, epoch=self.epoch)
 
     async def _open_socket(self) -> None:
         loop = asyncio.get_running_loop()
@@ -179,9 +229,8 @@ class Daemon:
         """Run until SIGTERM/SIGINT (exit 0 after a clean handover) or a fatal error."""
         state = self._open_state()
         try:
-            self.keyring = self._load_keys()
-            self.codec = self._make_codec()
-            self.guard = ReplayGuard(self.epoch)
+            keyring = self._load_keys()
+            self.endpoint = self._make_endpoint(keyring)
             await self._open_socket()
             now = time.monotonic()
             self.node = Node(
@@ -190,7 +239,7 @@ class Daemon:
                 self.timing,
                 now=now,
                 rng=random.Random(int.from_bytes(os.urandom(8), "big")),
-                hard_state=HardState(state.term, state.voted_for),
+                hard_state=HardState(state.term, state.voted_for, state.promise_s, state.recovering),
             )
             if self.config.script:
                 self.supervisor = ScriptSupervisor(
@@ -210,11 +259,20 @@ class Daemon:
                 ",".join(self.members),
                 state.term,
                 self.epoch,
-                "yes" if self.keyring else "NO",
+                "yes" if keyring else "NO",
                 self.config.script or "-",
                 self.timing.describe(),
             )
-            if self.keyring is None:
+            if state.recovering:
+                log.warning(
+                    "event=recovering term=%d: no state file in %s (a new node, or its state was lost): "
+                    "it may have voted before, so it grants no vote and does not campaign until it has "
+                    "heard the current term of every member (docs/protocol.md §3.9); it follows a master "
+                    "meanwhile. For a brand-new cluster with members not yet running, see 'pyquorum init'",
+                    state.term,
+                    self.store.state_dir,
+                )
+            if keyring is None:
                 log.warning(
                     "cluster traffic is UNAUTHENTICATED: anyone who can send UDP to %s can disrupt "
                     "elections; create a key with 'pyquorum keygen' and use --key-file",
@@ -288,8 +346,8 @@ class Daemon:
         except ConfigError as exc:
             log.error("event=reload_failed keeping the old keys: %s", "; ".join(exc.problems))
             return
-        self.keyring = keyring
-        self.codec = self._make_codec()
+        assert self.endpoint is not None  # SIGHUP is handled only once the endpoint exists
+        self.endpoint.set_keyring(keyring)  # keeps the replay state: no handshake, no election
         log.warning("event=keys_reloaded keys=%r", keyring)  # ids only, never key bytes
         self._write_status(force=True)
 
@@ -317,54 +375,68 @@ class Daemon:
             self._process()
 
     def on_datagram(self, data: bytes, addr: tuple[Any, ...]) -> None:
+        """One datagram from the socket: the endpoint decides, the core steps what it delivers."""
         self.received += 1
-        try:
-            self._on_datagram(data, addr)
-        except RemoteProtocolError as exc:
-            self._reject(getattr(exc, "reason", "bad-datagram"), str(exc), addr)
+        assert self.endpoint is not None  # the socket opens after the endpoint exists
+        source = (str(addr[0]), int(addr[1]))
+        result = self.endpoint.receive(data, source)
+        if isinstance(result, Deliver):
+            self._on_accepted(result.sender)
+            self.peer_key_ids[result.sender] = result.key_id
+            self.node.step(result.sender, result.message, time.monotonic())
+            self._process()
+        elif isinstance(result, Foreign):
+            self._cluster_mismatch(result.sender, result.message)
+            self._write_status()
+        elif isinstance(result, Handshake):
+            self._on_accepted(result.sender)  # its epoch is known now (protocol.md §3.2)
+        else:
+            if result.reply is not None and self.transport is not None:
+                self.sent += 1
+                self.transport.sendto(result.reply.data, result.reply.address)
+            self._reject(result, source)
 
-    def _on_datagram(self, data: bytes, addr: tuple[Any, ...]) -> None:
-        env, msg = self.codec.decode(data)
-        source = (addr[0], addr[1])
-        if self.keyring is None and self._addr.get(env.sender) != source:
-            # unauthenticated: the source address is all we have to tie a datagram to a member
-            raise DatagramError("wrong-source", f"claims to be {env.sender!r}")
-        if env.cluster_fp != self.codec.cluster_fp:
-            # docs/security.md §5: another cluster's node never completes our epoch handshake, so
-            # only the echo check is skipped; its stale or replayed datagrams are refused as usual
-            why = self.guard.check(env, check_echo=False)
-            if why is not None:
-                self._reject(why, f"from {env.sender} epoch={env.sender_epoch} seq={env.seq}", addr)
-                return
-            self._cluster_mismatch(env.sender, msg)
-            return
-        if isinstance(msg, ClusterInfo):
-            return  # same fingerprint: nothing to report
-        why = self.guard.check(env)
-        if why is not None:
-            self._reject(why, f"from {env.sender} epoch={env.sender_epoch} seq={env.seq}", addr)
-            return
-        self.peer_key_ids[env.sender] = env.key_id
-        self.node.step(env.sender, msg, time.monotonic())
-        self._process()
-
-    def _reject(self, reason: str, detail: str, addr: tuple[Any, ...]) -> None:
-        self.rejected[reason] += 1
-        suppressed = self._reject_log.allow(reason, time.monotonic())
+    def _reject(self, rej: Reject, source: tuple[str, int]) -> None:
+        # counted by the endpoint already; here only the logs
+        assert self.endpoint is not None
+        now = time.monotonic()
+        suppressed = self._reject_log.allow(rej.reason, now)
         if suppressed is not None:
             log.log(
-                logging.DEBUG if reason in _ROUTINE_REJECTS else logging.WARNING,
+                logging.DEBUG if rej.reason in _ROUTINE_REJECTS else logging.WARNING,
                 "event=datagram_rejected reason=%s source=%s detail=%s count=%d suppressed_since_last=%d",
-                reason,
-                addr[0] if addr else "?",
-                detail[:200],
-                self.rejected[reason],
+                rej.reason,
+                source[0],
+                rej.detail[:200],
+                self.endpoint.rejected[rej.reason],
                 suppressed,
             )
+        # the member it names, or else the member configured at its source (to name it, not to trust it)
+        peer = rej.sender or self.endpoint.member_at(source)
+        if peer is not None and peer != self.me:
+            refused_for = self._refused.refused(peer, now)
+            lasting = refused_for >= REFUSED_WARN_AFTER_S
+            if lasting and self._reject_log.allow(f"refused:{peer}", now) is not None:
+                self._refused.warned.add(peer)
+                log.warning(
+                    "event=peer_refused peer=%s reason=%s refused_for_s=%.1f detail=%s: no datagram from "
+                    "this peer was accepted meanwhile%s",
+                    peer,
+                    rej.reason,
+                    refused_for,
+                    rej.detail[:200],
+                    _REFUSED_HINTS.get(rej.reason, ""),
+                )
         self._write_status()
 
-    def _cluster_mismatch(self, sender: str, msg: Message | ClusterInfo) -> None:
-        self.rejected["cluster-mismatch"] += 1
+    def _on_accepted(self, peer: str) -> None:
+        refused_for = self._refused.accepted(peer, time.monotonic())
+        if refused_for is not None:
+            # at the level of the warning it ends, so that whoever saw one sees the other
+            log.warning("event=peer_accepted peer=%s after_refused_s=%.1f", peer, refused_for)
+
+    def _cluster_mismatch(self, sender: str, msg: Message | ClusterInfo | Hello) -> None:
+        # counted ("cluster-mismatch") by the endpoint already; here the reports and the answer
         now = time.monotonic()
         if isinstance(msg, ClusterInfo):
             if self._reject_log.allow(f"info:{sender}", now) is not None:
@@ -418,7 +490,10 @@ class Daemon:
     def _carry_out(self, rd: Ready) -> None:
         if rd.hard_state is not None:
             # protocol.md §3.4: durable BEFORE any message of this Ready leaves
-            self.store.save(PersistedState(rd.hard_state.term, rd.hard_state.voted_for, self.epoch))
+            hs = rd.hard_state
+            self.store.save(
+                PersistedState(hs.term, hs.voted_for, self.epoch, hs.promise_s, hs.recovering, self.members)
+            )
         for dest, msg in rd.messages:
             self._send(dest, msg)
         for action in rd.script:
@@ -429,23 +504,15 @@ class Daemon:
         if rd.kill_deadline is not None and self.supervisor is not None:
             self.supervisor.renew(rd.kill_deadline)
         for ev in rd.events:
-            level = logging.WARNING if _is_alarm(ev.text) else logging.INFO
-            log.log(level, "%s", ev.text)
+            log.log(_EVENT_LEVELS.get(ev.kind, logging.INFO), "%s", ev)
         self._write_status()
 
     def _send(self, dest: str, msg: Message | ClusterInfo) -> None:
-        if self.transport is None:
+        if self.transport is None or self.endpoint is None:
             return
-        self._seq += 1
-        data = self.codec.encode(
-            msg,
-            receiver=dest,
-            sender_epoch=self.epoch,
-            seq=self._seq,
-            echo_epoch=self.guard.peer_epoch(dest),
-        )
+        datagram = self.endpoint.send(dest, msg)  # to dest's configured address, never a source
         self.sent += 1
-        self.transport.sendto(data, self._addr[dest])
+        self.transport.sendto(datagram.data, datagram.address)
 
     # ------------------------------------------------------------------ the script
 
@@ -462,21 +529,31 @@ class Daemon:
             # which comes when it asks us to stop
             return
         now = time.monotonic()
-        task = asyncio.get_running_loop().create_task(self._start(action))
+        # The run exists from this call on: a stop the core asks for before the script has started
+        # is the supervisor's to remember and carry out. It raises RuntimeError only if a run is in
+        # progress, which the core never asks for (it starts only after script_stopped, which
+        # comes only once the supervisor's run is over): _process treats that as our own bug.
+        starting = self.supervisor.start(action.kill_deadline, self._script_env(action.token))
+        task = asyncio.get_running_loop().create_task(self._start(action, starting))
         self._run = _ScriptRun(action.token, now, task)
 
-    async def _start(self, action: StartScript) -> None:
-        assert self.supervisor is not None
+    async def _start(self, action: StartScript, starting: Awaitable[None]) -> None:
         try:
-            await self.supervisor.start(action.kill_deadline, self._script_env(action.token))
+            await starting
         except ScriptStartError as exc:
             log.error("event=script_start_failed term=%d error=%s", action.token, exc)
             self._run = None
-            self._script_failed(time.monotonic(), f"could not start: {exc}")
+            now = time.monotonic()
+            decision = self.restart_policy.start_failed(
+                now, run_term=action.token, term=self.node.term, is_master=self.node.role is Role.MASTER
+            )
+            self._apply(decision, now, action.token, f"could not start: {exc}")
             return
-        run = self._run
-        if run is not None and run.stop_deadline is not None:
-            self.supervisor.stop(run.stop_deadline)
+        except Exception as exc:  # our own bug: fail safe, as _process does
+            log.exception("event=internal_error")
+            self._fatal = exc
+            self._finished.set()
+            return
         self._write_status(force=True)
 
     def _stop_script(self, deadline: float, reason: str) -> None:
@@ -485,10 +562,7 @@ class Daemon:
             # since what the core says in reply belongs to the next Ready.
             asyncio.get_running_loop().call_soon(self._virtual_script_stopped)
             return
-        run = self._run
-        if run is not None and not run.task.done():
-            run.stop_deadline = deadline  # still starting: stop as soon as it has started
-        self.supervisor.stop(deadline)
+        self.supervisor.stop(deadline)  # also during the start: the supervisor remembers it
 
     def _virtual_script_stopped(self) -> None:
         self.node.script_stopped(time.monotonic())
@@ -498,8 +572,7 @@ class Daemon:
         now = time.monotonic()
         run, self._run = self._run, None
         ran_for = now - run.started_at if run is not None else 0.0
-        requested = exit_.requested or (run is not None and run.stop_deadline is not None)
-        if requested or self.node.role is not Role.MASTER or self.node.leaving:
+        if exit_.requested or run is None or self.node.role is not Role.MASTER or self.node.leaving:
             log.info(
                 "event=script_stopped term=%s returncode=%s ran_for=%.3fs",
                 run.token if run else "?",
@@ -509,56 +582,52 @@ class Daemon:
             self.node.script_stopped(now)
             self._process()
             return
-        if exit_.returncode == 0 and self.config.restart == "on-failure":
-            log.warning(
-                "event=script_exited term=%d returncode=0 ran_for=%.3fs: not restarted (--restart "
-                "on-failure); this node stays master",
-                self.node.term,
-                ran_for,
-            )
-            self.node.script_stopped(now, restart_after=None)
-            self._process()
-            return
+        decision = self.restart_policy.ended(
+            now,
+            run_term=run.token,
+            term=self.node.term,
+            is_master=True,
+            returncode=exit_.returncode,
+            ran_for_s=ran_for,
+        )
         what = f"returncode={exit_.returncode}" + (f" error={exit_.error}" if exit_.error else "")
-        if ran_for > self.config.failure_window_s:
-            self._consecutive_failures = 0
-        self._script_failed(now, f"exited {what} after {ran_for:.3f}s")
+        self._apply(decision, now, run.token, f"exited {what} after {ran_for:.3f}s")
 
-    def _script_failed(self, now: float, what: str) -> None:
-        cfg = self.config
-        self._failures = [t for t in self._failures if now - t < cfg.failure_window_s] + [now]
-        self._consecutive_failures += 1
-        if cfg.restart == "never":
+    def _apply(self, decision: Decision, now: float, run_term: int, what: str) -> None:
+        """Carry out the restart policy's answer for a run of ``run_term`` that ended by itself."""
+        cfg, term = self.config, self.node.term
+        if decision.action is Action.IGNORE:
+            # protocol.md §3.7: a run of an earlier term says nothing about the role we hold now
+            log.info("event=script_ended term=%d run_term=%d %s: %s", term, run_term, what, decision.why)
+            self.node.script_stopped(now)
+        elif decision.action is Action.LEAVE:
             log.warning(
-                "event=script_exited term=%d %s: not restarted (--restart never)", self.node.term, what
-            )
-            self.node.script_stopped(now, restart_after=None)
-        elif len(self._failures) >= cfg.max_failures:
-            log.error(
-                "event=script_failing term=%d %s: %d failures in %.0fs, resigning so another node can try",
-                self.node.term,
+                "event=script_exited term=%d %s: not restarted (%s); this node stays master",
+                term,
                 what,
-                len(self._failures),
-                cfg.failure_window_s,
+                decision.why,
             )
-            self._failures.clear()
-            self._consecutive_failures = 0
             self.node.script_stopped(now, restart_after=None)
-            self.node.resign(now, "script keeps failing")
-        else:
-            backoff = min(
-                cfg.restart_backoff_max_s, cfg.restart_backoff_s * 2 ** (self._consecutive_failures - 1)
+        elif decision.action is Action.RESIGN:
+            log.error(
+                "event=script_failing term=%d %s: %s, resigning so another node can try",
+                term,
+                what,
+                decision.why,
             )
+            self.node.script_stopped(now, restart_after=None)
+            self.node.resign(now, "script keeps failing")  # a no-op unless master (protocol.md §3.7)
+        else:
             log.warning(
                 "event=script_exited term=%d %s: restarting in %.1fs (failure %d of %d allowed in %.0fs)",
-                self.node.term,
+                term,
                 what,
-                backoff,
-                len(self._failures),
+                decision.delay_s,
+                decision.failures,
                 cfg.max_failures,
                 cfg.failure_window_s,
             )
-            self.node.script_stopped(now, restart_after=backoff)
+            self.node.script_stopped(now, restart_after=decision.delay_s)
         self._process()
 
     # ------------------------------------------------------------------ status
@@ -579,6 +648,7 @@ class Daemon:
         self._last_status = key
         self._status_written = now
         lease = None if st is None or st.lease_deadline is None else round(st.lease_deadline - now, 3)
+        keyring = self.endpoint.keyring if self.endpoint is not None else None
         status: dict[str, Any] = {
             "node": self.me,
             "role": role or (st.role.value if st else "starting"),
@@ -586,15 +656,15 @@ class Daemon:
             "master": st.master if st else None,
             "script_pid": pid,
             "lease_remaining_s": lease,
-            "authenticated": self.keyring is not None,
-            "send_key_id": self.keyring.send_key_id if self.keyring is not None else None,
+            "authenticated": keyring is not None,
+            "send_key_id": keyring.send_key_id if keyring is not None else None,
             "peer_key_ids": dict(sorted(self.peer_key_ids.items())),
             "updated_monotonic": now,
             "pid": os.getpid(),
             "members": list(self.members),
             "received": self.received,
             "sent": self.sent,
-            "rejected": dict(self.rejected),
+            "rejected": self.endpoint.rejected.as_dict() if self.endpoint is not None else {},
         }
         try:
             write_status(self.store.status_file, status)
@@ -602,16 +672,32 @@ class Daemon:
             log.debug("event=status_write_failed error=%s", exc)
 
 
-def _is_alarm(text: str) -> bool:
-    """Events an operator should see at the default level: losing mastership against our will."""
-    if text.startswith("became slave"):
-        return "reason=resigned" not in text
-    return text.startswith(("election failed", "ignored master"))
+# The core's events an operator should see at the default level (WARNING): losing mastership against
+# our will, elections that fail, a peer that claims our role, the end of a recovery (protocol.md §3.9).
+_EVENT_LEVELS = {
+    EventKind.STEPPED_DOWN: logging.WARNING,
+    EventKind.ELECTION_FAILED: logging.WARNING,
+    EventKind.IGNORED_MASTER: logging.WARNING,
+    EventKind.RECOVERED: logging.WARNING,
+}
 
 
 # Rejections that happen in a healthy cluster (first contact before the epoch handshake, a peer's
-# restart, duplicated datagrams): counted, logged at debug level only.
+# restart, duplicated datagrams): counted, logged at debug level only, unless they last
+# (REFUSED_WARN_AFTER_S).
 _ROUTINE_REJECTS = frozenset({"bad-echo", "stale-epoch", "replayed", "too-old"})
+
+# What a lasting refusal most likely means, appended to the peer_refused warning (docs/security.md §5).
+_REFUSED_HINTS = {
+    "stale-epoch": (
+        "; it sends from an older boot epoch than one we saw from it (its state dir was lost while its "
+        "wall clock was behind, or it runs an old pyquorum): restarting this node forgets the newer one"
+    ),
+    "bad-echo": (
+        "; it echoes an epoch of ours other than this life's: it has not accepted a datagram of ours "
+        "since we started (a one-way network problem, or it refuses us: see its log)"
+    ),
+}
 
 
 def run(config: Config) -> int:

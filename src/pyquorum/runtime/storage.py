@@ -1,15 +1,23 @@
-"""The node's durable state: term, vote and boot epoch, in one small file (protocol.md §2).
+"""The node's durable state: term, vote, promise, boot epoch and member list, in one small file
+(protocol.md §3.4, §3.6, §3.9, §1).
 
 A node must never forget a vote it gave or a term it saw: a node that restarts with an older term could
 vote twice in one term and let two masters win it. So ``save()`` returns only once the new state is on
-disk (temp file, fsync, rename over the old file, fsync of the directory), and the daemon calls it
-BEFORE it sends any message that depends on that state. A crash at any moment leaves either the old
-file or the new one, never a mix. A state file that cannot be read is an error the operator must look
-at, never a silent reset to term 0.
+disk (temp file, fsync, rename over the old file, fsync of the directory; a state directory it
+creates is made durable by an fsync of its parent too), and the daemon calls it BEFORE it sends any
+message that depends on that state. A crash at any moment leaves either the old file or the new one,
+never a mix. A state file that cannot be read is an error the operator must look at, never a silent
+reset to term 0. A state file that does not exist is a node that may have lost its state: it loads as
+``recovering`` (protocol.md §3.9), unless ``pyquorum init`` recorded a new node.
 
 The state directory holds (one directory per node; ``StateStore`` owns it):
 
-- ``state.json``  ``{"version": 1, "term": 7, "voted_for": "10.0.0.2:51621", "boot_epoch": 3}``
+- ``state.json``  ``{"version": 1, "term": 7, "voted_for": "10.0.0.2:51621",
+                  "boot_epoch": 1767225600000000, "promise_s": 1.0, "recovering": false,
+                  "members": ["10.0.0.1:51621", ...]}``: the boot epoch is the wall clock in
+                  microseconds at the last start, or the previous epoch + 1 if that is higher
+                  (``bump_epoch``); the last three keys are absent in files written before they
+                  existed, and then read as 0, false and unknown (the current list is recorded)
 - ``lock``        flock()ed by the running daemon, and holding its pid, so that two daemons never
                   share one directory (and so one term and vote)
 - ``status.json`` the daemon's current state for ``pyquorum status`` and the demo, rewritten on every
@@ -23,6 +31,7 @@ import fcntl
 import json
 import os
 import tempfile
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -30,6 +39,7 @@ from types import TracebackType
 from typing import Any, TypeGuard
 
 from pyquorum.core.errors import ConfigError, LocalProtocolError
+from pyquorum.wire.replay import next_boot_epoch
 
 STATE_VERSION = 1
 STATE_FILE_NAME = "state.json"
@@ -63,11 +73,17 @@ STATUS_KEYS = (
 
 @dataclass(frozen=True, slots=True)
 class PersistedState:
-    """What survives a restart. ``boot_epoch`` counts the daemon's starts (see ``bump_epoch``)."""
+    """What survives a restart. ``boot_epoch`` is the epoch of the daemon's last start (see
+    ``bump_epoch``); ``promise_s`` and ``recovering`` are the core's (``HardState``); ``members`` is the
+    member list the node last ran with (None: not recorded yet), which it must not silently change
+    (protocol.md §1)."""
 
     term: int = 0
     voted_for: str | None = None
     boot_epoch: int = 0
+    promise_s: float = 0.0
+    recovering: bool = False
+    members: tuple[str, ...] | None = None
 
 
 class StateStore:
@@ -94,7 +110,11 @@ class StateStore:
         if self._lock_fd is not None:
             return
         try:
+            created = _missing_dirs(self.state_dir)
             self.state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+            # a new directory's entry is durable only once its parent is synced, like a renamed file's
+            for directory in created:
+                _fsync_dir(directory.parent)
             fd = os.open(self.lock_file, os.O_RDWR | os.O_CREAT, 0o644)
         except OSError as exc:
             raise ConfigError(
@@ -148,12 +168,13 @@ class StateStore:
         self.release()
 
     def load(self) -> PersistedState:
-        """The saved state; a fresh one (term 0, no vote, epoch 0) if there is no file yet. Raise
-        ``ConfigError`` if the file exists but cannot be read or trusted."""
+        """The saved state; if there is no file, a recovering one (term 0, no vote, epoch 0: the node
+        may have lost its state, protocol.md §3.9). Raise ``ConfigError`` if the file exists but
+        cannot be read or trusted."""
         try:
             text = self.state_file.read_text(encoding="utf-8")
         except FileNotFoundError:
-            return PersistedState()
+            return PersistedState(recovering=True)
         except (OSError, UnicodeDecodeError) as exc:
             raise self._corrupt(str(getattr(exc, "strerror", None) or exc)) from None
         try:
@@ -173,31 +194,63 @@ class StateStore:
                 ]
             )
         term, voted_for, epoch = data.get("term"), data.get("voted_for"), data.get("boot_epoch")
+        promise, recovering = data.get("promise_s", 0.0), data.get("recovering", False)
+        members = data.get("members")
         if not _is_count(term):
             raise self._corrupt(f"term {term!r} is not a non-negative integer")
         if voted_for is not None and not isinstance(voted_for, str):
             raise self._corrupt(f"voted_for {voted_for!r} is neither a node id nor null")
         if not _is_count(epoch):
             raise self._corrupt(f"boot_epoch {epoch!r} is not a non-negative integer")
-        return PersistedState(term=term, voted_for=voted_for, boot_epoch=epoch)
+        if isinstance(promise, bool) or not isinstance(promise, (int, float)) or not 0 <= promise < 1e6:
+            raise self._corrupt(f"promise_s {promise!r} is not a number of seconds")
+        if not isinstance(recovering, bool):
+            raise self._corrupt(f"recovering {recovering!r} is neither true nor false")
+        if members is not None and not (
+            isinstance(members, list) and members and all(isinstance(m, str) for m in members)
+        ):
+            raise self._corrupt(f"members {members!r} is not a list of node ids")
+        return PersistedState(
+            term=term,
+            voted_for=voted_for,
+            boot_epoch=epoch,
+            promise_s=float(promise),
+            recovering=recovering,
+            members=None if members is None else tuple(members),
+        )
 
     def save(self, state: PersistedState) -> None:
         """Write ``state`` durably; when this returns, a crash cannot lose it. Needs the lock."""
         if self._lock_fd is None:
             raise LocalProtocolError("StateStore.save() without the lock: call acquire() first")
-        data = {
+        data: dict[str, Any] = {
             "version": STATE_VERSION,
             "term": state.term,
             "voted_for": state.voted_for,
             "boot_epoch": state.boot_epoch,
+            "promise_s": state.promise_s,
+            "recovering": state.recovering,
         }
+        if state.members is not None:
+            data["members"] = list(state.members)
         _atomic_write(self.state_file, json.dumps(data) + "\n", durable=True, mode=0o600)
 
-    def bump_epoch(self) -> int:
-        """Count this start: load, add one to the boot epoch, save, and return the new epoch. Call
-        once at start-up, after ``acquire()`` and before sending anything."""
+    def bump_epoch(self, wall_clock_us: int | None = None) -> int:
+        """Mark this start: load, pick the new boot epoch, save it durably, and return it. Call once
+        at start-up, after ``acquire()`` and before sending anything.
+
+        The epoch is ``max(persisted + 1, wall clock in microseconds since 1970)``
+        (``pyquorum.wire.replay.next_boot_epoch``), so it cannot go backwards even when the state
+        file was lost: peers then recognise the new life at once instead of refusing it. The wall
+        clock (``wall_clock_us``, read here when not given) serves as an identity only, never for
+        timing."""
         state = self.load()
-        epoch = state.boot_epoch + 1
+        if wall_clock_us is None:
+            wall_clock_us = time.time_ns() // 1000
+        try:
+            epoch = next_boot_epoch(state.boot_epoch, wall_clock_us)
+        except ValueError as exc:
+            raise self._corrupt(str(exc)) from None
         self.save(replace(state, boot_epoch=epoch))
         return epoch
 
@@ -248,11 +301,25 @@ def _atomic_write(path: Path, text: str, *, durable: bool, mode: int) -> None:
         raise
     if durable:
         # The rename is durable only once the directory entry is on disk.
-        dir_fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
+        _fsync_dir(path.parent)
+
+
+def _fsync_dir(directory: Path) -> None:
+    dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def _missing_dirs(directory: Path) -> list[Path]:
+    # the directories mkdir(parents=True) will create, outermost first
+    missing = []
+    for candidate in [directory, *directory.parents]:
+        if candidate.exists():
+            break
+        missing.append(candidate)
+    return missing[::-1]
 
 
 def _is_count(value: object) -> TypeGuard[int]:
@@ -269,8 +336,25 @@ def _read_pid(fd: int) -> int | None:
 
 def _start_afresh(state_file: Path) -> list[str]:
     return [
-        f"if it cannot be repaired, move it aside (mv {state_file} {state_file}.bad) and start "
-        "this node only when 'pyquorum status' on another server shows a master: the node then "
-        "adopts the current term, and the vote it forgot cannot be given twice in a term that "
-        "already has a master"
+        f"if it cannot be repaired, move it aside (mv {state_file} {state_file}.bad) and start the "
+        "node: without a state file it recovers, voting only once it has heard the current term of "
+        "every member (docs/protocol.md §3.9); restart no other node until its log says "
+        "event=recovered"
     ]
+
+
+def member_change_problem(state_file: Path, recorded: tuple[str, ...], members: tuple[str, ...]) -> str:
+    """The refusal of a node started with another member list than the one it last ran with
+    (protocol.md §1 and §8), with what to do."""
+    added = [m for m in members if m not in recorded]
+    removed = [m for m in recorded if m not in members]
+    change = ", ".join([*(f"+{m}" for m in added), *(f"-{m}" for m in removed)])
+    return (
+        f"this node last ran with the members {','.join(recorded)} ({state_file}), not "
+        f"{','.join(members)} ({change}). Two member lists can each elect a master, so a node never "
+        "changes its list by itself. To change it safely: (1) stop pyquorum on enough servers that "
+        "neither list has a running majority (simplest: on all of them); (2) wait the election timeout "
+        "plus the start delay after the last stop; (3) on each server run 'pyquorum accept-members' "
+        "with the new list and the daemon's other options; (4) start every server with the new list "
+        "(docs/protocol.md §8). To keep the old list, start this node with it"
+    )

@@ -10,13 +10,14 @@ a fork and an exec, not the 20-80 ms of a Python interpreter's start-up::
 
     python -I -S guard.py --report-fd N --stop-timeout G --kill-margin K --standby -- argv...
 
-Why a separate process (research/safety.md §6, Goals R5): a daemon that is SIGKILLed or frozen (SIGSTOP,
-swap, a long GC pause) cannot enforce its own lease, and its script would run on beside a new master.
-The guard is small, never blocks, and enforces the kill deadline on its own clock: ``time.monotonic()``
-(CLOCK_MONOTONIC) is one clock for every process on the host, and it keeps running while the daemon is
-stopped, so a deadline computed by the daemon means the same moment here.
+Why a separate process (protocol.md §4.4; docs/design-notes.md, "Supervising a child"): a daemon that
+is SIGKILLed or frozen (SIGSTOP, swap, a long GC pause) cannot enforce its own lease, and its script
+would run on beside a new master. The guard is small, never blocks, and enforces the kill deadline on
+its own clock: ``time.monotonic()`` (CLOCK_MONOTONIC) is one clock for every process on the host, and
+it keeps running while the daemon is stopped, so a deadline computed by the daemon means the same
+moment here.
 
-Rules (protocol.md §4.3), with kill deadline D, stop timeout G and kill margin K:
+Rules (protocol.md §4.3, §4.4), with kill deadline D, stop timeout G and kill margin K:
 
 - absent renewal, SIGTERM the script's process group at D - G - K and SIGKILL it at D - K;
 - a requested stop sends SIGTERM now and SIGKILL at min(now + G, D - K);
@@ -44,15 +45,42 @@ lease's slack); other early commands wait until the script has started.
 
 Output, on the report fd, one line each, in this order:
 
+    hardened mlock=<m> sched=<s>       what ``_harden`` obtained (below); a standby guard reports it
+                                       before ``ready``, a guard started for one run before ``forked``
     ready                              standby only: waiting for the start line
-    started <pid>                      the script was exec'd; its pid is also its process group id
-    exited <returncode> <reaped_at>    returncode as in subprocess (-N: killed by signal N); reaped_at
-                                       the monotonic time by which the group was dead and reaped
-or, instead of both:
-    error <message>                    nothing was started (no such program, deadline too close ...)
+    forked <pid>                       the script's process exists; its pid is its process group id
+    started <pid>                      the script was exec'd
+    exited <returncode> <reaped_at> deadline=<D> kill_due=<t> kill_sent=<t>
+                                       returncode as in subprocess (-N: killed by signal N); reaped_at
+                                       the monotonic time by which the group was dead and reaped; D the
+                                       kill deadline in force at the end; kill_due and kill_sent when
+                                       the planned SIGKILL was due and when it went out ("-" if none
+                                       was sent: the script ended before it was due)
+or, instead of ``started`` and ``exited`` (``forked`` may come first):
+    error <message>                    nothing is running (no such program, deadline too close ...)
 
 The guard then exits 0 (2 on a command-line error). Lines that are not commands are reported on stderr
 and ignored.
+
+Punctuality (protocol.md §4.4). Every planned signal goes out at its moment, not after it: poll()
+takes whole milliseconds, so the guard polls for the whole milliseconds left and sleeps the rest with
+``time.sleep`` (nanosleep). What it cannot control is being scheduled: on a host with more runnable
+processes than cores a wake-up can come milliseconds late, and K is all the slack there is. So the
+guard hardens itself, best effort and never fatally (``_harden``): ``mlockall(MCL_CURRENT |
+MCL_FUTURE)``, so that no page fault (swap, a dropped page cache) stands between its timer and its
+SIGKILL; and the real-time policy SCHED_RR at priority 1, the lowest real-time priority (above every
+ordinary process, below the kernel's own real-time threads), or, where that is refused, a nice value
+of -10. Neither reaches the script: the policy is set with SCHED_RESET_ON_FORK, so the script starts
+with the normal policy, and a lowered nice value is restored in the child before its exec; memory
+locks are never inherited across fork. Real-time scheduling needs root or CAP_SYS_NICE (or an
+RLIMIT_RTPRIO); locking memory needs root or CAP_IPC_LOCK (or an RLIMIT_MEMLOCK above the guard's
+16 MB: locked, its resident size grows from about 12 MB to that). An unprivileged guard gets neither,
+says so in its ``hardened`` line, and runs on as before. A guard that inherited a real-time policy (a
+daemon run under chrt) keeps it, and so does its script. The ``exited`` line says how late the
+planned SIGKILL went out, so that the daemon logs every kill's lateness and its slack against the
+deadline. A SIGKILLed process still has to be scheduled to die, and under load an ordinary one can
+wait 10-15 ms for a CPU (measured: bench/supervisor.py): a guard that runs at a real-time priority
+lends it to the processes it has just SIGKILLed (``_signal_all``).
 
 Containment. The script is exec'd without a shell, in a new session (its pid is its process group id),
 with stdin from /dev/null, the guard's stdout, stderr and environment, and PR_SET_PDEATHSIG=SIGKILL so
@@ -64,10 +92,10 @@ while they are our unreaped children.
 
 Limits, honestly: if the guard itself is SIGKILLed, the script dies by PDEATHSIG and the daemon kills
 its process group, but a descendant that escaped the group (setsid, double fork) survives; a process
-in uninterruptible sleep (D state) cannot be reaped by anyone, and the guard waits for it; a
-set-user-ID program the guard may not signal is out of its reach. A stopped guard, or a paused host
-or VM, enforces nothing: only fencing tokens cover that (safety.md R5). Timers have millisecond
-resolution: a signal goes out up to about 1 ms after it is due, well inside K.
+in uninterruptible sleep (D state) cannot be reaped by anyone, and the guard waits for it (saying so
+on stderr every second, with the pids); a set-user-ID program the guard may not signal is out of its
+reach. A stopped guard, or a paused host or VM, enforces nothing: only fencing tokens cover that
+(protocol.md §4.5).
 
 This file imports nothing from pyquorum and is never imported by the guard process itself; the daemon
 imports it only for ``group_alive``. Keep its imports few: every one delays the script's start.
@@ -91,8 +119,14 @@ _IGNORED = (signal.SIGINT, signal.SIGHUP)
 # SIGXFSZ, which CPython ignores at start-up (subprocess restore_signals does the same).
 _RESET_IN_CHILD = (*_IGNORED, signal.SIGTERM, signal.SIGCHLD, signal.SIGPIPE, signal.SIGXFSZ)
 _BLOCKED_AROUND_FORK = frozenset({*_IGNORED, signal.SIGTERM, signal.SIGCHLD})
-# How often the final sweep looks again when a SIGKILLed process is slow to die (D state).
+# How often the final sweep looks again when a SIGKILLed process is slow to die (D state), and how
+# often it says so on stderr meanwhile.
 _SWEEP_RETRY_MS = 10
+_SWEEP_COMPLAIN_S = 1.0
+# Hardening (see "Punctuality" above): the lowest real-time priority, else this nice value.
+_RT_PRIORITY = 1
+_NICE = -10
+_MCL_CURRENT, _MCL_FUTURE = 1, 2
 _EXIT_USAGE = 2
 _USAGE = "guard.py --report-fd N --stop-timeout G --kill-margin K (--deadline D | --standby) -- argv..."
 
@@ -121,6 +155,11 @@ def _ms_until(at: float, now: float) -> int:
     return max(0, math.ceil((at - now) * 1000.0))
 
 
+def _whole_ms_until(at: float, now: float) -> int:
+    # Round down instead, for a timer that must not be late: the caller sleeps the rest.
+    return max(0, math.floor((at - now) * 1000.0))
+
+
 def _stat_fields(pid: str) -> tuple[str, int, int] | None:
     """(state, ppid, pgrp) of a process from /proc/<pid>/stat, or None if it is gone."""
     try:
@@ -137,20 +176,36 @@ def _proc_pids() -> list[str]:
     return [name for name in os.listdir("/proc") if name.isdigit()]
 
 
-def group_alive(pgid: int) -> bool:
-    """True while a process of group ``pgid`` is alive; zombies waiting to be reaped by some other
+def group_members(pgid: int) -> list[int]:
+    """The live processes of group ``pgid``, from /proc; zombies waiting to be reaped by some other
     parent count as dead (they run nothing and hold no resources but a pid)."""
+    members = []
+    for pid in _proc_pids():
+        fields = _stat_fields(pid)
+        if fields is not None and fields[2] == pgid and fields[0] not in ("Z", "X"):
+            members.append(int(pid))
+    return members
+
+
+def group_alive(pgid: int) -> bool:
+    """True while a process of group ``pgid`` is alive, in the sense of ``group_members``."""
     try:
         os.killpg(pgid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
         return True
-    for pid in _proc_pids():
-        fields = _stat_fields(pid)
-        if fields is not None and fields[2] == pgid and fields[0] not in ("Z", "X"):
-            return True
-    return False
+    return bool(group_members(pgid))
+
+
+def _pid_states(pids: list[int]) -> list[str]:
+    """``pid:state`` for each live one of ``pids`` (state as in ps: D is uninterruptible sleep)."""
+    described = []
+    for pid in pids:
+        fields = _stat_fields(str(pid))
+        if fields is not None:
+            described.append(f"{pid}:{fields[0]}")
+    return described
 
 
 def _children() -> list[int]:
@@ -193,6 +248,56 @@ class _Prctl:
             err = ctypes.get_errno()
             raise OSError(err, os.strerror(err))
 
+    def mlockall(self, flags: int) -> None:
+        import ctypes
+
+        if self.libc.mlockall(ctypes.c_int(flags)) != 0:
+            err = ctypes.get_errno()
+            raise OSError(err, os.strerror(err))
+
+
+def _errno_name(e: OSError) -> str:
+    import errno
+
+    return errno.errorcode.get(e.errno or 0, str(e.errno))
+
+
+def _harden(prctl: _Prctl) -> tuple[str, int | None, tuple[int, int] | None]:
+    """Best effort, never fatal (see "Punctuality" above): lock our memory and raise our scheduling
+    priority, without letting the script inherit either. Returns the ``hardened`` report's words,
+    the nice value to restore in the script's process if ours was lowered, and our real-time
+    (policy, priority) if we have one."""
+    try:
+        prctl.mlockall(_MCL_CURRENT | _MCL_FUTURE)  # never inherited across fork
+        mlock = "yes"
+    except OSError as e:  # ENOMEM: over RLIMIT_MEMLOCK; EPERM: no CAP_IPC_LOCK and a zero limit
+        mlock = _errno_name(e)
+    restore_nice = None
+    policy = os.sched_getscheduler(0)
+    if policy in (os.SCHED_FIFO, os.SCHED_RR):  # inherited: the operator's choice, left alone
+        name = "fifo" if policy == os.SCHED_FIFO else "rr"
+        priority = os.sched_getparam(0).sched_priority
+        return f"mlock={mlock} sched=inherited-{name}:{priority}", None, (policy, priority)
+    nice = os.getpriority(os.PRIO_PROCESS, 0)
+    try:
+        os.sched_setscheduler(0, os.SCHED_RR | os.SCHED_RESET_ON_FORK, os.sched_param(_RT_PRIORITY))
+        # From a real-time parent SCHED_RESET_ON_FORK also sets the child's nice value to 0 (not
+        # only a negative one, as sched(7) says): give it back the daemon's.
+        restore = nice if nice != 0 else None
+        return f"mlock={mlock} sched=rr:{_RT_PRIORITY}", restore, (os.SCHED_RR, _RT_PRIORITY)
+    except OSError as e:
+        refused = _errno_name(e)
+    if nice <= _NICE:
+        return f"mlock={mlock} sched=inherited-nice:{nice}", None, None
+    try:
+        # Keep the normal policy; the flag alone makes a child start at nice 0 if ours is negative.
+        os.sched_setscheduler(0, os.SCHED_OTHER | os.SCHED_RESET_ON_FORK, os.sched_param(0))
+        os.setpriority(os.PRIO_PROCESS, 0, _NICE)
+        restore_nice = nice
+        return f"mlock={mlock} sched=nice:{_NICE}", restore_nice, None
+    except OSError as e:
+        return f"mlock={mlock} sched=rr-{refused},nice-{_errno_name(e)}", None, None
+
 
 class _Guard:
     def __init__(self, report_fd: int, stop_timeout_s: float, kill_margin_s: float, deadline: float) -> None:
@@ -203,6 +308,11 @@ class _Guard:
         self.pid = 0  # the script's main process, also its process group id
         self.term_sent_at: float | None = None
         self.kill_sent = False
+        # The planned SIGKILL: when it was due, and when it went out (for the ``exited`` report).
+        self.kill_due_at: float | None = None
+        self.kill_sent_at: float | None = None
+        self.restore_nice: int | None = None  # set by harden(): the script's nice value
+        self.realtime: tuple[int, int] | None = None  # set by harden(): our (policy, priority)
         self.pending = b""  # a partial command line from stdin
         self.early: list[str] = []  # commands read before the script started, for run() to act on
         self.prctl: _Prctl | None = None
@@ -302,6 +412,11 @@ class _Guard:
             self.prctl = _Prctl()
         return self.prctl
 
+    def harden(self) -> None:
+        """Lock memory and raise our priority (``_harden``), before the script is forked; report it."""
+        words, self.restore_nice, self.realtime = _harden(self.load_prctl())
+        _report(self.report_fd, f"hardened {words}")
+
     def spawn(self, argv: list[str], env: dict[str, str] | None) -> str | None:
         """Fork and exec the script, with environment ``env`` (None: ours); None on success, else
         why it did not start."""
@@ -331,6 +446,9 @@ class _Guard:
                 prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
                 if os.getppid() != guard_pid:  # the guard died before prctl took effect
                     os._exit(1)
+                if self.restore_nice is not None:  # the script gets the daemon's nice value
+                    with contextlib.suppress(OSError):
+                        os.setpriority(os.PRIO_PROCESS, 0, self.restore_nice)
                 os.dup2(devnull, 0)
                 signal.pthread_sigmask(signal.SIG_SETMASK, mask)
                 if env is None:
@@ -346,6 +464,8 @@ class _Guard:
         os.close(err_w)
         os.close(devnull)
         self.pid = pid
+        # From now on the daemon knows the group to kill should we die before "started".
+        _report(self.report_fd, f"forked {pid}")
         try:
             return self._await_exec(err_r)
         finally:
@@ -383,7 +503,12 @@ class _Guard:
             if self._main_exited():
                 break
             at = self._next_action_at()
-            timeout = -1 if at is None else _ms_until(at, now)
+            if at is not None and at - now < 0.001:
+                # Less than poll()'s millisecond left: sleep exactly that (signals and commands
+                # wait the same sub-millisecond), and act on time rather than up to 1 ms late.
+                time.sleep(max(0.0, at - now))
+                continue
+            timeout = -1 if at is None else _whole_ms_until(at, now)
             for fd, events in self.poller.poll(timeout):
                 if fd == self.wake_r:
                     self._on_signals()
@@ -409,6 +534,8 @@ class _Guard:
             self._terminate(now)
         if self.term_sent_at is not None and not self.kill_sent and now >= self._kill_at():
             self.kill_sent = True
+            self.kill_due_at = self._kill_at()
+            self.kill_sent_at = time.monotonic()  # the group's SIGKILL is the next system call
             self._signal_all(signal.SIGKILL)
 
     def _terminate(self, now: float) -> None:
@@ -429,12 +556,23 @@ class _Guard:
         # EPERM: a set-user-ID program we may not signal (documented as out of reach).
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(self.pid, signum)
-        for pid in _children():
+        children = _children()
+        for pid in children:
             fields = _stat_fields(str(pid))
             if pid == self.pid or fields is None or fields[2] == self.pid:
                 continue
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.kill(pid, signum)
+        if signum == signal.SIGKILL and self.realtime is not None:
+            # A SIGKILLed process dies only when it next runs, and on a busy host an ordinary
+            # process may wait many ms for a CPU: lend it our priority to die at once. It runs no
+            # more of its own code (SIGKILL is taken before any return to user space). Our
+            # unreaped children only, whose pids cannot be reused: the main process at the
+            # planned kill, and in the final sweep every descendant (reparented to us by then).
+            policy, priority = self.realtime
+            for pid in children:
+                with contextlib.suppress(OSError):
+                    os.sched_setscheduler(pid, policy, os.sched_param(priority))
 
     def _main_exited(self) -> bool:
         # WNOWAIT: leave it a zombie, so that its pid, our handle on the group, stays ours.
@@ -502,8 +640,8 @@ class _Guard:
     def _sweep(self) -> tuple[int, float]:
         # The main process is an unreaped zombie: SIGKILL its group and every child, again, until
         # it is our only child left; every group member is its descendant, and so ends as our child.
-        warned = False
         started = time.monotonic()
+        complain_at = started + _SWEEP_COMPLAIN_S
         with contextlib.suppress(KeyError):
             self.poller.unregister(0)  # commands no longer matter
         while True:
@@ -512,11 +650,23 @@ class _Guard:
                 break
             self.poller.poll(_SWEEP_RETRY_MS)  # woken early by SIGCHLD
             self._drain_wakeups()
-            if not warned and time.monotonic() - started > 1.0:
-                warned = True
-                _log("a SIGKILLed process of the script has not died for 1 s; still waiting")
+            now = time.monotonic()
+            if now >= complain_at:
+                # Uninterruptible sleep (D state): SIGKILL waits for the system call to return.
+                complain_at = now + _SWEEP_COMPLAIN_S
+                left = " ".join(_pid_states([pid for pid in _children() if pid != self.pid]))
+                _log(f"SIGKILLed processes of the script still alive after {now - started:.0f}s: {left}")
         _, status = os.waitpid(self.pid, 0)
         return os.waitstatus_to_exitcode(status), time.monotonic()
+
+    def exited_line(self, returncode: int, reaped_at: float) -> str:
+        def at(t: float | None) -> str:
+            return "-" if t is None else repr(t)
+
+        return (
+            f"exited {returncode} {reaped_at!r} deadline={self.deadline!r} "
+            f"kill_due={at(self.kill_due_at)} kill_sent={at(self.kill_sent_at)}"
+        )
 
     def _drain_wakeups(self) -> None:
         with contextlib.suppress(BlockingIOError):
@@ -585,7 +735,7 @@ def main(args: list[str]) -> int:
         import json  # noqa: F401
         import warnings  # noqa: F401
 
-        guard.load_prctl()
+        guard.harden()  # loads ctypes for prctl too
         _report(report_fd, "ready")
         try:
             env = guard.await_start()
@@ -605,6 +755,11 @@ def main(args: list[str]) -> int:
         )
         return 0
     try:
+        if deadline is not None:
+            # As a standby guard does, before the fork, so that the daemon knows what it obtained
+            # when it logs the start; a few ms (mlockall maps every page) on a path that already
+            # costs a Python start-up.
+            guard.harden()
         problem = guard.spawn(argv, env)
         if problem is not None:
             _report(report_fd, f"error {problem}")
@@ -615,7 +770,7 @@ def main(args: list[str]) -> int:
     except BaseException:
         guard.emergency_kill()
         raise
-    _report(report_fd, f"exited {returncode} {reaped_at!r}")
+    _report(report_fd, guard.exited_line(returncode, reaped_at))
     return 0
 
 

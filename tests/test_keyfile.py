@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 
 from pyquorum.core.errors import ConfigError
-from pyquorum.keys import KEY_SIZE, MAX_KEYS, KeyRing, keygen, load_keyring
+from pyquorum.keyfile import keygen, load_keyring
+from pyquorum.wire.keyring import KEY_SIZE, MAX_KEYS, KeyRing
 
 
 def b64key(fill: int) -> str:

@@ -1,5 +1,5 @@
-"""The wire codec: exact format, authentication, every rejection reason. Fuzzing is in
-test_codec_fuzz.py. Reference: security.md §3 (what is protected) and §4 (wire format)."""
+"""The wire codec: exact format, authentication, every rejection reason; fuzzing at the end of
+this file. Reference: security.md §3 (what is protected) and §4 (wire format)."""
 
 from __future__ import annotations
 
@@ -13,15 +13,6 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from pyquorum.codec import (
-    MSG_TYPE,
-    REASONS,
-    ClusterInfo,
-    Codec,
-    DatagramError,
-    Envelope,
-    cluster_fingerprint,
-)
 from pyquorum.core.errors import LocalProtocolError, RemoteProtocolError
 from pyquorum.core.messages import (
     MESSAGE_TYPES,
@@ -34,7 +25,17 @@ from pyquorum.core.messages import (
     VoteRequest,
     VoteResponse,
 )
-from pyquorum.keys import KeyRing
+from pyquorum.wire.codec import (
+    DECODE_REASONS,
+    MSG_TYPE,
+    ClusterInfo,
+    Codec,
+    DatagramError,
+    Envelope,
+    Hello,
+    cluster_fingerprint,
+)
+from pyquorum.wire.keyring import KeyRing
 
 A, B, C = "10.0.0.1:51621", "10.0.0.2:51621", "[fd00::3]:51621"
 MEMBERS = frozenset({A, B, C})
@@ -45,9 +46,11 @@ RING = KeyRing(send_key_id=1, keys={1: KEY1})
 MAX_TERM = 2**63 - 1
 MAX_U64 = 2**64 - 1
 
-ALL_MESSAGES: list[Message | ClusterInfo] = [
+ALL_MESSAGES: list[Message | ClusterInfo | Hello] = [
     Heartbeat(term=0, master=False, round=0),
     Heartbeat(term=MAX_TERM, master=True, round=MAX_TERM),
+    Heartbeat(term=5, master=True, round=6, live=frozenset({C})),  # one member: a stable test id
+    Hello(),
     HeartbeatResponse(term=7, round=123456789),
     PreVoteRequest(term=8),
     PreVoteResponse(term=8, granted=True, voter_term=7),
@@ -72,7 +75,7 @@ def codec(
 
 
 def encode(
-    msg: Message | ClusterInfo,
+    msg: Message | ClusterInfo | Hello,
     keyring: KeyRing | None = None,
     *,
     sender: str = A,
@@ -101,7 +104,7 @@ def build(
     *,
     msg_type: int = 1,
     magic: bytes = b"PQ",
-    version: int = 1,
+    version: int = 2,
     key_id: int = 0,
     key: bytes | None = None,
     fp: bytes = FP,
@@ -132,7 +135,7 @@ def build(
 def reject(c: Codec, data: bytes) -> DatagramError:
     with pytest.raises(DatagramError) as info:
         c.decode(data)
-    assert info.value.reason in REASONS
+    assert info.value.reason in DECODE_REASONS
     assert isinstance(info.value, RemoteProtocolError)
     return info.value
 
@@ -142,7 +145,7 @@ def reject(c: Codec, data: bytes) -> DatagramError:
 
 @pytest.mark.parametrize("keyring", [None, RING], ids=["no-key", "key"])
 @pytest.mark.parametrize("msg", ALL_MESSAGES, ids=repr)
-def test_codec_round_trips_every_message(msg: Message | ClusterInfo, keyring: KeyRing | None):
+def test_codec_round_trips_every_message(msg: Message | ClusterInfo | Hello, keyring: KeyRing | None):
     """Reference: security.md §4."""
     data = encode(msg, keyring, sender_epoch=MAX_U64, seq=MAX_U64, echo_epoch=MAX_U64)
     env, decoded = codec(B, keyring).decode(data)
@@ -167,8 +170,15 @@ def test_codec_covers_every_core_message_type():
 
 def test_codec_wire_format_matches_the_table():
     """Every message type byte for byte against security.md §4, with and without a key."""
-    payloads: list[tuple[Message | ClusterInfo, int, bytes]] = [
-        (Heartbeat(term=3, master=True, round=4), 1, u64(3) + b"\x01" + u64(4)),
+    payloads: list[tuple[Message | ClusterInfo | Hello, int, bytes]] = [
+        (Heartbeat(term=3, master=True, round=4), 1, u64(3) + b"\x01" + u64(4) + b"\x01\x00"),
+        # the live bitmap over the members in protocol order: 10.0.0.1, 10.0.0.2, [fd00::3]
+        (
+            Heartbeat(term=3, master=True, round=4, live=frozenset({A, C})),
+            1,
+            u64(3) + b"\x01" + u64(4) + b"\x01\xa0",
+        ),
+        (Heartbeat(term=3, master=False), 1, u64(3) + b"\x00" + u64(0) + b"\x01\x00"),
         (HeartbeatResponse(term=3, round=4), 2, u64(3) + u64(4)),
         (PreVoteRequest(term=3), 3, u64(3)),
         (PreVoteResponse(term=3, granted=True, voter_term=2), 4, u64(3) + b"\x01" + u64(2)),
@@ -177,6 +187,7 @@ def test_codec_wire_format_matches_the_table():
         (Resign(term=3, successor=C), 7, u64(3) + ident(C)),
         (Resign(term=3), 7, u64(3) + b"\x00"),
         (ClusterInfo(members=(A, C), timing="t"), 64, b"\x02" + ident(A) + ident(C) + b"\x00\x01t"),
+        (Hello(), 65, b""),
     ]
     for msg, msg_type, payload in payloads:
         assert encode(msg) == build(payload, msg_type=msg_type)
@@ -190,7 +201,7 @@ def test_codec_format_is_frozen():
     data = encode(VoteResponse(term=2, granted=True), RING, sender_epoch=1, seq=2, echo_epoch=3)
     assert data.hex() == (
         "5051"  # magic
-        "01"  # version
+        "02"  # version
         "01"  # key_id
         "6499ece97d1e9875"  # cluster_fp
         "0e31302e302e302e313a3531363231"  # sender
@@ -200,13 +211,14 @@ def test_codec_format_is_frozen():
         "0000000000000003"  # echo_epoch
         "06"  # msg_type VoteResponse
         "000000000000000201"  # term, granted
-        "2e0cb66a4bcd49690df25df8afb9296d0e0e3e8c2e36540b6ee47814456eccbd"  # HMAC-SHA256
+        "c7b61affe36199f937af0988f2c12026e26311942a8e5aa9ce521e22acd03ec4"  # HMAC-SHA256
     )
 
 
 TERMS = st.integers(0, MAX_TERM)
 MESSAGES: st.SearchStrategy[Message | ClusterInfo] = st.one_of(
-    st.builds(Heartbeat, TERMS, st.booleans(), TERMS),
+    st.builds(Heartbeat, TERMS, st.just(True), TERMS, st.frozensets(st.sampled_from([A, B, C]))),
+    st.builds(Heartbeat, TERMS, st.just(False), TERMS),
     st.builds(HeartbeatResponse, TERMS, TERMS),
     st.builds(PreVoteRequest, TERMS),
     st.builds(PreVoteResponse, TERMS, st.booleans(), TERMS),
@@ -300,7 +312,7 @@ def test_codec_rejects_forged_mac():
 def test_codec_verifies_mac_before_parsing():
     """A forged datagram reaches no parser: garbage behind a valid prefix is "bad-mac", not a
     parse error. Reference: security.md §3 (verify before parse)."""
-    garbage = b"PQ\x01\x01" + FP + b"\xff" * 60
+    garbage = b"PQ\x02\x01" + FP + b"\xff" * 60
     assert reject(codec(B, RING), garbage).reason == "bad-mac"
     # the same garbage with a correct MAC reaches the parser: sender length 255 overruns it
     signed = garbage + hmac.new(KEY1, garbage, hashlib.sha256).digest()
@@ -314,7 +326,7 @@ def _flips(data: bytes):
 
 
 @pytest.mark.parametrize("msg", ALL_MESSAGES, ids=repr)
-def test_codec_with_key_rejects_every_altered_byte(msg: Message | ClusterInfo):
+def test_codec_with_key_rejects_every_altered_byte(msg: Message | ClusterInfo | Hello):
     """Every single bit, and every whole byte, flipped anywhere: rejected. Reference:
     security.md §3 (alteration)."""
     data = encode(msg, RING)
@@ -324,7 +336,7 @@ def test_codec_with_key_rejects_every_altered_byte(msg: Message | ClusterInfo):
 
 
 @pytest.mark.parametrize("msg", ALL_MESSAGES, ids=repr)
-def test_codec_without_key_detects_every_corrupted_byte(msg: Message | ClusterInfo):
+def test_codec_without_key_detects_every_corrupted_byte(msg: Message | ClusterInfo | Hello):
     """CRC-32 catches any error within one byte (accidents only, not attackers). Reference:
     security.md §4 (trailer)."""
     data = encode(msg)
@@ -378,7 +390,7 @@ def test_cluster_fingerprint_properties():
 
 # -- every rejection reason -------------------------------------------------------------------
 
-HB = u64(3) + b"\x01" + u64(4)  # a valid Heartbeat payload
+HB = u64(3) + b"\x01" + u64(4) + b"\x01\x00"  # a valid Heartbeat payload (no member reported live)
 
 
 def test_codec_rejects_too_large_before_anything_else():
@@ -396,12 +408,13 @@ def test_codec_rejects_too_large_before_anything_else():
     [
         (b"", "truncated"),
         (b"PQ", "truncated"),
-        (b"PQ\x01\x00" + b"\x00" * 7, "truncated"),
+        (b"PQ\x02\x00" + b"\x00" * 7, "truncated"),
         (b"XQ\x01\x00" + FP, "bad-magic"),
         (b"\x00" * 200, "bad-magic"),
-        (b"PQ\x02\x00" + FP, "bad-version"),
+        (b"PQ\x03\x00" + FP, "bad-version"),
+        (b"PQ\x01\x00" + FP, "bad-version"),  # a pyquorum whose heartbeats carry no live bitmap
         (b"PQ\x00\x00" + FP, "bad-version"),
-        (b"PQ\x01\x00" + FP + b"\x00" * 10, "truncated"),
+        (b"PQ\x02\x00" + FP + b"\x00" * 10, "truncated"),
     ],
 )
 def test_codec_rejects_header_problems(data: bytes, reason: str):
@@ -409,7 +422,7 @@ def test_codec_rejects_header_problems(data: bytes, reason: str):
 
 
 def test_codec_rejects_short_signed_datagram_as_truncated():
-    assert reject(codec(B, RING), b"PQ\x01\x01" + FP + b"\x00" * 30).reason == "truncated"
+    assert reject(codec(B, RING), b"PQ\x02\x01" + FP + b"\x00" * 30).reason == "truncated"
 
 
 def test_codec_rejects_bad_checksum():
@@ -468,7 +481,7 @@ def test_codec_rejects_bad_fields(overrides: dict[str, object], payload: bytes, 
         assert reject(codec(B, ring), data).reason == "bad-field"
 
 
-@pytest.mark.parametrize("msg_type", [0, 8, 63, 65, 255])
+@pytest.mark.parametrize("msg_type", [0, 8, 63, 66, 255])
 def test_codec_rejects_unknown_message_type(msg_type: int):
     assert reject(codec(B), build(u64(1), msg_type=msg_type)).reason == "bad-type"
 
@@ -486,6 +499,24 @@ def test_codec_rejects_truncated_payload(payload: bytes, msg_type: int):
 def test_codec_rejects_trailing_bytes(payload: bytes, msg_type: int):
     err = reject(codec(B, RING), build(payload, msg_type=msg_type, key_id=1, key=KEY1))
     assert err.reason == "trailing-bytes"
+
+
+@pytest.mark.parametrize(
+    "live",
+    [
+        b"\x02\x00\x00",  # the wrong length for three members
+        b"\x01\x10",  # a bit beyond the third member
+    ],
+)
+def test_codec_rejects_a_bad_live_bitmap(live: bytes):
+    """Reference: security.md §4 (strict parsing), protocol.md §3.2 (the master's report)."""
+    data = build(u64(3) + b"\x01" + u64(4) + live, key_id=1, key=KEY1)
+    assert reject(codec(B, RING), data).reason == "bad-field"
+
+
+def test_codec_rejects_a_plain_heartbeat_that_reports_members():
+    data = build(u64(3) + b"\x00" + u64(0) + b"\x01\x80", key_id=1, key=KEY1)
+    assert reject(codec(B, RING), data).reason == "bad-field"
 
 
 def test_codec_error_details_are_short_and_printable():
@@ -623,7 +654,7 @@ def check_decode(data: bytes, keyed: bool) -> bool:
         )
         assert again == data
         return True
-    assert reason in REASONS
+    assert reason in DECODE_REASONS
     return False
 
 
@@ -678,7 +709,7 @@ def sealed_garbage(draw: st.DrawFn, keyed: bool) -> bytes:
     """A header with each field valid or not, a payload of real building blocks, and a correct
     trailer: inputs that get past the MAC or checksum and exercise the parser itself."""
     body = (
-        b"PQ\x01"
+        b"PQ\x02"
         + bytes([1 if keyed else 0])
         + draw(st.sampled_from([FP, b"\x00" * 8]))
         + draw(node_id_field())

@@ -6,10 +6,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pyquorum.codec import ClusterInfo, Codec, Envelope, cluster_fingerprint
 from pyquorum.core.messages import Heartbeat, Message, VoteResponse
-from pyquorum.keys import KeyRing
-from pyquorum.replay import DEFAULT_WINDOW, ReplayGuard
+from pyquorum.wire.codec import ClusterInfo, Codec, Envelope, cluster_fingerprint
+from pyquorum.wire.keyring import KeyRing
+from pyquorum.wire.replay import DEFAULT_WINDOW, ReplayGuard, next_boot_epoch
 
 A, B, C = "10.0.0.1:51621", "10.0.0.2:51621", "10.0.0.3:51621"
 MEMBERS = frozenset({A, B, C})
@@ -272,3 +272,47 @@ def test_replay_cluster_info_from_a_stranger_is_accepted_at_first_contact():
     info = ClusterInfo(members=(A, B), timing="other")
     assert b.receive(a.send(B, info)) is None
     assert b.receive(a.send(B, Heartbeat(term=1, master=False))) == "bad-echo"
+
+
+# -- the boot epoch rule ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("persisted", "wall_clock_us", "epoch"),
+    [
+        (0, 1_767_225_600_000_000, 1_767_225_600_000_000),  # new or lost state: the wall clock
+        (41, 1_767_225_600_000_000, 1_767_225_600_000_000),  # an old start counter: the wall clock
+        (1_767_225_600_000_000, 1_767_225_600_000_000, 1_767_225_600_000_001),  # same microsecond
+        (1_767_225_600_000_000, 1_000, 1_767_225_600_000_001),  # the clock set back: still + 1
+        (0, 0, 1),  # a clock at 1970: still a valid epoch (>= 1)
+    ],
+)
+def test_replay_next_boot_epoch(persisted: int, wall_clock_us: int, epoch: int):
+    """Reference: security.md §5 (the epoch cannot go backwards)."""
+    assert next_boot_epoch(persisted, wall_clock_us) == epoch
+
+
+@pytest.mark.parametrize(("persisted", "match"), [(2**64 - 1, "64 bits"), (-1, "negative")])
+def test_replay_next_boot_epoch_refuses_impossible_values(persisted: int, match: str):
+    with pytest.raises(ValueError, match=match):
+        next_boot_epoch(persisted, 1)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    starts=st.lists(
+        st.tuples(st.integers(min_value=1, max_value=10**6), st.booleans()), min_size=1, max_size=30
+    )
+)
+def test_replay_epochs_increase_across_restarts_and_state_losses(starts: list[tuple[int, bool]]):
+    """With a wall clock that never goes back, every start has a higher epoch than every earlier
+    one, whether or not the state was lost before it; peers therefore never find it stale. (Two
+    starts of one node are at least a microsecond apart: a process start takes milliseconds.)"""
+    clock_us, disk, seen = 1_700_000_000_000_000, 0, 0
+    for advance_us, lost in starts:
+        clock_us += advance_us
+        if lost:
+            disk = 0
+        epoch = next_boot_epoch(disk, clock_us)
+        assert epoch > seen
+        seen = disk = epoch

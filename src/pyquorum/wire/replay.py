@@ -3,11 +3,13 @@
 What this module owns
 ---------------------
 One decision per datagram that ``Codec.decode`` accepted: hand it to the core, or drop it as
-stale, replayed or addressed to an earlier life of ours. It is pure: no clocks, no randomness. The
-freshness proof is two numbers every node already has, not time:
+stale, replayed or addressed to an earlier life of ours; and the rule that picks a boot epoch. It is
+pure: no clocks, no randomness (the wall clock the epoch rule needs is an argument). Its caller is
+``pyquorum.wire.endpoint.Endpoint``. The freshness proof is two numbers every node already has, not
+time:
 
-* ``epoch``: a node's boot counter, persisted (fsync) before its first datagram and strictly
-  greater at every start. Every datagram carries the sender's epoch, and
+* ``epoch``: a node's boot epoch, persisted (fsync) before its first datagram and strictly
+  greater at every start (``next_boot_epoch``). Every datagram carries the sender's epoch, and
 * ``echo_epoch``: the receiver's epoch as the sender last saw it, i.e. ``peer_epoch(receiver)``.
 
 Rules, for every decoded datagram from ``sender``:
@@ -48,14 +50,32 @@ into a later life of ours once; its effect is one rate-limited log line (and, fo
 message, one rate-limited ``ClusterInfo`` sent to the member's configured address). Rules 1, 2 and
 4 still apply.
 
+The boot epoch cannot go backwards
+----------------------------------
+``next_boot_epoch(persisted, wall_clock_us) = max(persisted + 1, wall_clock_us)``, which the runtime
+persists (fsync) before the first datagram of a life. With its state a node's epoch grows by at least
+one per start, whatever the clock says. Without it (an ephemeral disk, a state directory moved aside
+or switched), the persisted value reads 0 and the wall clock in microseconds since 1970 is still
+above every epoch the node had before: each was the wall clock of its own, earlier start (unless the
+clock was behind then; two starts are more than a microsecond apart), or a small start counter
+written before this rule. So the peers recognise the new life
+at its first datagram (rule 1), and the handshake costs one heartbeat round as after any restart.
+Were the epoch allowed to go back, the peers would refuse the node's datagrams as "stale-epoch", keep
+echoing its old epoch, and it would refuse theirs as "bad-echo": both ways, until every peer restarted.
+
+The wall clock serves here as a source of increasing identities only: it is never used to measure or
+compare intervals, never in a timing decision (those use the monotonic clock, protocol.md §3.2), and
+an epoch that is too high or too low only ever makes the guard refuse more, never accept more. If the
+clock is set back AND the state is lost, the new epoch may be lower than one the peers saw: they
+refuse the node both ways until the wall clock passes the old epoch or the peers restart, and the
+daemon warns about a peer refused that long. Microseconds fit in u64 for 584,000 years.
+
 Limits
 ------
 Memory is one small record per sender; ``Codec.decode`` has already rejected senders that are not
 members, so it is bounded by the membership. Without a cluster key anyone can forge epochs and
 sequence numbers: the guard then only protects against accidents (duplicated or delayed datagrams,
-restarts), not against an attacker. A node whose persisted epoch is lost restarts with an epoch its
-peers find stale, and they reject it until they restart too: the runtime must persist the epoch
-like the term, never reset it.
+restarts), not against an attacker.
 """
 
 from __future__ import annotations
@@ -63,9 +83,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Final
 
-from pyquorum.codec import Envelope
+from pyquorum.wire.codec import MAX_U64, Envelope
+from pyquorum.wire.reasons import Reason
 
-__all__ = ["DEFAULT_WINDOW", "ReplayGuard"]
+__all__ = ["DEFAULT_WINDOW", "ReplayGuard", "next_boot_epoch"]
 
 DEFAULT_WINDOW: Final = 1024
 """Sequence numbers tracked per sender. RFC 4303 requires >= 32 and recommends 64, for one flow;
@@ -94,14 +115,14 @@ class ReplayGuard:
         self.window = window
         self._peers: dict[str, _PeerState] = {}
 
-    def check(self, env: Envelope, *, check_echo: bool = True) -> str | None:
+    def check(self, env: Envelope, *, check_echo: bool = True) -> Reason | None:
         """Decide on one decoded datagram: ``None`` means fresh, hand it to the core; otherwise
         the reason to drop it ("stale-epoch", "bad-echo", "too-old", "replayed"), to be counted.
 
         Call it only after ``Codec.decode`` succeeded (its sender is a member; with a key, the MAC
-        verified) and after comparing ``env.cluster_fp``. Pass ``check_echo=False`` only for a
-        datagram with another cluster's fingerprint (see the module docstring). A datagram is
-        recorded as seen only when accepted.
+        verified) and after comparing ``env.cluster_fp``, as ``Endpoint.receive`` does. Pass
+        ``check_echo=False`` only for a datagram with another cluster's fingerprint (see the module
+        docstring). A datagram is recorded as seen only when accepted.
         """
         peer = self._peers.get(env.sender)
         # rule 1: learn the sender's newest epoch from every datagram, accepted or not
@@ -133,3 +154,18 @@ class ReplayGuard:
         datagram from it was decoded."""
         peer = self._peers.get(sender)
         return 0 if peer is None else peer.epoch
+
+
+def next_boot_epoch(persisted: int, wall_clock_us: int) -> int:
+    """The boot epoch of a new life: ``max(persisted + 1, wall_clock_us)`` (see the module docstring).
+
+    ``persisted`` is the epoch of the previous life as read from disk (0 when the state is new or
+    lost); ``wall_clock_us`` is the wall clock in microseconds since 1970, read once at start-up and
+    used for nothing else. Raises ``ValueError`` if the result would not fit the wire's u64.
+    """
+    if persisted < 0:
+        raise ValueError(f"persisted epoch {persisted} is negative")
+    epoch = max(persisted + 1, wall_clock_us)
+    if epoch > MAX_U64:
+        raise ValueError(f"boot epoch {epoch} does not fit in 64 bits")
+    return epoch

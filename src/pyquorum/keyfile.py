@@ -1,4 +1,7 @@
-"""Key files: the shared secrets that authenticate the cluster's datagrams (docs/security.md §6).
+"""Key files: where the cluster's keys live on disk, and who may read them (docs/security.md §6).
+
+This module is the file-system half of the keys: it reads, checks and writes key files and builds a
+pure ``pyquorum.wire.keyring.KeyRing`` from them, which is all the wire code ever sees.
 
 Format: UTF-8 text, one key per line, ``<key id 1-255> <base64 of 32 random bytes>``; ``#`` starts a
 comment, blank lines are ignored. The FIRST key signs every datagram we send; every listed key is
@@ -8,10 +11,7 @@ accepted. That is all a rotation needs, one restart (or reload) of every node pe
 2. move it to the first line on every node (all sign with it, the old is still accepted);
 3. remove the old line on every node.
 
-At most ``MAX_KEYS`` = 4 keys: a rotation needs two at once; four leave room to start a rotation
-before the previous one finished, and keep a forgotten trail of retired keys (each one a secret
-that still opens the cluster) from growing. Verification looks the key up by id, so the number of
-keys never multiplies the work per datagram.
+At most ``MAX_KEYS`` = 4 keys (``pyquorum.wire.keyring`` says why).
 
 The file must be a regular file owned by root or by the user running pyquorum, with no permission
 bits for group or others (as ssh's StrictModes): a key that others can read is a key others hold.
@@ -28,17 +28,13 @@ import os
 import re
 import secrets
 import stat
-from collections.abc import Mapping
-from dataclasses import dataclass, field
-from types import MappingProxyType
 from typing import Final
 
 from pyquorum.core.errors import ConfigError
+from pyquorum.wire.keyring import KEY_SIZE, MAX_KEYS, KeyRing
 
-__all__ = ["KEY_SIZE", "MAX_KEYS", "KeyRing", "keygen", "load_keyring"]
+__all__ = ["keygen", "load_keyring"]
 
-KEY_SIZE: Final = 32  # HMAC-SHA256 keys as long as the hash (RFC 2104 §3 recommends >= L)
-MAX_KEYS: Final = 4
 MAX_FILE_SIZE: Final = 64 * 1024  # four keys take ~200 bytes; anything huge is the wrong file
 
 _ID_RE: Final = re.compile(r"[0-9]{1,3}")
@@ -50,36 +46,10 @@ _HEADER: Final = (
 )
 
 
-@dataclass(frozen=True, slots=True, repr=False)
-class KeyRing:
-    """The keys of one key file: ``keys[send_key_id]`` signs, every key in ``keys`` verifies.
-
-    Its ``repr`` shows key ids only, never key bytes, so a keyring may appear in a log line.
-    """
-
-    send_key_id: int
-    keys: Mapping[int, bytes] = field(compare=False)
-
-    def __post_init__(self) -> None:
-        if not 1 <= len(self.keys) <= MAX_KEYS:
-            raise ValueError(f"a keyring holds 1-{MAX_KEYS} keys, got {len(self.keys)}")
-        for key_id, key in self.keys.items():
-            if not 1 <= key_id <= 255:
-                raise ValueError(f"key id {key_id} is outside 1-255")
-            if len(key) != KEY_SIZE:
-                raise ValueError(f"key {key_id} is {len(key)} bytes, expected {KEY_SIZE}")
-        if self.send_key_id not in self.keys:
-            raise ValueError(f"sending key id {self.send_key_id} is not among the keys")
-        object.__setattr__(self, "keys", MappingProxyType(dict(self.keys)))
-
-    def __repr__(self) -> str:
-        return f"KeyRing(send_key_id={self.send_key_id}, key_ids={sorted(self.keys)})"
-
-
 def load_keyring(path: str | os.PathLike[str]) -> KeyRing:
     """Read and check a key file. Raises ``ConfigError`` listing every problem found.
 
-    The caller (the daemon, at start-up and on reload) builds a new ``Codec`` with the result.
+    The caller (the daemon, at start-up and on reload) hands the result to its ``Endpoint``.
     """
     shown = os.fspath(path)
     return _parse(_read_key_file(shown), shown)

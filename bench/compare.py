@@ -41,8 +41,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import contextlib
-import fcntl
 import json
 import math
 import os
@@ -51,9 +49,7 @@ import shutil
 import signal
 import statistics
 import sys
-import tempfile
 import time
-from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -63,6 +59,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import compare_report as report
 from compare_report import FAULTS, Round, Trial
 from compare_systems import (
+    FAILURES,
     BenchError,
     EtcdLock,
     Keepalived,
@@ -70,17 +67,16 @@ from compare_systems import (
     Pyquorum,
     System,
     alive,
+    exclusive,
     install_packages,
-    kill_all,
+    signal_all,
     unavailable,
     versions,
     wait_for,
 )
 
-from pyquorum.core.lease import Timing
+from tests.timing import DEFAULT, TUNED
 
-DEFAULT = Timing()
-TUNED = Timing(heartbeat_interval_s=0.02, election_timeout_s=0.2, stop_timeout_s=0.1)
 # After every lane has its successor: how long to watch for the old script to stop by itself.
 OBSERVE_S = 1.0
 # After the fault is undone: how long the system gets to end a duplicate script by itself (three
@@ -91,26 +87,10 @@ SMOKE_OBSERVE_S = 0.5
 SMOKE_SETTLE_S = 1.5
 REFERENCE = "pyquorum-default-3"
 ETCD_TTL_DEFAULT_S = 10
-# The same lock file as tests/netns/test_netns.py LOCK_PATH: one user of the netns hosts at a time.
-LOCK_PATH = Path("/run/lock" if os.path.isdir("/run/lock") else tempfile.gettempdir()) / "pyquorum-netns.lock"
 
 
 def log(text: str) -> None:
     print(text, flush=True)
-
-
-@contextlib.contextmanager
-def exclusive() -> Iterator[None]:
-    with open(LOCK_PATH, "a") as lock:
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            log(f"waiting for {LOCK_PATH} (the netns suite or another benchmark uses the hosts)")
-            fcntl.flock(lock, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 # ---- one round ----------------------------------------------------------------------------------
@@ -174,7 +154,7 @@ def kill_extras(system: System) -> list[int]:
     for lane, runs in system.live_pids().items():
         if len(runs) > 1:
             victims += system.extras(lane, runs)
-    kill_all(victims, signal.SIGKILL)
+    signal_all(victims, signal.SIGKILL)
     wait_for("the extra scripts to be gone", lambda: not any(alive(p) for p in victims), 10.0)
     return victims
 
@@ -244,7 +224,7 @@ def run_system(system: System, plan: Plan, rng: random.Random, out: dict[str, An
         entry.update(
             seconds=round(time.monotonic() - started, 1),
             load_after=[round(x, 2) for x in os.getloadavg()],
-            monitor_max_gap_ms=round(system.monitor.max_gap_s * 1000, 1),
+            monitor_max_gap_ms=round(system.monitor_max_gap_s() * 1000, 1),
             problems=system.problems(),
         )
 
@@ -455,11 +435,16 @@ def main(argv: list[str] | None = None) -> int:
         lab = Lab()
         log(f"run {lab.run}: {', '.join(plan.systems)}; {plan.trials} trials per fault; seed {args.seed}")
         for name in plan.systems:
-            with exclusive():
+            waiting = time.monotonic()
+            with exclusive():  # the netns suite's lock (tests/netns/hosts.py): one user of the hosts
+                waited_s = time.monotonic() - waiting
+                if waited_s > 1.0:
+                    log(f"[{name}] waited {waited_s:.0f} s for the netns hosts' lock")
+                out["lock_wait_s"] = round(out.get("lock_wait_s", 0.0) + waited_s, 1)
                 system = build(name, lab, plan.lanes[_kind(name)], out)
                 try:
                     run_system(system, plan, rng, out)
-                except BenchError as exc:
+                except FAILURES as exc:
                     out["errors"].append(f"{system.name}: {exc}")
                     log(f"[{system.name}] FAILED: {exc}")
                     failed = True

@@ -4,14 +4,16 @@ What this owns. ``measure(round, runs, lane)`` turns one round (when the fault w
 when it was healed, when the benchmark stopped looking) and one lane's script runs into a ``Trial``;
 ``summarize`` turns trials into rows of medians, percentiles and ratios; ``markdown`` prints them;
 ``plot`` draws them. Nothing here touches a process, a namespace or a clock, so every rule below is
-tested on made-up histories (tests/test_compare_smoke.py) and a run can be re-tabled from its
+tested on made-up histories (tests/test_compare.py) and a run can be re-tabled from its
 ``results.json`` alone (``python bench/compare.py --report DIR``).
 
-The records. Every script run writes ``<host> <pid> <time> <token> <event>`` lines every 5 ms to one
-log (tests/netns/workload.py), with one CLOCK_MONOTONIC for every namespace of the kernel; the pidfd
-monitor (tests/netns/cluster.py ``RunMonitor``) records when each process is gone. A run lives from
-its first line to its exit as the monitor saw it: never early, late by at most the monitor's longest
-poll gap (reported), so an overlap can be over-reported by that much, never missed.
+The records. Every script run is the harness's workload (tests/harness/workload.py): it appends
+``<node> <pid> <time> <token> <event> [detail]`` lines every 5 ms to its lane's record, with one
+CLOCK_MONOTONIC for every namespace of the kernel; the harness's pidfd monitor (tests/harness/runs.py
+``RunMonitor``) records when each process is gone. A run lives from its first line to its exit as the
+monitor saw it: never early, late by at most the monitor's longest poll gap (reported), so an overlap
+can be over-reported by that much, never missed. ``Run`` here is the harness's run placed on its host
+and lane (compare_systems.py ``System.runs``): all the measures need.
 
 The measures, per lane and round (fault at ``t_before``, effective at ``t_after``, on host ``target``):
 

@@ -6,9 +6,10 @@ script, inject a fault into one host (``crash_host``, ``crash_daemon``, ``freeze
 ``planned_stop``; isolation is the runner's, with nftables), undo it (``restore``) and stop everything
 (``close``). Three implementations:
 
-- ``Pyquorum``: one daemon per host and lane (lane L on UDP port 7000 + L), run as the netns suite runs
-  them, at a given ``Timing``. This is the only class that knows pyquorum's command line and its
-  ``status.json``: switching the benchmark to another harness means replacing this class alone.
+- ``Pyquorum``: lane L is one cluster of the process harness (tests/harness/cluster.py: ``Cluster(n,
+  Netns(net, port=7000 + L))``) at a given ``Timing``: the harness's daemon command line
+  (``pyquorum._localcluster.daemon_argv``), its status reader and its fault methods (``crash``,
+  ``pause``/``resume``, ``shutdown``, ``restart``). This is the only class that knows pyquorum.
 - ``EtcdLock``: one etcd member per host (a 3-member cluster, clients on 10.99.0.i:2379, peers on
   :2380, etcd's default heartbeat 100 ms and election timeout 1000 ms) and, per host and lane,
   ``etcdctl --endpoints=<all three> lock --ttl T lane<L> -- <script>``.
@@ -25,16 +26,23 @@ is what makes 30 trials of a 10 s lease fit in minutes. The lanes' trials share 
 fault and the state of the hosts; what differs between them is each lock's own phase (heartbeats,
 lease renewals, adverts), which is what decides the failover.
 
-The job. Every lane runs the netns suite's workload (tests/netns/workload.py) with
-``PQT_HOST=h<i>.l<L>``; all lanes append to one log, so one ``RunMonitor`` (pidfd) watches every run.
+The job. Every lane's job is the harness's workload (tests/harness/workload.py), and each lane has a
+directory laid out as a harness cluster's: ``lane<L>/`` with the record (``workload.log``, lines
+``<node> <pid> <t> <token> <event> [detail]``), ``exits.log`` and the register, followed by a
+``RunMonitor`` (tests/harness/runs.py). The record's node names the host: pyquorum's daemon gives its
+canonical id ``10.99.0.i:port``; etcdctl's and keepalived's jobs are given ``PYQUORUM_NODE=10.99.0.i``
+(the workload reads the node from that variable alone). Their token is -1 (they have no fencing token
+the workload reads): the harness's fencing checks are run on pyquorum's lanes only.
 
 Processes. Everything started in host i runs under ``ip netns exec <ns of host i>``, in a session of
-its own, with ``PQT_TAG=<that namespace>`` in its environment, which every descendant inherits (etcd
-members, etcdctl, keepalived, its notify scripts, daemons, guards and scripts): ``host_pids`` finds a
-whole host that way, and ``close`` (and the next run's sweep, if this one was killed) every process of
-the run. Processes started directly get PR_SET_PDEATHSIG=SIGKILL (``setpriv``), so they die with the
-benchmark even if it is SIGKILLed. Nothing listens outside the namespaces: etcd binds 10.99.0.i only,
-keepalived runs inside the host's namespace, and the range 10.99.0.0/24 exists only there.
+its own, with ``PYQUORUM_SWEEP_TAG=<that namespace>`` in its environment, which every descendant
+inherits (etcd members, etcdctl, keepalived, its notify scripts, daemons, guards and scripts): the
+harness's Netns backend tags pyquorum's processes the same way, so ``host_pids`` finds a whole host,
+whatever lane or system started it, and ``close`` (and the next run's sweep, if this one was killed)
+every process of the run. Processes die with the benchmark even if it is SIGKILLed
+(PR_SET_PDEATHSIG=SIGKILL via ``setpriv``, as the harness starts its daemons). Nothing listens outside
+the namespaces: etcd binds 10.99.0.i only, keepalived runs inside the host's namespace, and the range
+10.99.0.0/24 exists only there.
 
 Honest limits: keepalived's notify scripts are asynchronous (its maintainer says their order is not
 deterministic); they take a lock per lane so a start and a stop never interleave, but a stop may run
@@ -52,7 +60,6 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -62,24 +69,47 @@ from typing import Any, ClassVar
 
 from compare_report import Run
 
+from pyquorum import keyfile
+from pyquorum._localcluster import daemon_argv
 from pyquorum.core.lease import Timing
 
-# The pieces of the netns suite this benchmark reuses, all imported here and nowhere else in bench/.
-from tests.netns import hosts
-from tests.netns.cluster import (
-    TAG_VAR,
-    WORKLOAD_SOURCE,
-    RunMonitor,
-    alive,
-    kill_all,
-    pyquorum_command,
-    stopped,
-    sweep_processes,
-    tagged_pids,
+# The pieces of the process harness this benchmark reuses, all imported here and nowhere else in bench/.
+from tests.harness.cluster import (
+    LIVE_LINE_AGE_S,
+    PDEATHSIG,
+    Cluster,
+    ClusterError,
+    Netns,
+    Node,
+    install_workload,
 )
-from tests.netns.hosts import PREFIX, Network, namespaces
+from tests.harness.procfs import (
+    TAG_VAR,
+    alive,
+    cmdline,
+    freeze,
+    signal_all,
+    stopped,
+    sweep,
+    sweep_stale,
+    tagged_pids,
+    wait_until,
+)
+from tests.harness.runs import (
+    RECORD,
+    REGISTER,
+    RunMonitor,
+    overlaps,
+    read_register,
+    run_problems,
+    start_monitor,
+)
+from tests.harness.workload import RECORD_VAR, REGISTER_VAR
+from tests.netns import hosts
+from tests.netns.hosts import PREFIX, Network, exclusive, namespaces
 
 __all__ = [
+    "FAILURES",
     "PREFIX",
     "BenchError",
     "EtcdLock",
@@ -88,17 +118,18 @@ __all__ = [
     "Pyquorum",
     "System",
     "alive",
+    "exclusive",
     "install_packages",
-    "kill_all",
     "missing_packages",
     "namespaces",
+    "signal_all",
     "tagged_pids",
     "unavailable",
     "versions",
     "wait_for",
 ]
 
-PYQUORUM_PORT = 7000
+PYQUORUM_PORT = 7000  # lane L's cluster on port 7000 + L
 ETCD_CLIENT_PORT = 2379
 ETCD_PEER_PORT = 2380
 KEEPALIVED_ADVERT_INT_S = 1.0
@@ -113,10 +144,16 @@ VIP_BASE = 100  # lane L's virtual address is 10.99.0.(100 + L)
 # What the notify script allows the job between SIGTERM and SIGKILL: pyquorum's default stop timeout.
 NOTIFY_STOP_GRACE_S = 0.5
 DEBIAN_PACKAGES = {"etcd": "etcd-server", "etcdctl": "etcd-client", "keepalived": "keepalived"}
+NODE_VAR = "PYQUORUM_NODE"  # the workload's node field: for the other systems' jobs, the host's address
 
 
 class BenchError(RuntimeError):
     """A system could not be started or brought back; the message says which and why."""
+
+
+# What ends one system's run but not the benchmark's: its own failures and the harness's (a wait that
+# timed out, a fault that did not take effect: ClusterError and its FaultFailed).
+FAILURES: tuple[type[Exception], ...] = (BenchError, ClusterError)
 
 
 def wait_for(what: str, predicate: Callable[[], bool], timeout_s: float, poll_s: float = 0.01) -> None:
@@ -125,14 +162,6 @@ def wait_for(what: str, predicate: Callable[[], bool], timeout_s: float, poll_s:
         if time.monotonic() > give_up:
             raise BenchError(f"timed out after {timeout_s:.0f} s waiting for {what}")
         time.sleep(poll_s)
-
-
-def _cmdline(pid: int) -> list[str]:
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            return [part.decode(errors="replace") for part in f.read().split(b"\0") if part]
-    except OSError:
-        return []
 
 
 def _env_var(pid: int, name: str) -> str | None:
@@ -222,16 +251,16 @@ class Lab:
     by the dead pid in their names; a live run's are never touched)."""
 
     def __init__(self) -> None:
-        sweep_processes()
+        sweep_stale(PREFIX)
         hosts.sweep()
         for path in Path(tempfile.gettempdir()).glob(f"{PREFIX}*"):
             owner = path.name[len(PREFIX) :].split("x", 1)[0]
             if path.is_dir() and owner.isdigit() and not Path(f"/proc/{owner}").exists():
                 shutil.rmtree(path, ignore_errors=True)
         self.run = hosts.run_id()
-        self.tmp = Path(tempfile.mkdtemp(prefix=f"{hosts.PREFIX}{self.run}-"))
+        self.tmp = Path(tempfile.mkdtemp(prefix=f"{PREFIX}{self.run}-"))
         self.key_file = self.tmp / "cluster.key"
-        subprocess.run([*pyquorum_command(), "keygen", str(self.key_file)], check=True, capture_output=True)
+        keyfile.keygen(self.key_file)
         self.networks: dict[int, Network] = {}
 
     def network(self, n: int) -> Network:
@@ -242,16 +271,11 @@ class Lab:
         return self.networks[n]
 
     def leftovers(self) -> tuple[list[int], list[str]]:
-        prefix = f"{hosts.PREFIX}{self.run}-"
-        return list(tagged_pids(prefix)), [ns for ns in hosts.namespaces() if ns.startswith(prefix)]
+        prefix = f"{PREFIX}{self.run}-"
+        return list(tagged_pids(prefix)), [ns for ns in namespaces() if ns.startswith(prefix)]
 
     def close(self) -> str:
-        pids, _ = self.leftovers()
-        kill_all(pids, signal.SIGCONT)
-        kill_all(pids, signal.SIGKILL)
-        give_up = time.monotonic() + 5.0
-        while any(alive(p) for p in pids) and time.monotonic() < give_up:
-            time.sleep(0.01)
+        sweep(f"{PREFIX}{self.run}-", timeout_s=5.0)
         for net in self.networks.values():
             net.destroy()
         shutil.rmtree(self.tmp, ignore_errors=True)
@@ -268,7 +292,8 @@ def unavailable() -> str | None:
 
 
 class System(abc.ABC):
-    """One system on ``net`` with ``lanes`` copies of the job; files in ``workdir``."""
+    """One system on ``net`` with ``lanes`` copies of the job; files in ``workdir``, lane L's record
+    in ``workdir/lane<L>`` (``lane_dir``). A subclass sets ``monitors``: one ``RunMonitor`` per lane."""
 
     kind: ClassVar[str]
 
@@ -278,16 +303,11 @@ class System(abc.ABC):
         self.lanes = lanes
         self.workdir = workdir
         workdir.mkdir(parents=True, exist_ok=True)
-        self.workload = workdir / "workload.log"
-        self.workload.touch()
-        (workdir / "exits.log").touch()
-        self.script = workdir / "workload"
-        self.script.write_text(f"#!{sys.executable} -IS\n" + WORKLOAD_SOURCE.read_text())
-        self.script.chmod(0o755)
-        self.procs: list[subprocess.Popen[bytes]] = []
-        self.monitor = RunMonitor(self.workload, workdir / "exits.log")
-        self.monitor.start()
-        self._frozen: list[int] = []
+        self.monitors: list[RunMonitor] = []
+        self._hosts = {net.ip(h): h for h in net.hosts}
+
+    def lane_dir(self, lane: int) -> Path:
+        return self.workdir / f"lane{lane}"
 
     # ---- what the runner uses -----------------------------------------------------------------------
 
@@ -300,6 +320,22 @@ class System(abc.ABC):
         """The live pids of this system's daemon on ``host`` (every lane's): what a daemon crash kills."""
 
     @abc.abstractmethod
+    def crash_host(self, host: int) -> str:
+        """kill -9 of everything on ``host`` at one moment; return evidence, raise if not injected."""
+
+    @abc.abstractmethod
+    def crash_daemon(self, host: int) -> str:
+        """kill -9 of the daemon(s) on ``host`` (every lane's) at one moment; return evidence."""
+
+    @abc.abstractmethod
+    def freeze(self, host: int) -> str:
+        """SIGSTOP of the daemon(s) on ``host``; return evidence."""
+
+    @abc.abstractmethod
+    def thaw(self, host: int) -> None:
+        """SIGCONT of what ``freeze`` stopped."""
+
+    @abc.abstractmethod
     def planned_stop(self, host: int) -> str:
         """Stop the daemon(s) on ``host`` the way the system's documentation says; return evidence."""
 
@@ -307,6 +343,10 @@ class System(abc.ABC):
     def restore(self, host: int, fault: str) -> None:
         """After ``fault`` on ``host`` was undone: start again whatever of this host is not running
         and return once every lane is back to full strength (every host can take over again)."""
+
+    @abc.abstractmethod
+    def close(self) -> None:
+        """Stop every process of this system and its monitors; its files stay."""
 
     @abc.abstractmethod
     def successor_timeout_s(self) -> float:
@@ -333,25 +373,289 @@ class System(abc.ABC):
         all but the newest, unless the system can say which one holds the lock."""
         return [pid for pid, _ in sorted(runs, key=lambda r: r[1])[:-1]]
 
-    # ---- shared machinery -----------------------------------------------------------------------
+    # ---- the job's runs, from the harness's monitors ----------------------------------------------
+
+    def host_of(self, node: str) -> int:
+        """The host a record's node field names: ``10.99.0.i:port`` (pyquorum) or ``10.99.0.i``."""
+        host = self._hosts.get(node.rsplit(":", 1)[0] if ":" in node else node)
+        if host is None:
+            raise BenchError(
+                f"{self.name}: a record names node {node!r}, which is no host of {self.net.base}"
+            )
+        return host
+
+    def runs(self) -> list[Run]:
+        """Every lane's runs so far, each on its host and lane (tests/harness/runs.py ``Run``: from its
+        start line until its process was gone, None while it runs)."""
+        return [
+            Run(self.host_of(r.node), lane, r.pid, r.start, r.last, r.end)
+            for lane, monitor in enumerate(self.monitors)
+            for r in monitor.runs()
+        ]
+
+    def monitor_max_gap_s(self) -> float:
+        """The longest wake-up gap of any lane's monitor: the most by which an end can be late."""
+        return max((m.max_gap_s for m in self.monitors), default=0.0)
+
+    def live(self) -> dict[int, list[int]]:
+        """lane -> hosts whose script in that lane is alive and wrote a line within LIVE_LINE_AGE_S."""
+        out: dict[int, list[int]] = {lane: [] for lane in range(self.lanes)}
+        now = time.monotonic()
+        for r in self.runs():
+            if r.end is None and now - r.last <= LIVE_LINE_AGE_S:
+                out[r.lane].append(r.host)
+        return out
+
+    def live_pids(self) -> dict[int, list[tuple[int, float]]]:
+        """lane -> (pid, start) of every script not seen gone, whatever it last wrote."""
+        out: dict[int, list[tuple[int, float]]] = {lane: [] for lane in range(self.lanes)}
+        for r in self.runs():
+            if r.end is None:
+                out[r.lane].append((r.pid, r.start))
+        return out
+
+    def steady(self) -> bool:
+        """Every lane has exactly one live script."""
+        return all(len(h) == 1 for h in self.live().values())
+
+    def host_pids(self, host: int) -> dict[int, str]:
+        """Every live process of ``host``, whichever system or lane started it (tagged with its
+        namespace's name): pid -> tag."""
+        ns = self.net.ns(host)
+        return {p: tag for p, tag in tagged_pids(ns).items() if tag == ns}
+
+    def wait_all_lanes_on(self, host: int, timeout_s: float) -> None:
+        wait_for(
+            f"{self.name}: every lane's script to run on h{host}",
+            lambda: all(hs == [host] for hs in self.live().values()),
+            timeout_s,
+        )
+
+    def stop_monitors(self) -> None:
+        """Let every monitor see the last ends (up to 3 s), then stop them."""
+        give_up = time.monotonic() + 3.0
+        while any(m.unended() for m in self.monitors) and time.monotonic() < give_up:
+            time.sleep(0.01)
+        for m in self.monitors:
+            m.stop()
+
+
+# ---- pyquorum -----------------------------------------------------------------------------------
+
+
+class Pyquorum(System):
+    """pyquorum: lane L is a harness ``Cluster`` on the hosts' port 7000 + L (see the docstring)."""
+
+    kind = "pyquorum"
+
+    def __init__(
+        self, name: str, net: Network, workdir: Path, lanes: int, timing: Timing, key_file: Path
+    ) -> None:
+        super().__init__(name, net, workdir, lanes)
+        self.timing = timing
+        self.clusters: list[Cluster] = []
+        for lane in range(lanes):
+            backend = Netns(net, port=PYQUORUM_PORT + lane)
+            cluster = Cluster(net.n, backend, timing=timing, keys=key_file, directory=self.lane_dir(lane))
+            self.clusters.append(cluster)
+        self.monitors = [c.monitor for c in self.clusters]
+
+    def _nodes(self, host: int) -> list[tuple[Cluster, Node]]:
+        """Every lane's node on ``host`` (node i of a cluster is host i: Netns orders them so)."""
+        return [(c, c.nodes[host - 1]) for c in self.clusters]
+
+    def _wait_statuses(self, nodes: list[tuple[Cluster, Node]], what: str) -> None:
+        for c, n in nodes:
+            c.wait_for(partial(c.status, n), 30.0, f"{what}: status of {n}")
+
+    def start(self) -> None:
+        # h1's daemons start first, so h1 usually wins every lane; a start-up race that another host
+        # won is undone by a planned stop of that lane's master: the lowest address proposes first
+        # (README "How the election works"), so h1 takes over. Aligned lanes make every fault a trial
+        # in every lane.
+        for c in self.clusters:
+            c.start(c.nodes[:1], wait=False)
+        self._wait_statuses(self._nodes(1), f"{self.name}: h1's daemons up")
+        for c in self.clusters:
+            c.start(c.nodes[1:], wait=False)
+        wait_for(f"{self.name}: one script per lane", self.steady, 30.0)
+        for _ in range(5):
+            wrong = {lane: hs[0] for lane, hs in self.live().items() if hs != [1]}
+            if not wrong:
+                break
+            for lane, h in wrong.items():
+                c = self.clusters[lane]
+                c.shutdown(c.nodes[h - 1])
+                c.wait_exit(c.nodes[h - 1], 10.0)
+            wait_for(f"{self.name}: one script per lane", self.steady, 30.0)
+            for h in set(wrong.values()):
+                self.restore(h, "align")
+        self.wait_all_lanes_on(1, 30.0)
+        wait_for(f"{self.name}: every node to follow a master", self._all_follow, 30.0, 0.05)
+
+    def _follows(self, c: Cluster, n: Node) -> bool:
+        st = c.status(n)
+        return st is not None and st.get("role") == "slave" and bool(st.get("master"))
+
+    def _all_follow(self) -> bool:
+        """Every lane has a master and each of its other nodes follows one."""
+        for c in self.clusters:
+            master = c.master()
+            if master is None or not all(self._follows(c, n) for n in c.nodes if n is not master):
+                return False
+        return True
+
+    def agents(self, host: int) -> list[int]:
+        return [n.pid for _, n in self._nodes(host) if n.running]
+
+    def crash_host(self, host: int) -> str:
+        # Lane 0's harness crash freezes and kills every process tagged with the host's namespace,
+        # which is every lane's (Netns tags by host): one moment for all. The other lanes' daemons
+        # are then reaped as expected exits.
+        (first, node), *rest = self._nodes(host)
+        first.crash(node, host=True)
+        codes = {str(n): c.wait_exit(n, 10.0) for c, n in rest}
+        if any(code != -signal.SIGKILL for code in codes.values()):
+            raise BenchError(f"h{host}: host crash: the other lanes' daemons exited {codes}")
+        return first.evidence + (
+            f"; the other lanes' daemons: exit {sorted(set(codes.values()))}" * bool(rest)
+        )
+
+    def crash_daemon(self, host: int) -> str:
+        # every lane's daemon SIGSTOPped first, so none acts on the others' deaths: one moment
+        nodes = self._nodes(host)
+        for c, n in nodes:
+            c.pause(n)
+        evidence = []
+        for c, n in nodes:
+            c.crash(n)
+            evidence.append(c.evidence)
+        return "SIGSTOPped, then " + "; ".join(evidence)
+
+    def freeze(self, host: int) -> str:
+        evidence = []
+        for c, n in self._nodes(host):
+            c.pause(n)
+            evidence.append(c.evidence)
+        return "; ".join(evidence)
+
+    def thaw(self, host: int) -> None:
+        for c, n in self._nodes(host):
+            c.resume(n)
+
+    def planned_stop(self, host: int) -> str:
+        pids = []
+        for c, n in self._nodes(host):
+            c.shutdown(n)
+            pids.append(n.pid)
+        return f"SIGTERM to daemon pids {pids}"
+
+    def restore(self, host: int, fault: str) -> None:
+        restarted = []
+        for c, n in self._nodes(host):
+            if n.expect_exit:  # crashed or stopped: reaped (a planned stop may still be under way)
+                c.wait_exit(n, 30.0)
+            if not n.running:
+                c.restart(n, wait=False)
+                restarted.append((c, n))
+        self._wait_statuses(restarted, f"{self.name}: h{host} restarted")
+        wait_for(
+            f"{self.name}: h{host} to follow a master again",
+            lambda: all(self._follows(c, n) for c, n in self._nodes(host)),
+            30.0,
+            0.05,
+        )
+        if restarted:
+            # a restarted node grants no vote for one election timeout (protocol.md §3.6, the restart
+            # embargo): the next fault must find every node able to vote
+            time.sleep(self.timing.election_timeout_s * 1.2)
+
+    def close(self) -> None:
+        # Each cluster's close kills its daemons, sweeps every process of its hosts (so lane 0's
+        # takes every lane's: they share the hosts' tags), stops its monitor and heals the network.
+        for c in self.clusters:
+            c.close()
+
+    def successor_timeout_s(self) -> float:
+        return self.timing.failover_bound_s() + 5.0
+
+    def period_s(self) -> float:
+        return self.timing.heartbeat_interval_s
+
+    def config(self) -> dict[str, Any]:
+        t = self.timing
+        argv = daemon_argv(
+            "IP:PORT", ["PEERS"], Path("STATE"), script=Path("SCRIPT"), key_file=Path("K"), timing=t
+        )
+        return {
+            "system": self.name,
+            "kind": self.kind,
+            "nodes": self.net.n,
+            "lanes": self.lanes,
+            "heartbeat_interval_s": t.heartbeat_interval_s,
+            "election_timeout_s": t.election_timeout_s,
+            "stop_timeout_s": t.stop_timeout_s,
+            "failover_bound_s": round(t.failover_bound_s(), 3),
+            "documented_failover_s": round(t.failover_bound_s(), 3),
+            "documented_as": "Timing.failover_bound_s() (protocol.md §5.1)",
+            "command": " ".join(["pyquorum", *argv[3:]]),  # argv[:3]: this Python -m pyquorum
+        }
+
+    def problems(self) -> list[str]:
+        """Alarms in the daemons' logs, and the harness's own checks of every lane's runs: no two
+        overlapped, the token rose from run to run, one node per token, the register held
+        (tests/harness/runs.py, protocol.md §6)."""
+        found = []
+        for lane, c in enumerate(self.clusters):
+            for n in c.nodes:
+                text = c.log(n)
+                for alarm in ("Traceback", "event=internal_error", "event=fatal"):
+                    if alarm in text:
+                        found.append(f"{self.name} lane {lane} {n.log_path.name}: {alarm}")
+            runs = c.runs()
+            found += [
+                f"{self.name} lane {lane}: overlap: {b} started before {a} was gone"
+                for a, b in overlaps(runs)
+            ]
+            found += [f"{self.name} lane {lane}: {p}" for p in run_problems(runs, read_register(c.dir))]
+        return found
+
+
+# ---- what the other systems share: processes started here, the job started by them ------------
+
+
+class Spawned(System):
+    """A system whose processes this class starts (in the hosts' namespaces) and whose lock starts
+    the job, with the record of its lane in the job's environment (``lane_env``)."""
+
+    def __init__(self, name: str, net: Network, workdir: Path, lanes: int) -> None:
+        super().__init__(name, net, workdir, lanes)
+        self.script = install_workload(workdir / "workload")
+        for lane in range(lanes):
+            self.lane_dir(lane).mkdir(exist_ok=True)
+        self.monitors = [start_monitor(self.lane_dir(lane)) for lane in range(lanes)]
+        self.procs: list[subprocess.Popen[bytes]] = []
+        self._frozen: list[int] = []
 
     def env(self, host: int, lane: int | None = None) -> dict[str, str]:
-        env = {**os.environ, TAG_VAR: self.net.ns(host), "PQT_WORKLOAD": str(self.workload)}
+        env = {**os.environ, TAG_VAR: self.net.ns(host)}
         if lane is not None:
             env.update(self.lane_env(host, lane))
         return env
 
     def lane_env(self, host: int, lane: int) -> dict[str, str]:
-        return {"PQT_HOST": f"h{host}.l{lane}", "PQT_REGISTER": str(self.workdir / f"lane{lane}.register")}
+        """What the job of ``lane`` on ``host`` needs: its node (the host's address), its lane's
+        record and register (tests/harness/workload.py)."""
+        d = self.lane_dir(lane)
+        return {NODE_VAR: self.net.ip(host), RECORD_VAR: str(d / RECORD), REGISTER_VAR: str(d / REGISTER)}
 
     def spawn(self, host: int, argv: list[str], env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
         """Start ``argv`` in host's namespace, in its own session, dying with the benchmark."""
-        pdeath = ["setpriv", "--pdeathsig", "KILL"] if shutil.which("setpriv") else []
         with open(log, "ab") as out:
             out.write(f"=== bench: start at {time.monotonic():.6f}: {' '.join(argv)}\n".encode())
             out.flush()
             proc = subprocess.Popen(
-                ["ip", "netns", "exec", self.net.ns(host), *pdeath, *argv],
+                ["ip", "netns", "exec", self.net.ns(host), *PDEATHSIG, *argv],
                 stdin=subprocess.DEVNULL,
                 stdout=out,
                 stderr=subprocess.STDOUT,
@@ -365,101 +669,53 @@ class System(abc.ABC):
         """Collect the exit status of our own children that have ended (no zombies of ours)."""
         self.procs = [p for p in self.procs if p.poll() is None]
 
-    def runs(self) -> list[Run]:
-        with self.monitor.lock:
-            views = list(self.monitor.runs.values())
-        out = []
-        for v in views:
-            host, _, lane = v.host.partition(".l")
-            out.append(Run(int(host[1:]), int(lane), v.pid, v.start, v.last, v.end))
-        return out
-
-    def live(self) -> dict[int, list[int]]:
-        """lane -> hosts whose script in that lane is alive and wrote a line within 0.25 s."""
-        out: dict[int, list[int]] = {lane: [] for lane in range(self.lanes)}
-        for v in self.monitor.live():
-            host, _, lane = v.host.partition(".l")
-            out.setdefault(int(lane), []).append(int(host[1:]))
-        return out
-
-    def live_pids(self) -> dict[int, list[tuple[int, float]]]:
-        """lane -> (pid, start) of every script not seen to exit, whatever it last wrote."""
-        out: dict[int, list[tuple[int, float]]] = {lane: [] for lane in range(self.lanes)}
-        for v in self.monitor.unended():
-            _, _, lane = v.host.partition(".l")
-            out.setdefault(int(lane), []).append((v.pid, v.start))
-        return out
-
-    def steady(self) -> bool:
-        """Every lane has exactly one live script."""
-        return all(len(h) == 1 for h in self.live().values())
-
-    def host_pids(self, host: int) -> list[int]:
-        return list(tagged_pids(self.net.ns(host), exact=True))
-
-    def _stop_and_kill(self, pids: list[int]) -> bool:
+    def _kill_frozen(self, pids: list[int]) -> bool:
         # SIGSTOP first, so that none of them can act on the others' deaths, then SIGKILL: one moment.
-        kill_all(pids, signal.SIGSTOP)
-        kill_all(pids, signal.SIGKILL)
-        give_up = time.monotonic() + 5.0
-        while any(alive(p) for p in pids) and time.monotonic() < give_up:
-            time.sleep(0.002)
+        signal_all(pids, signal.SIGSTOP)
+        signal_all(pids, signal.SIGKILL)
+        gone = wait_until(pids, "gone", 5.0)
         self.reap()
-        return not any(alive(p) for p in pids)
+        return gone
 
     def crash_host(self, host: int) -> str:
-        """kill -9 everything on the host at one moment: SIGSTOP every tagged process until no new one
-        appears, then SIGKILL them all. Returns evidence; raises if anything survived."""
-        frozen: set[int] = set()
-        for _ in range(50):
-            new = [p for p in self.host_pids(host) if p not in frozen]
-            if not new:
-                break
-            kill_all(new, signal.SIGSTOP)
-            frozen.update(new)
-        if not frozen or not self._stop_and_kill(sorted(frozen)):
+        """Every process of the host frozen (procfs.freeze: until no new one appears), then all
+        SIGKILLed at one moment, as the harness crashes a host."""
+        frozen = sorted(freeze(partial(self.host_pids, host)))
+        if not frozen or not self._kill_frozen(frozen):
             raise BenchError(f"h{host}: host crash not injected ({len(frozen)} processes found)")
         return f"froze and SIGKILLed {len(frozen)} processes of h{host}: all gone"
 
     def crash_daemon(self, host: int) -> str:
         pids = self.agents(host)
-        if not pids or not self._stop_and_kill(pids):
+        if not pids or not self._kill_frozen(pids):
             raise BenchError(f"h{host}: daemon crash not injected (pids {pids})")
         return f"froze and SIGKILLed daemon pids {pids}: gone"
 
     def freeze(self, host: int) -> str:
         pids = self.agents(host)
-        kill_all(pids, signal.SIGSTOP)
-        give_up = time.monotonic() + 2.0
-        while not all(stopped(p) or not alive(p) for p in pids) and time.monotonic() < give_up:
-            time.sleep(0.001)
-        if not pids or not all(stopped(p) for p in pids):
+        signal_all(pids, signal.SIGSTOP)
+        if not pids or not wait_until(pids, "stopped", 2.0) or not all(stopped(p) for p in pids):
             raise BenchError(f"h{host}: freeze not injected (pids {pids})")
         self._frozen = pids
         return f"SIGSTOPped daemon pids {pids}: state T"
 
     def thaw(self, host: int) -> None:
-        kill_all(self._frozen, signal.SIGCONT)
+        signal_all(self._frozen, signal.SIGCONT)
         self._frozen = []
 
     def close(self) -> None:
         """Stop every daemon (SIGTERM, 5 s), then SIGKILL whatever of this network is left."""
         try:
             for h in self.net.hosts:
-                kill_all([p for p in self.agents(h) if stopped(p)], signal.SIGCONT)
+                signal_all([p for p in self.agents(h) if stopped(p)], signal.SIGCONT)
             self._graceful_stop()
         finally:
-            left = list(tagged_pids(f"{self.net.base}-"))
-            kill_all(left, signal.SIGCONT)
-            kill_all(left, signal.SIGKILL)
+            sweep(f"{self.net.base}-", timeout_s=5.0)
             for p in self.procs:
                 with contextlib.suppress(subprocess.TimeoutExpired):
                     p.wait(5)
             self.reap()
-            give_up = time.monotonic() + 3.0
-            while self.monitor.unended() and time.monotonic() < give_up:
-                time.sleep(0.01)
-            self.monitor.stop()
+            self.stop_monitors()
 
     def _graceful_stop(self) -> None:
         procs = [p for p in self.procs if p.poll() is None]
@@ -471,150 +727,11 @@ class System(abc.ABC):
             with contextlib.suppress(subprocess.TimeoutExpired):
                 p.wait(max(0.0, give_up - time.monotonic()))
 
-    def wait_all_lanes_on(self, host: int, timeout_s: float) -> None:
-        wait_for(
-            f"{self.name}: every lane's script to run on h{host}",
-            lambda: all(hs == [host] for hs in self.live().values()),
-            timeout_s,
-        )
-
-
-# ---- pyquorum -----------------------------------------------------------------------------------
-
-
-class Pyquorum(System):
-    """pyquorum daemons: the adapter. Another harness (tests/harness) can replace this class alone."""
-
-    kind = "pyquorum"
-
-    def __init__(
-        self, name: str, net: Network, workdir: Path, lanes: int, timing: Timing, key_file: Path
-    ) -> None:
-        super().__init__(name, net, workdir, lanes)
-        self.timing = timing
-        self.key_file = key_file
-        self.daemons: dict[tuple[int, int], subprocess.Popen[bytes]] = {}
-
-    def _start(self, host: int, lane: int) -> None:
-        t = self.timing
-        port = PYQUORUM_PORT + lane
-        peers = [f"{self.net.ip(p)}:{port}" for p in self.net.hosts if p != host]
-        argv = [
-            *pyquorum_command(), "-b", self.net.ip(host), "-p", str(port), "-s", str(self.script),
-            "--state-dir", str(self._state_dir(host, lane)), "--key-file", str(self.key_file),
-            "--heartbeat-interval", repr(t.heartbeat_interval_s),
-            "--election-timeout", repr(t.election_timeout_s),
-            "--stop-timeout", repr(t.stop_timeout_s), "-v", *peers,
-        ]  # fmt: skip
-        log = self.workdir / f"h{host}.l{lane}.log"
-        self.daemons[(host, lane)] = self.spawn(host, argv, self.env(host, lane), log)
-
-    def _state_dir(self, host: int, lane: int) -> Path:
-        return self.workdir / "state" / f"h{host}.l{lane}"
-
-    def _status(self, host: int, lane: int) -> dict[str, Any]:
-        """The node's status.json (role, master, term ...), {} while it has none."""
-        try:
-            data = json.loads((self._state_dir(host, lane) / "status.json").read_text())
-        except (OSError, ValueError):
-            return {}
-        return data if isinstance(data, dict) else {}
-
-    def start(self) -> None:
-        # h1's daemons start first, so h1 usually wins every lane; a start-up race that another host
-        # won is undone by a planned stop of that lane's master: the lowest address proposes first
-        # (README "How the election works"), so h1 takes over. Aligned lanes make every fault a trial
-        # in every lane.
-        for lane in range(self.lanes):
-            self._start(1, lane)
-        wait_for(f"{self.name}: h1's daemons up", partial(self._all_status, 1), 30.0, 0.05)
-        for h in self.net.hosts[1:]:
-            for lane in range(self.lanes):
-                self._start(h, lane)
-        wait_for(f"{self.name}: one script per lane", self.steady, 30.0)
-        for _ in range(5):
-            wrong = {lane: hs[0] for lane, hs in self.live().items() if hs != [1]}
-            if not wrong:
-                break
-            for lane, h in wrong.items():
-                proc = self.daemons[(h, lane)]
-                proc.send_signal(signal.SIGTERM)
-                proc.wait(10)
-            wait_for(f"{self.name}: one script per lane", self.steady, 30.0)
-            for h in set(wrong.values()):
-                self.restore(h, "align")
-        self.wait_all_lanes_on(1, 30.0)
-        wait_for(f"{self.name}: every node to follow a master", self._all_follow, 30.0, 0.05)
-
-    def _all_status(self, host: int) -> bool:
-        return all(self._status(host, lane) for lane in range(self.lanes))
-
-    def _all_follow(self) -> bool:
-        return all(self._status(h, lane).get("master") for h in self.net.hosts for lane in range(self.lanes))
-
-    def agents(self, host: int) -> list[int]:
-        return [p.pid for (h, _), p in self.daemons.items() if h == host and p.poll() is None]
-
-    def planned_stop(self, host: int) -> str:
-        pids = self.agents(host)
-        kill_all(pids, signal.SIGTERM)
-        return f"SIGTERM to daemon pids {pids}"
-
-    def restore(self, host: int, fault: str) -> None:
-        restarted = [lane for lane in range(self.lanes) if self.daemons[(host, lane)].poll() is not None]
-        self.reap()
-        for lane in restarted:
-            self._start(host, lane)
-
-        def following() -> bool:
-            return all(
-                self._status(host, lane).get("role") == "slave" and self._status(host, lane).get("master")
-                for lane in range(self.lanes)
-            )
-
-        wait_for(f"{self.name}: h{host} to follow a master again", following, 30.0, 0.05)
-        if restarted:
-            # a restarted node grants no vote for one election timeout (protocol.md restart embargo):
-            # the next fault must find every node able to vote
-            time.sleep(self.timing.election_timeout_s * 1.2)
-
-    def successor_timeout_s(self) -> float:
-        return self.timing.failover_bound_s() + 5.0
-
-    def period_s(self) -> float:
-        return self.timing.heartbeat_interval_s
-
-    def config(self) -> dict[str, Any]:
-        t = self.timing
-        return {
-            "system": self.name,
-            "kind": self.kind,
-            "nodes": self.net.n,
-            "lanes": self.lanes,
-            "heartbeat_interval_s": t.heartbeat_interval_s,
-            "election_timeout_s": t.election_timeout_s,
-            "stop_timeout_s": t.stop_timeout_s,
-            "failover_bound_s": round(t.failover_bound_s(), 3),
-            "documented_failover_s": round(t.failover_bound_s(), 3),
-            "documented_as": "Timing.failover_bound_s() (protocol.md §5.1)",
-            "command": "pyquorum -b IP -p PORT -s SCRIPT --key-file K --heartbeat-interval H "
-            "--election-timeout E --stop-timeout G -v PEERS",
-        }
-
-    def problems(self) -> list[str]:
-        found = []
-        for log in sorted(self.workdir.glob("h*.l*.log")):
-            text = log.read_text(errors="replace")
-            for alarm in ("Traceback", "event=internal_error", "event=fatal"):
-                if alarm in text:
-                    found.append(f"{self.name} {log.name}: {alarm}")
-        return found
-
 
 # ---- etcdctl lock -------------------------------------------------------------------------------
 
 
-class EtcdLock(System):
+class EtcdLock(Spawned):
     """A 3-member etcd cluster on the hosts and ``etcdctl lock --ttl T`` per host and lane."""
 
     kind = "etcd"
@@ -781,10 +898,14 @@ class EtcdLock(System):
         owner = self._owner_key(lane)
         if owner is None:
             return None
-        for v in self.monitor.unended():
-            h, _, run_lane = v.host.partition(".l")
-            if int(run_lane) == lane and alive(v.pid) and _env_var(v.pid, "ETCD_LOCK_KEY") == owner:
-                return int(h[1:])
+        for r in self.runs():
+            if (
+                r.lane == lane
+                and r.end is None
+                and alive(r.pid)
+                and _env_var(r.pid, "ETCD_LOCK_KEY") == owner
+            ):
+                return r.host
         return None
 
     def extras(self, lane: int, runs: list[tuple[int, float]]) -> list[int]:
@@ -838,8 +959,9 @@ class EtcdLock(System):
 
 _NOTIFY = """#!/bin/sh
 # keepalived notify script of {host}: "$0 LANE master|backup|fault|stop". On master it starts the
-# job detached (keepalived scripts are one-shot) and records its pid; otherwise it stops that pid
-# (SIGTERM, SIGKILL after {grace} s). One lock per lane: keepalived runs these asynchronously.
+# job (the harness workload, with its lane's record and register) detached, since keepalived scripts
+# are one-shot, and records its pid; otherwise it stops that pid (SIGTERM, SIGKILL after {grace} s).
+# One lock per lane: keepalived runs these asynchronously.
 lane=$1
 event=$2
 dir={dir}
@@ -854,8 +976,9 @@ echo "$(cut -d' ' -f1 /proc/uptime) {host} lane $lane $event" >>"$dir/notify.log
 case $event in
 master)
     if [ -s "$pidfile" ] && running "$(cat "$pidfile")"; then exit 0; fi
-    PQT_HOST={host}.l$lane PQT_REGISTER=$dir/lane$lane.register setsid {script} \
-        </dev/null >>"$dir/{host}.jobs.log" 2>&1 9>&- &
+    {node_var}={ip} {record_var}=$dir/lane$lane/{record} {register_var}=$dir/lane$lane/{register} \
+        setsid {script} \
+            </dev/null >>"$dir/{host}.jobs.log" 2>&1 9>&- &
     echo $! >"$pidfile"
     ;;
 *)
@@ -876,7 +999,7 @@ def _priority(host: int) -> int:
     return KEEPALIVED_PRIORITY - KEEPALIVED_PRIORITY_STEP * (host - 1)
 
 
-class Keepalived(System):
+class Keepalived(Spawned):
     """keepalived (VRRP, unicast) per host, one vrrp_instance per lane, notify scripts run the job."""
 
     kind = "keepalived"
@@ -891,7 +1014,13 @@ class Keepalived(System):
             notify.write_text(
                 _NOTIFY.format(
                     host=f"h{h}",
+                    ip=net.ip(h),
                     dir=self.workdir,
+                    node_var=NODE_VAR,
+                    record_var=RECORD_VAR,
+                    record=RECORD,
+                    register_var=REGISTER_VAR,
+                    register=REGISTER,
                     script=self.script,
                     grace=NOTIFY_STOP_GRACE_S,
                     polls=int(NOTIFY_STOP_GRACE_S / 0.01),
@@ -973,7 +1102,7 @@ class Keepalived(System):
         return [
             p
             for p in self.host_pids(host)
-            if (cmd := _cmdline(p)) and os.path.basename(cmd[0]) == "keepalived"
+            if os.path.basename(cmdline(p).split(b"\0", 1)[0]) == b"keepalived"
         ]
 
     def planned_stop(self, host: int) -> str:

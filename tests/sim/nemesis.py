@@ -232,8 +232,15 @@ def heal_all(c: Cluster, rng: random.Random | None = None) -> None:
             c.retime(nd.idx, c.timing)  # the rolling change completes
         elif nd.core is None:
             c.restart(nd.idx)
-    # a node that lost its state hears every member within a heartbeat round (protocol.md §3.9)
-    c.run_for(3 * c.timing.heartbeat_interval_s + 0.01)
+    # A node that lost its state recovers once it has heard every member (protocol.md §3.9): the
+    # operator rule is to take no node down before that (§8), so wait for it (a handshake and a few
+    # heartbeat rounds), then perhaps leave a minority down.
+    waited = 0.0
+    while waited < 5 * c.timing.election_timeout_s and any(
+        nd.core is not None and nd.core.recovering for nd in c.nodes
+    ):
+        c.run_for(c.timing.heartbeat_interval_s)
+        waited += c.timing.heartbeat_interval_s
     if rng is not None and c.n >= 3 and rng.random() < 0.3:
         minority = rng.sample(range(c.n), rng.randint(1, c.n - c.quorum))
         for idx in minority:

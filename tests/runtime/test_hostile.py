@@ -1,4 +1,4 @@
-"""Live hostile traffic (issue 5): real daemons on loopback, attacked by this test process.
+"""Live hostile traffic (docs/security.md §7): real daemons on loopback, attacked by this test process.
 
 Each test runs a 3-node cluster without a script (``Cluster(3, Loopback(), script=None)``, tests/harness:
 ``python -m pyquorum`` subprocesses on 127.0.0.x, heartbeat 0.05 s, election timeout 0.5 s) and sends

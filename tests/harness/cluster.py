@@ -219,6 +219,12 @@ class Cluster(LocalCluster):
         self._set_argv()
         self.monitor = start_monitor(directory)
 
+    def add_args(self, *args: str) -> None:
+        """More daemon options for every node, before ``start()`` (e.g. --priority NODE=N, which
+        needs the nodes' addresses: build the cluster with ``launch=False``)."""
+        self.options["extra"] = [*self.options["extra"], *args]
+        self._set_argv()
+
     def _set_argv(self) -> None:
         for node, key_file in zip(self.nodes, self.key_files, strict=True):
             peers = [p for p in self.members if p != node.name]

@@ -58,6 +58,7 @@ class Node:
             "restart": ('"never"', ["--restart", "never"]),
             "log_level": ('"debug"', ["--log-level", "debug"]),
             "log_format": ('"json"', ["--log-format", "json"]),
+            "http": (f'"127.0.0.1:{self.port}"', ["--http", f"127.0.0.1:{self.port}"]),
         }
         # What every test node needs: this node's address and port, a state dir, the peers.
         self.base: dict[str, tuple[str, list[str]]] = {

@@ -50,9 +50,9 @@ import random
 import signal
 import socket
 import time
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pyquorum import __version__
 from pyquorum.config import Config
@@ -60,8 +60,10 @@ from pyquorum.core.errors import ConfigError
 from pyquorum.core.messages import Message
 from pyquorum.core.node import Event, EventKind, HardState, Node, Ready, Role, StartScript
 from pyquorum.keyfile import load_keyring
-from pyquorum.runtime.logs import RESERVED_FIELDS, Value, log_event, log_exception
+from pyquorum.runtime.control import CONTROL_SOCKET_NAME, ControlServer
+from pyquorum.runtime.logs import RESERVED_FIELDS, Value, configure_logging, log_event, log_exception
 from pyquorum.runtime.restart import Action, Decision, RestartPolicy
+from pyquorum.runtime.sdnotify import Notifier, status_text
 from pyquorum.runtime.status import (
     DATAGRAM_TYPES,
     Counters,
@@ -74,6 +76,9 @@ from pyquorum.runtime.storage import PersistedState, StateStore, member_change_p
 from pyquorum.runtime.udp import Udp
 from pyquorum.supervisor import ScriptExit, ScriptStartError, ScriptSupervisor
 from pyquorum.wire import Endpoint, KeyRing, cluster_fingerprint
+
+if TYPE_CHECKING:
+    from pyquorum.runtime.http import HttpServer
 
 log = logging.getLogger("pyquorum.daemon")
 script_log = logging.getLogger("pyquorum.script")
@@ -93,8 +98,10 @@ class _ScriptRun:
 class Daemon:
     """One pyquorum node. ``await Daemon(config).main()`` runs it until a signal stops it."""
 
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, argv: Sequence[str] | None = None) -> None:
         self.config = config
+        # the command line the daemon was started with: a reload reads it (and its --config) again
+        self.argv = None if argv is None else list(argv)
         self.me = config.node_id
         self.members = tuple(config.members)
         self.timing = config.timing
@@ -123,6 +130,11 @@ class Daemon:
         self._restarts = 0
         self._last_token: int | None = None
         self._last_exit: dict[str, Any] | None = None
+        self.notifier = Notifier(None)  # the real one is made first thing in main()
+        self.control: ControlServer | None = None
+        self.http: HttpServer | None = None
+        self._reload_lock = asyncio.Lock()
+        self._reloads: set[asyncio.Task[Any]] = set()
 
     # ------------------------------------------------------------------ start-up
 
@@ -147,6 +159,9 @@ class Daemon:
 
     async def main(self) -> int:
         """Run the stages of the module docstring; the exit code: 0 after a clean stop, 1 fatal."""
+        # Before anything can start a process (the supervisor's standby guard): it removes
+        # $NOTIFY_SOCKET from the environment the guard and the script inherit (runtime/sdnotify.py).
+        self.notifier = Notifier.from_environ()
         state = self._open_state()
         try:
             await self._start(state)
@@ -200,6 +215,10 @@ class Daemon:
                 logger=script_log,
             )
             await self.supervisor.prepare()  # a standby guard: the first start is fast too
+        self.control = ControlServer(self.store.state_dir / CONTROL_SOCKET_NAME, self._commands())
+        await self.control.start()
+        if self.config.http is not None:
+            self.http = await self._open_http(self.config.http)
         self._install_signals()
         log_event(
             log,
@@ -225,15 +244,18 @@ class Daemon:
                 "member (docs/protocol.md §3.9); it follows a master meanwhile. For a brand-new "
                 "cluster with members not yet running, see 'pyquorum init'",
             )
+        self._note_state()
+        # socket bound, state loaded, control socket up: systemd may start what is ordered after us
+        self.notifier.ready(self._status_line())
         if keyring is None:
             log_event(
                 log,
                 logging.WARNING,
                 "unauthenticated",
-                hint=f"anyone who can send UDP to {self.me} can disrupt elections; create a key "
+                hint=f"cluster traffic is UNAUTHENTICATED: anyone who can send UDP to {self.me} can "
+                "disrupt elections; create a key "
                 "with 'pyquorum keygen' and use --key-file",
             )
-        self._note_state()
 
     async def _run_until_stopped(self) -> None:
         # Stages 2 and 3 of the module docstring: everything the signal handlers asked for is done here.
@@ -267,7 +289,9 @@ class Daemon:
             if self._reload_requested:
                 self._reload_requested = False
                 if give_up_at is None:  # a reload during the planned stop changes nothing
-                    self._reload_keys()
+                    task = asyncio.create_task(self.reload("SIGHUP"))
+                    self._reloads.add(task)
+                    task.add_done_callback(self._reloads.discard)
             if self._stop_signals and give_up_at is None:
                 give_up_at = time.monotonic() + self._shutdown_limit_s()
                 self._begin_shutdown(self._stop_signals[0])
@@ -276,6 +300,7 @@ class Daemon:
         return self.timing.stop_timeout_s + self.timing.kill_margin_s + SHUTDOWN_SLACK_S
 
     def _begin_shutdown(self, sig: signal.Signals) -> None:
+        self.notifier.stopping(f"stopping ({sig.name}) " + self._status_line())
         log_event(
             log,
             logging.INFO,
@@ -288,6 +313,14 @@ class Daemon:
         self._process()
 
     async def _cleanup(self) -> None:
+        if not self._stop_signals:  # a fatal error, or the core finished by itself
+            self.notifier.stopping()
+        for task in list(self._reloads):
+            task.cancel()
+        if self.http is not None:
+            await self.http.close()
+        if self.control is not None:
+            await self.control.close()
         if self.supervisor is not None:
             await self.supervisor.aclose(timeout=self.timing.stop_timeout_s + 1.0)
         if self._run is not None:
@@ -298,6 +331,7 @@ class Daemon:
         if hasattr(self, "node"):
             self._note_state()
         self.store.release()
+        self.notifier.close()
 
     # ------------------------------------------------------------------ signals
 
@@ -315,29 +349,137 @@ class Daemon:
         self._reload_requested = True
         self._main_wake.set()
 
-    def _reload_keys(self) -> None:
-        """SIGHUP: re-read the key file (docs/security.md: key rotation)."""
-        try:
-            keyring = self._load_keys()
-        except ConfigError as exc:
+    # ------------------------------------------------------------------ reload
+
+    async def reload(self, source: str) -> dict[str, Any]:
+        """Read the configuration again (the original command line and its --config file) and
+        apply what can change live; refuse, changing nothing, if anything else changed. Returns
+        what happened (the control socket's answer to ``pyquorum reload``). One at a time."""
+        async with self._reload_lock:
+            self.notifier.reloading()
+            log_event(log, logging.INFO, "reload_started", source=source)
+            try:
+                # in a thread: resolving host names may wait on DNS, and the loop must not stop
+                # (a master that cannot send its heartbeats loses its lease)
+                config, keyring, problems = await asyncio.to_thread(self._read_config)
+                result = await self._apply_config(config, keyring, problems, source)
+            except Exception as exc:  # our bug: refused, nothing changed, the daemon goes on
+                log_exception(log, "reload_error", source=source)
+                result = {"applied": False, "changes": [], "problems": [f"internal error: {exc!r}"]}
+            self.notifier.reloaded(
+                ("reloaded " if result["applied"] else "reload refused ") + self._status_line()
+            )
+            self._note_state()
+            return result
+
+    def _read_config(self) -> tuple[Config | None, KeyRing | None, list[str]]:
+        # Runs in a thread: only reads files and the resolver, touches nothing of the daemon's.
+        from pyquorum import cli
+
+        if self.argv is None:  # started by code, not by the command line: only the keys can be read
+            config: Config | None = self.config
+            problems: list[str] = []
+        else:
+            try:
+                args, file_problems = cli.parse_daemon_args(self.argv)
+            except (cli.UsageError, SystemExit, Exception) as exc:  # a file that makes argv invalid
+                return None, None, [f"the command line no longer parses: {exc}"]
+            config, problems = cli.resolve_config(args, file_problems)
+            if config is not None:
+                # the port is ours, and so is the HTTP port if it did not change
+                problems += config.validate(check_port=False)
+                if config.http is not None and config.http != self.config.http:
+                    from pyquorum.config import check_http
+
+                    problems += check_http(config.http)
+        keyring = None
+        if config is not None and not problems and config.key_file is not None:
+            try:
+                keyring = load_keyring(config.key_file)
+            except ConfigError as exc:
+                problems += exc.problems
+        return config, keyring, problems
+
+    async def _apply_config(
+        self, new: Config | None, keyring: KeyRing | None, problems: list[str], source: str
+    ) -> dict[str, Any]:
+        old = self.config
+        if new is not None and not problems:
+            problems = needs_restart(old, new)
+        if new is None or problems:
             log_event(
                 log,
                 logging.ERROR,
                 "reload_failed",
-                problems="; ".join(exc.problems),
-                hint="kept the old keys",
+                source=source,
+                problems="; ".join(problems),
+                hint="nothing changed; the daemon runs on with its configuration",
             )
-            return
-        assert self.udp is not None  # SIGHUP is handled only once the socket exists
-        self.udp.endpoint.set_keyring(keyring)  # keeps the replay state: no handshake, no election
-        log_event(  # ids only, never key bytes
+            return {"applied": False, "changes": [], "problems": problems}
+        changes: list[str] = []
+        # First what can fail: the new HTTP listener (the old one is closed only once it listens).
+        new_http = self.http
+        if new.http != old.http:
+            try:
+                new_http = await self._open_http(new.http) if new.http is not None else None
+            except ConfigError as exc:
+                return await self._apply_config(new, keyring, exc.problems, source)
+            changes.append(f"http {old.http or 'off'} -> {new.http or 'off'}")
+        # From here on nothing fails.
+        if self.udp is not None and new.key_file is not None:
+            before = self.udp.endpoint.keyring
+            self.udp.endpoint.set_keyring(keyring)  # keeps the replay state: no handshake, no election
+            log_event(  # ids only, never key bytes
+                log,
+                logging.WARNING,
+                "keys_reloaded",
+                send_key_id=keyring.send_key_id if keyring else None,
+                key_ids=",".join(map(str, sorted(keyring.keys))) if keyring else "",
+            )
+            if repr(before) != repr(keyring) or old.key_file != new.key_file:
+                changes.append(f"keys {before!r} -> {keyring!r}")
+        if _restart_settings(old) != _restart_settings(new):
+            self.restart_policy = _restart_policy(new)  # its failure count starts again
+            changes.append(f"restart {old.restart} -> {new.restart} (failure count reset)")
+        if (old.log_level, old.log_format) != (new.log_level, new.log_format):
+            configure_logging(new.log_level, self.me, new.log_format)
+            old_level, new_level = logging.getLevelName(old.log_level), logging.getLevelName(new.log_level)
+            changes.append(
+                f"logs {old_level.lower()}/{old.log_format} -> {new_level.lower()}/{new.log_format}"
+            )
+        # (Notify hooks, runtime/hooks.py, are applied here once they exist: after everything that
+        # can fail, and before the new configuration becomes self.config.)
+        if new_http is not self.http:
+            if self.http is not None:
+                await self.http.close()
+            self.http = new_http
+        self.config = new
+        log_event(
             log,
             logging.WARNING,
-            "keys_reloaded",
-            send_key_id=keyring.send_key_id if keyring else None,
-            key_ids=",".join(map(str, sorted(keyring.keys))) if keyring else "",
+            "reloaded",
+            source=source,
+            changes="; ".join(changes) or "none",
+            term=self.node.term,
+            role=self.node.role.value,
         )
-        self._note_state()
+        return {"applied": True, "changes": changes, "problems": []}
+
+    async def _open_http(self, address: Any) -> HttpServer:
+        from pyquorum.runtime.http import HttpServer  # imports prometheus_client: only when asked
+
+        server = HttpServer(address, self.snapshot)
+        await server.start()
+        return server
+
+    # ------------------------------------------------------------------ the control socket
+
+    def _commands(self) -> dict[str, Callable[[Mapping[str, Any]], Awaitable[Any]]]:
+        return {name: _bind(self, command) for name, command in COMMANDS.items()}
+
+    def _status_line(self) -> str:
+        node = self.node
+        return status_text(node.role.value, node.term, fresh_master(node, time.monotonic()))
 
     # ------------------------------------------------------------------ the core's inputs
 
@@ -365,6 +507,9 @@ class Daemon:
             # how late the wake-up came after it was due (an early one, from _process, is on time)
             self.last_lag_s = max(0.0, now - due)
             self.last_tick_at = now
+            if self.last_lag_s <= h:
+                # systemd's watchdog, only while on time: a wedged or late loop gets restarted
+                self.notifier.watchdog(now)
             self.node.tick(now)
             self._process()
 
@@ -669,10 +814,90 @@ class Daemon:
             return
         self._state_key = key
         snap = self.snapshot()
+        if not self._stopped:
+            self.notifier.status(status_text(snap.role, snap.term, snap.master))
         try:
             write_status(self.store.status_file, status_file_doc(snap))
         except OSError as exc:
             log_event(log, logging.DEBUG, "status_write_failed", error=str(exc))
+
+
+Command = Callable[[Daemon, Mapping[str, Any]], Awaitable[Any]]
+COMMANDS: dict[str, Command] = {}
+"""The control socket's commands (runtime/control.py): name -> ``async def(daemon, args)``, whose
+return value is the answer's ``result``; raise ``control.CommandFailed`` for an error answer."""
+
+
+def command(name: str) -> Callable[[Command], Command]:
+    """Register a control socket command: one function each."""
+
+    def register(fn: Command) -> Command:
+        COMMANDS[name] = fn
+        return fn
+
+    return register
+
+
+@command("status")
+async def _status_command(daemon: Daemon, args: Mapping[str, Any]) -> Any:
+    """The ``api_version`` 1 status document (docs/operations.md)."""
+    return daemon.snapshot().to_json()
+
+
+@command("reload")
+async def _reload_command(daemon: Daemon, args: Mapping[str, Any]) -> Any:
+    """Re-read the configuration; answered once applied or refused."""
+    return await daemon.reload("control socket")
+
+
+@command("commands")
+async def _commands_command(daemon: Daemon, args: Mapping[str, Any]) -> Any:
+    """The names of the commands, with their one-line descriptions."""
+    return {name: (fn.__doc__ or "").strip().split("\n")[0] for name, fn in sorted(COMMANDS.items())}
+
+
+def _bind(daemon: Daemon, fn: Command) -> Callable[[Mapping[str, Any]], Awaitable[Any]]:
+    async def handler(args: Mapping[str, Any]) -> Any:
+        return await fn(daemon, args)
+
+    return handler
+
+
+def needs_restart(old: Config, new: Config) -> list[str]:
+    """What changed between two configurations that a reload cannot apply, each with why."""
+    why: list[str] = []
+    if old.members != new.members:
+        why.append(
+            f"the members changed ({','.join(old.members)} -> {','.join(new.members)}): that needs "
+            "the cluster stopped and 'pyquorum accept-members' (docs/protocol.md §8); not reloaded"
+        )
+    elif old.me != new.me:
+        why.append(f"this node's address changed ({old.me} -> {new.me}): restart the node")
+    if old.timing != new.timing:
+        why.append(
+            f"the timing changed ([{old.timing_text}] -> [{new.timing_text}]): every node must use "
+            "the same, so change it on all of them with a restart (docs/operations.md §8)"
+        )
+    if old.state_dir != new.state_dir:
+        why.append(f"the state dir changed ({old.state_dir} -> {new.state_dir}): restart the node")
+    if old.script != new.script:
+        why.append(
+            f"the script changed ({old.script or 'none'} -> {new.script or 'none'}): restart the node "
+            "(a new script file at the same path needs no restart: it is run at the next start)"
+        )
+    if (old.key_file is None) != (new.key_file is None):
+        why.append("turning authentication on or off needs a restart of every node")
+    return why
+
+
+def _restart_settings(config: Config) -> tuple[object, ...]:
+    return (
+        config.restart,
+        config.restart_backoff_s,
+        config.restart_backoff_max_s,
+        config.max_failures,
+        config.failure_window_s,
+    )
 
 
 def status_file_doc(snap: Snapshot) -> dict[str, Any]:
@@ -740,8 +965,9 @@ def log_core_event(logger: logging.Logger, ev: Event) -> None:
     log_event(logger, level, ev.kind.value, **fields)
 
 
-def run(config: Config) -> int:
-    """Run one node until it is stopped. Returns the process exit code (0 clean, 1 fatal, 2 config)."""
+def run(config: Config, argv: Sequence[str] | None = None) -> int:
+    """Run one node until it is stopped. Returns the process exit code (0 clean, 1 fatal, 2 config).
+    ``argv``: the command line it came from, which a reload reads again."""
     for peer in config.peers:
         if peer.ip.version != config.me.ip.version:
             raise ConfigError(
@@ -750,4 +976,4 @@ def run(config: Config) -> int:
                     f"IPv{config.me.ip.version}: all members must use the same IP version"
                 ]
             )
-    return asyncio.run(Daemon(config).main())
+    return asyncio.run(Daemon(config, argv).main())

@@ -135,6 +135,7 @@ class Daemon:
         self.http: HttpServer | None = None
         self._reload_lock = asyncio.Lock()
         self._reloads: set[asyncio.Task[Any]] = set()
+        self._notify_status = False  # STATUS= on changes: after READY=1, until STOPPING=1
 
     # ------------------------------------------------------------------ start-up
 
@@ -247,6 +248,7 @@ class Daemon:
         self._note_state()
         # socket bound, state loaded, control socket up: systemd may start what is ordered after us
         self.notifier.ready(self._status_line())
+        self._notify_status = True
         if keyring is None:
             log_event(
                 log,
@@ -301,6 +303,7 @@ class Daemon:
 
     def _begin_shutdown(self, sig: signal.Signals) -> None:
         self.notifier.stopping(f"stopping ({sig.name}) " + self._status_line())
+        self._notify_status = False  # "stopping" stays the status line to the end
         log_event(
             log,
             logging.INFO,
@@ -313,8 +316,9 @@ class Daemon:
         self._process()
 
     async def _cleanup(self) -> None:
-        if not self._stop_signals:  # a fatal error, or the core finished by itself
+        if self._notify_status:  # not stopping yet: a fatal error, or the core finished by itself
             self.notifier.stopping()
+            self._notify_status = False
         for task in list(self._reloads):
             task.cancel()
         if self.http is not None:
@@ -814,7 +818,7 @@ class Daemon:
             return
         self._state_key = key
         snap = self.snapshot()
-        if not self._stopped:
+        if self._notify_status and not self._reload_lock.locked():
             self.notifier.status(status_text(snap.role, snap.term, snap.master))
         try:
             write_status(self.store.status_file, status_file_doc(snap))

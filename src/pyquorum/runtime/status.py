@@ -392,7 +392,7 @@ def peer_statuses(node: Node, counters: Counters, now: float) -> tuple[PeerStatu
         reachable = known_by != "none"
         role = "master" if member == master else "slave" if reachable and master is not None else "unknown"
         wire = counters.peers.get(member) or _PeerWire()
-        rtt = wire.rtt_s if node.role is Role.MASTER else None
+        rtt = wire.rtt_s if node.role is Role.MASTER and known_by == "heard" else None
         rows.append(PeerStatus(member, False, role, reachable, known_by, ago, rtt, wire.term, wire.key_id))
     return tuple(rows)
 

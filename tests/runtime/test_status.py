@@ -18,8 +18,9 @@ from pyquorum.core.address import NodeAddress
 from pyquorum.core.lease import Timing
 from pyquorum.core.messages import Heartbeat, HeartbeatResponse, PreVoteResponse, VoteResponse
 from pyquorum.core.node import Event, EventKind, Node, Ready
-from pyquorum.runtime.daemon import Daemon, log_core_event, needs_restart, status_file_doc
+from pyquorum.runtime.daemon import Daemon, log_core_event, status_file_doc
 from pyquorum.runtime.logs import configure_logging
+from pyquorum.runtime.reload import needs_restart
 from pyquorum.runtime.status import ELECTION_BUCKETS_S, Counters, exit_code, render_text
 from pyquorum.runtime.storage import STATUS_KEYS
 

@@ -11,13 +11,18 @@ send, act on the script, log, ``advance()``. Every protocol decision is the core
   hop by hop), the refusal logs and the other-cluster reports;
 * ``runtime.status``: the counters, the rate limiter and the one ``Snapshot`` every reader reads;
 * ``runtime.restart``: the pure restart policy for a script that ends by itself;
+* ``runtime.reload``: reading the configuration again, and what a reload refuses;
+* ``runtime.control``: the control socket (the commands are ``COMMANDS`` below, one function each);
+* ``runtime.http`` and ``runtime.metrics``: the opt-in HTTP listener and its Prometheus collector;
+* ``runtime.sdnotify``: what systemd is told, at each stage;
 * ``pyquorum.supervisor``: the script's runs under the kill deadline (and its guard process).
 
 The stages (``main``)
 ---------------------
 1. start-up: lock and load the state, bind the socket, build the core, prepare the supervisor; log
    ``event=started``;
-2. running, until a stop signal, or the core has finished, or a fatal error of ours;
+2. running, until a stop signal, or the core has finished, or a fatal error of ours; a reload
+   (SIGHUP or the control socket) runs as a task meanwhile, one at a time;
 3. the planned stop (first SIGTERM or SIGINT): the core stops the script, resigns and finishes; it
    may take ``G + K + SHUTDOWN_SLACK_S``, after which the daemon gives up waiting; a second signal
    ends the wait at once (uvicorn's rule; the guard still stops the script);
@@ -62,6 +67,7 @@ from pyquorum.core.node import Event, EventKind, HardState, Node, Ready, Role, S
 from pyquorum.keyfile import load_keyring
 from pyquorum.runtime.control import CONTROL_SOCKET_NAME, ControlServer
 from pyquorum.runtime.logs import RESERVED_FIELDS, Value, configure_logging, log_event, log_exception
+from pyquorum.runtime.reload import needs_restart, read_config, restart_settings
 from pyquorum.runtime.restart import Action, Decision, RestartPolicy
 from pyquorum.runtime.sdnotify import Notifier, status_text
 from pyquorum.runtime.status import (
@@ -365,7 +371,7 @@ class Daemon:
             try:
                 # in a thread: resolving host names may wait on DNS, and the loop must not stop
                 # (a master that cannot send its heartbeats loses its lease)
-                config, keyring, problems = await asyncio.to_thread(self._read_config)
+                config, keyring, problems = await asyncio.to_thread(read_config, self.argv, self.config)
                 result = await self._apply_config(config, keyring, problems, source)
             except Exception as exc:  # our bug: refused, nothing changed, the daemon goes on
                 log_exception(log, "reload_error", source=source)
@@ -375,34 +381,6 @@ class Daemon:
             )
             self._note_state()
             return result
-
-    def _read_config(self) -> tuple[Config | None, KeyRing | None, list[str]]:
-        # Runs in a thread: only reads files and the resolver, touches nothing of the daemon's.
-        from pyquorum import cli
-
-        if self.argv is None:  # started by code, not by the command line: only the keys can be read
-            config: Config | None = self.config
-            problems: list[str] = []
-        else:
-            try:
-                args, file_problems = cli.parse_daemon_args(self.argv)
-            except (cli.UsageError, SystemExit, Exception) as exc:  # a file that makes argv invalid
-                return None, None, [f"the command line no longer parses: {exc}"]
-            config, problems = cli.resolve_config(args, file_problems)
-            if config is not None:
-                # the port is ours, and so is the HTTP port if it did not change
-                problems += config.validate(check_port=False)
-                if config.http is not None and config.http != self.config.http:
-                    from pyquorum.config import check_http
-
-                    problems += check_http(config.http)
-        keyring = None
-        if config is not None and not problems and config.key_file is not None:
-            try:
-                keyring = load_keyring(config.key_file)
-            except ConfigError as exc:
-                problems += exc.problems
-        return config, keyring, problems
 
     async def _apply_config(
         self, new: Config | None, keyring: KeyRing | None, problems: list[str], source: str
@@ -442,7 +420,7 @@ class Daemon:
             )
             if repr(before) != repr(keyring) or old.key_file != new.key_file:
                 changes.append(f"keys {before!r} -> {keyring!r}")
-        if _restart_settings(old) != _restart_settings(new):
+        if restart_settings(old) != restart_settings(new):
             self.restart_policy = _restart_policy(new)  # its failure count starts again
             changes.append(f"restart {old.restart} -> {new.restart} (failure count reset)")
         if (old.log_level, old.log_format) != (new.log_level, new.log_format):
@@ -865,43 +843,6 @@ def _bind(daemon: Daemon, fn: Command) -> Callable[[Mapping[str, Any]], Awaitabl
         return await fn(daemon, args)
 
     return handler
-
-
-def needs_restart(old: Config, new: Config) -> list[str]:
-    """What changed between two configurations that a reload cannot apply, each with why."""
-    why: list[str] = []
-    if old.members != new.members:
-        why.append(
-            f"the members changed ({','.join(old.members)} -> {','.join(new.members)}): that needs "
-            "the cluster stopped and 'pyquorum accept-members' (docs/protocol.md §8); not reloaded"
-        )
-    elif old.me != new.me:
-        why.append(f"this node's address changed ({old.me} -> {new.me}): restart the node")
-    if old.timing != new.timing:
-        why.append(
-            f"the timing changed ([{old.timing_text}] -> [{new.timing_text}]): every node must use "
-            "the same, so change it on all of them with a restart (docs/operations.md §8)"
-        )
-    if old.state_dir != new.state_dir:
-        why.append(f"the state dir changed ({old.state_dir} -> {new.state_dir}): restart the node")
-    if old.script != new.script:
-        why.append(
-            f"the script changed ({old.script or 'none'} -> {new.script or 'none'}): restart the node "
-            "(a new script file at the same path needs no restart: it is run at the next start)"
-        )
-    if (old.key_file is None) != (new.key_file is None):
-        why.append("turning authentication on or off needs a restart of every node")
-    return why
-
-
-def _restart_settings(config: Config) -> tuple[object, ...]:
-    return (
-        config.restart,
-        config.restart_backoff_s,
-        config.restart_backoff_max_s,
-        config.max_failures,
-        config.failure_window_s,
-    )
 
 
 def status_file_doc(snap: Snapshot) -> dict[str, Any]:

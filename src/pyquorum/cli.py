@@ -303,6 +303,33 @@ def _daemon_parser(prog: str = PROG, description: str | None = None) -> _Parser:
         "failure, after any exit, or never; restarts back off from 1 s doubling to 30 s, and after "
         f"5 failures within 60 s this node resigns so another can try (default: {DEFAULT_RESTART})",
     )
+    roles = p.add_argument_group("who may be master (every server must be given the same)")
+    roles.add_argument(
+        "--priority",
+        action="append",
+        default=[],
+        metavar="[NODE=]N",
+        help="the priority of NODE (this node if NODE is left out): among the live members a higher "
+        "priority proposes first (default: 0 for all); repeat for each node",
+    )
+    roles.add_argument(
+        "--witness",
+        action="append",
+        nargs="?",
+        const="",
+        default=[],
+        metavar="NODE",
+        help="NODE (this node if left out) is a witness: it votes and acknowledges but never becomes "
+        "master nor runs the script; repeat for each witness",
+    )
+    roles.add_argument(
+        "--preempt-after",
+        type=_seconds,
+        default=None,
+        metavar="SECONDS",
+        help="a node of higher priority than the master that has been connected this long takes "
+        "the role by a clean handover (default: never; a healthy master keeps its role)",
+    )
     logs = p.add_argument_group("logs")
     logs.add_argument(
         "--log-level",
@@ -387,6 +414,32 @@ def resolve_config(
         problems += timing.validate()
         problems += check_key_file(key_file)
         return None, problems
+    me = NodeAddress(ip, args.port)
+    members = {str(me), *(str(p) for p in peers)}
+
+    def member(text: str) -> str | None:
+        # a --priority or --witness NODE, as a SERVER is written; this node when left out
+        if not text:
+            return str(me)
+        try:
+            node = str(resolve_server(text, args.port, family))
+        except ValueError as exc:
+            problems.append(f"{exc}")
+            return None
+        if node not in members:
+            problems.append(f"{text!r} ({node}) is not a member: --priority and --witness name members")
+            return None
+        return node
+
+    priorities: dict[str, int] = {}
+    for entry in args.priority:
+        node_text, _, value = entry.rpartition("=")
+        node = member(node_text)
+        if not value.lstrip("-").isdigit():
+            problems.append(f"--priority {entry!r}: want [NODE=]N with N a whole number")
+        elif node is not None:
+            priorities[node] = int(value)
+    witnesses = tuple(sorted({w for w in map(member, args.witness) if w is not None}))
     restart: RestartPolicy = args.restart
     level = LOG_LEVELS[args.log_level]
     if args.very_verbose:
@@ -401,7 +454,7 @@ def resolve_config(
         except ValueError as exc:
             problems.append(str(exc))
     config = Config(
-        me=NodeAddress(ip, args.port),
+        me=me,
         peers=tuple(peers),
         peer_names=tuple(names),
         state_dir=state_dir,
@@ -412,6 +465,9 @@ def resolve_config(
         log_level=level,
         log_format=log_format,
         http=http,
+        priorities=tuple(sorted(priorities.items())),
+        witnesses=witnesses,
+        preempt_after_s=args.preempt_after,
     )
     return config, problems
 

@@ -226,6 +226,12 @@ class Cluster(LocalCluster):
         self.monitor = RunMonitor(directory)
         self.monitor.start()
 
+    def add_args(self, *args: str) -> None:
+        """More daemon options for every node, before ``start()`` (e.g. --priority NODE=N, which
+        needs the nodes' addresses: build the cluster with ``launch=False``)."""
+        self.options["extra"] = [*self.options["extra"], *args]
+        self._set_argv()
+
     def _set_argv(self) -> None:
         for node, key_file in zip(self.nodes, self.key_files, strict=True):
             peers = [p for p in self.members if p != node.name]

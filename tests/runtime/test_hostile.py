@@ -1,4 +1,4 @@
-"""Live hostile traffic (issue 5): real daemons on loopback, attacked by this test process.
+"""Live hostile traffic (docs/security.md §7): real daemons on loopback, attacked by this test process.
 
 Each test runs a 3-node cluster without a script (``Cluster(3, Loopback(), script=None)``, tests/harness:
 ``python -m pyquorum`` subprocesses on 127.0.0.x, heartbeat 0.05 s, election timeout 0.5 s) and sends
@@ -74,7 +74,7 @@ from pyquorum.core.messages import (
     VoteRequest,
     VoteResponse,
 )
-from pyquorum.wire.codec import ClusterInfo, Codec, Hello, cluster_fingerprint
+from pyquorum.wire.codec import VERSION, ClusterInfo, Codec, Hello, cluster_fingerprint
 from pyquorum.wire.keyring import KeyRing
 from tests.harness.cluster import Cluster, Loopback, Node
 
@@ -414,7 +414,8 @@ def keyed_attacks(s: Scene) -> list[Attack]:
     # other versions, key ids we do not have, key id 0 with a random tail
     headers = []
     for _ in range(PER_KIND):
-        version, key_id = rng.choice([(0, 1), (2, 1), (255, 1), (1, rng.randrange(2, 256)), (1, 0)])
+        choices = [(0, 1), (VERSION - 1, 1), (255, 1), (VERSION, rng.randrange(2, 256)), (VERSION, 0)]
+        version, key_id = rng.choice(choices)  # VERSION - 1: an older pyquorum
         headers.append(b"PQ" + bytes((version, key_id)) + s.fp + os.urandom(rng.randrange(60, 200)))
     wrong = KeyRing(send_key_id=s.ring.send_key_id, keys={s.ring.send_key_id: secrets.token_bytes(32)})
     other_id = 200 if s.ring.send_key_id != 200 else 201
@@ -522,11 +523,12 @@ def test_flood_changes_nothing(tmp_path: Path, attacker: socket.socket) -> None:
                 return out
 
             def enough() -> bool:
+                # the master keeps sending V its heartbeats; a follower of a live master sends V
+                # nothing (protocol.md §3.2) but answers V's cross-cluster datagrams with a ClusterInfo
                 got = decoded()
-                return all(
-                    sum(1 for s, m, _ in got if s == n.name and not isinstance(m, ClusterInfo)) >= 8
-                    and any(s == n.name and isinstance(m, ClusterInfo) for s, m, _ in got)
-                    for n in live
+                heartbeats = sum(1 for s, m, _ in got if s == master.name and not isinstance(m, ClusterInfo))
+                return heartbeats >= 8 and all(
+                    any(s == n.name and isinstance(m, ClusterInfo) for s, m, _ in got) for n in live
                 )
 
             rec.record_until(enough, 10.0, "datagrams to V's earlier life, and ClusterInfo answers")
@@ -640,7 +642,8 @@ def test_without_key_runs_unauthenticated(attacker: socket.socket) -> None:
                 env = {"sender_epoch": epochs[peer], "seq": 10**12 + i, "echo_epoch": epochs[n.name]}
                 good = plain.encode(hb, receiver=n.name, **env)
                 body = good[:-4]
-                at = len(body) - 18  # msg_type, then the heartbeat's 17 bytes: term, master, round
+                # msg_type, then the heartbeat's 19 bytes: term, master, round, a 1-byte live bitmap
+                at = len(body) - 20
                 datagrams += [
                     (d, n.addr)
                     for d in (
@@ -648,7 +651,7 @@ def test_without_key_runs_unauthenticated(attacker: socket.socket) -> None:
                         signed.encode(hb, receiver=n.name, **env),
                         good[:-1] + bytes([good[-1] ^ 1]),
                         recrc(body[:at] + b"\x63" + body[at + 1 :]),  # message type 99
-                        recrc(body[:-9] + b"\x02" + body[-8:]),  # master flag 2
+                        recrc(body[:-11] + b"\x02" + body[-10:]),  # master flag 2
                         recrc(body + b"\x00"),
                     )
                 ]
@@ -710,7 +713,7 @@ def test_key_rotation_with_sighup(tmp_path: Path, attacker: socket.socket) -> No
                     and len(sts[master.name]["heard_key_ids"]) == 2
                 ) or None
 
-            # an operator checks this before the next step: every node's peers sign with `sends`
+            # an operator checks this before the next step: on the master, every peer signs with `sends`
             c.wait_for(peers_see_it, 5.0, f"every node seeing its peers sign with key {sends}")
 
         step([k1, k2], 1, [1, 2])  # 1. add k2: accept both, still sign with k1

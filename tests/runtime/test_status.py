@@ -16,13 +16,26 @@ import pytest
 from pyquorum.config import Config
 from pyquorum.core.address import NodeAddress
 from pyquorum.core.lease import Timing
-from pyquorum.core.messages import Heartbeat, HeartbeatResponse, PreVoteResponse, VoteResponse
+from pyquorum.core.messages import (
+    MESSAGE_TYPES,
+    Heartbeat,
+    HeartbeatResponse,
+    PreVoteResponse,
+    VoteResponse,
+)
 from pyquorum.core.node import Event, EventKind, Node, Ready
 from pyquorum.runtime.daemon import Daemon, log_core_event, status_file_doc
 from pyquorum.runtime.logs import configure_logging
 from pyquorum.runtime.reload import needs_restart
-from pyquorum.runtime.status import ELECTION_BUCKETS_S, Counters, exit_code, render_text
+from pyquorum.runtime.status import (
+    DATAGRAM_TYPES,
+    ELECTION_BUCKETS_S,
+    Counters,
+    exit_code,
+    render_text,
+)
 from pyquorum.runtime.storage import STATUS_KEYS
+from pyquorum.wire.codec import Hello
 
 A, B, C = "127.0.0.1:51621", "127.0.0.2:51621", "127.0.0.3:51621"
 T = Timing()
@@ -176,3 +189,12 @@ def test_core_events_are_logged_with_typed_fields() -> None:
     assert line["event"] == "stepped_down" and line["level"] == "WARNING" and line["term"] == 7
     assert line["deadline_in_s"] == 0.123 and line["reason"] == "lost_quorum"
     assert line["node_"] == "x" and line["node"] == A  # a reserved name never crashes the daemon
+
+
+def test_every_message_type_is_counted() -> None:
+    # A message type the wire carries but the counters do not name would be a KeyError on the send
+    # path (it happened: StepDown was added to the core after the counters were written).
+    assert set(MESSAGE_TYPES) | {Hello} <= set(DATAGRAM_TYPES)
+    counters = Counters([B, C])
+    for cls in MESSAGE_TYPES:
+        assert counters.sent[cls] == 0 and counters.received[cls] == 0

@@ -212,8 +212,11 @@ class Daemon:
             now=time.monotonic(),
             rng=random.Random(int.from_bytes(os.urandom(8), "big")),
             hard_state=HardState(state.term, state.voted_for, state.promise_s, state.recovering),
+            priorities=dict(self.config.priorities),
+            witnesses=frozenset(self.config.witnesses),
+            preempt_after_s=self.config.preempt_after_s,
         )
-        if self.config.script:
+        if self.config.script and not self.config.is_witness:  # a witness never runs it (§3.11)
             self.supervisor = ScriptSupervisor(
                 [self.config.script],
                 stop_timeout_s=self.timing.stop_timeout_s,

@@ -48,6 +48,8 @@ from pyquorum.core.messages import (
     PreVoteRequest,
     PreVoteResponse,
     Resign,
+    StepDown,
+    StepDownResponse,
     VoteRequest,
     VoteResponse,
 )
@@ -83,6 +85,8 @@ DATAGRAM_TYPES: Final[dict[type[object], str]] = {
     VoteRequest: "vote_request",
     VoteResponse: "vote_response",
     Resign: "resign",
+    StepDown: "step_down",
+    StepDownResponse: "step_down_response",
     Hello: "hello",
     ClusterInfo: "cluster_info",
 }

@@ -86,6 +86,8 @@ class Config:
     failure_window_s: float = DEFAULT_FAILURE_WINDOW_S
     log_level: int = logging.WARNING
     log_format: LogFormat = "text"
+    http: NodeAddress | None = None
+    """Where the HTTP listener (/metrics, /status, /leader, /health) listens; None: no listener."""
     priorities: tuple[tuple[str, int], ...] = ()
     """(member id, priority) for the members given one; the others have 0 (protocol.md §3.10)."""
     witnesses: tuple[str, ...] = ()
@@ -173,6 +175,7 @@ class Config:
         problems += self._check_roles()
         problems += check_key_file(self.key_file)
         problems += self._check_restart()
+        problems += check_http(self.http, check_port=check_port)
         return problems
 
     def warnings(self) -> list[str]:
@@ -264,6 +267,26 @@ class Config:
         if not self.failure_window_s > 0:
             problems.append(f"failure window must be positive (got {self.failure_window_s})")
         return problems
+
+
+def check_http(http: NodeAddress | None, *, check_port: bool = True) -> list[str]:
+    """Problems of the ``--http`` address: not an address of this host, or its TCP port in use
+    (unless not ``check_port``: next to the running daemon, which holds it)."""
+    if http is None:
+        return []
+    family = socket.AF_INET6 if http.ip.version == 6 else socket.AF_INET
+    for port in (0, http.port) if check_port else (0,):
+        with socket.socket(family, socket.SOCK_STREAM) as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                sock.bind((str(http.ip), port))
+            except OSError as exc:
+                if exc.errno == errno.EADDRINUSE:
+                    return [f"--http {http}: TCP port {port} is in use: choose another port"]
+                if exc.errno == errno.EADDRNOTAVAIL:
+                    return [f"--http {http}: {http.ip} is not an address of this host"]
+                return [f"--http {http}: cannot listen there: {exc.strerror or exc}"]
+    return []
 
 
 def check_script(script: str | None) -> list[str]:

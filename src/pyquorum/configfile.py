@@ -175,6 +175,7 @@ KEYS: tuple[Key, ...] = (
     Key("preempt_after", SECONDS),
     Key("log_level", _choice(tuple(LOG_LEVELS)), covers=("verbose", "very_verbose")),
     Key("log_format", _choice(LOG_FORMATS)),
+    Key("http", Kind('a string "ADDRESS:PORT" (e.g. "127.0.0.1:9621")', _text)),
 )
 
 _BY_NAME: Mapping[str, Key] = {key.name: key for key in KEYS}

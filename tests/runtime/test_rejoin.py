@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from pyquorum import keyfile
-from pyquorum.runtime.daemon import REFUSED_WARN_AFTER_S, _RefusedPeers
+from pyquorum.runtime.udp import REFUSED_WARN_AFTER_S, _RefusedPeers
 from tests.harness.cluster import Cluster, Node
 from tests.runtime.test_hostile import (
     agreed_master,

@@ -459,6 +459,13 @@ class Node:
             deadline = self._deadline()
         return Status(self.me, self.role, self.term, self.master, self.script_state, deadline)
 
+    def lease_ends_at(self) -> float | None:
+        """Read-only, for status displays: when this master steps down and stops its script unless
+        a newer round is acknowledged (protocol.md §4.3); None unless master with a lease."""
+        if self.role is not Role.MASTER or self.lease_start is None:
+            return None
+        return self._stop_at()
+
     @property
     def hard_state(self) -> HardState:
         return HardState(self.term, self.voted_for, self.promise_s, self.recovering)

@@ -50,19 +50,28 @@ from typing import Any
 from pyquorum import keyfile as keyfiles
 from pyquorum._localcluster import LocalCluster, Node, daemon_argv, free_udp_port
 from pyquorum.core.lease import Timing
-from tests.harness.procfs import alive, cmdline, signal_all, stopped, tagged_pids, wait_until
-from tests.harness.runs import EXITS, RECORD, REGISTER, Run, RunMonitor, check_runs, read_register
+from tests.harness.procfs import alive, cmdline, freeze, signal_all, stopped, tagged_pids, wait_until
+from tests.harness.runs import RECORD, REGISTER, Run, check_runs, read_register, start_monitor
 from tests.harness.workload import CONTROL_VAR, RECORD_VAR, REGISTER_VAR
 from tests.netns import hosts
 from tests.timing import TEST_TIMING
 
 __all__ = ["Cluster", "ClusterError", "FaultFailed", "Loopback", "Netns", "Node", "Unsupported"]
+__all__ += ["install_workload"]
 
 DEFAULT_WAIT_S = 30.0  # generous: the host is shared; timing assertions use measured times, not waits
 START_ATTEMPTS = 4  # a port taken between the probe and the daemons' bind: again, elsewhere
 LIVE_LINE_AGE_S = 0.25  # a run is "running" while it wrote a line this recently (it ticks every 5 ms)
 SCRIPT_HEAD_START_S = 0.02  # after a host pause the script resumes this long before its guard and daemon
 PDEATHSIG = ["setpriv", "--pdeathsig", "KILL"] if shutil.which("setpriv") else []
+
+
+def install_workload(path: Path) -> Path:
+    """Copy the workload (workload.py) to ``path`` as an executable script of this Python; ``path``."""
+    source = Path(__file__).with_name("workload.py").read_text(encoding="utf-8")
+    path.write_text(f"#!{sys.executable} -IS\n{source}", encoding="utf-8")
+    path.chmod(0o755)
+    return path
 
 
 def free_tcp_port() -> int:
@@ -119,14 +128,17 @@ class Loopback(Backend):
 
 
 class Netns(Backend):
-    """Host i is the network namespace ``<base>-h<i>`` at 10.99.0.i:7000 (tests/netns/hosts.py); its
-    daemon runs under ``ip netns exec``; network faults are nftables rules. ``net``: a Network to reuse
-    (its owner removes it); else one is made and removed at close. Needs root, ip and nft."""
+    """Host i is the network namespace ``<base>-h<i>`` at 10.99.0.i:``port`` (tests/netns/hosts.py);
+    its daemon runs under ``ip netns exec``; network faults are nftables rules. ``net``: a Network to
+    reuse (its owner removes it); else one is made and removed at close. Several clusters can share
+    one Network on different ports (bench/compare.py's lanes): a host's processes carry its
+    namespace's name as their tag whichever cluster started them, so a host crash takes all of them.
+    Needs root, ip and nft."""
 
     PORT = 7000
 
-    def __init__(self, net: hosts.Network | None = None) -> None:
-        self.net, self.own = net, net is None
+    def __init__(self, net: hosts.Network | None = None, *, port: int = PORT) -> None:
+        self.net, self.own, self.port = net, net is None, port
 
     def addresses(self, size: int) -> list[str]:
         if self.net is None:
@@ -134,7 +146,7 @@ class Netns(Backend):
                 raise Unsupported(f"Netns: {why}")
             self.net = hosts.Network(hosts.run_id(), size)
             self.net.create()
-        return [f"{self.net.ip(h)}:{self.PORT}" for h in self.net.hosts]
+        return [f"{self.net.ip(h)}:{self.port}" for h in self.net.hosts]
 
     def tag(self) -> str:
         assert self.net is not None
@@ -215,16 +227,11 @@ class Cluster(LocalCluster):
         self._control: dict[str, dict[str, Any]] = {"*": dict(workload or {})}
         self._depth = 0
         self._closed = False
-        for name in (RECORD, EXITS, f"{REGISTER}.log"):
-            (directory / name).touch()
-        if script is True:
-            source = Path(__file__).with_name("workload.py").read_text(encoding="utf-8")
-            self.script.write_text(f"#!{sys.executable} -IS\n{source}", encoding="utf-8")  # type: ignore[union-attr]
-            self.script.chmod(0o755)  # type: ignore[union-attr]
+        if self.script is not None and script is True:
+            install_workload(self.script)
         self._write_control()
         self._set_argv()
-        self.monitor = RunMonitor(directory)
-        self.monitor.start()
+        self.monitor = start_monitor(directory)
 
     def add_args(self, *args: str) -> None:
         """More daemon options for every node, before ``start()`` (e.g. --priority NODE=N, which
@@ -479,14 +486,7 @@ class Cluster(LocalCluster):
             raise FaultFailed(evidence)
 
     def _freeze(self, node: Node) -> dict[int, str]:
-        # SIGSTOP every process of the node until no new one appears: none can fork or act any more
-        frozen: dict[int, str] = {}
-        for _ in range(50):
-            if not (new := {p: r for p, r in self.processes(node).items() if p not in frozen}):
-                break
-            signal_all(new, signal.SIGSTOP)
-            frozen.update(new)
-        return frozen
+        return freeze(lambda: self.processes(node))
 
     def crash(self, node: Node, *, host: bool = False) -> float:
         """kill -9 of the node's daemon (its guard then stops the script, protocol.md §4.4), or with

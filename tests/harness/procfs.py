@@ -10,19 +10,34 @@ from __future__ import annotations
 import os
 import signal
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
+from typing import TypeVar
 
 from pyquorum._localcluster import TAG_VAR, alive, signal_all, stat, sweep, tagged_pids
 
 __all__ = ["TAG_VAR", "alive", "cmdline", "cpu_seconds", "descendants", "rss_mb", "signal_all", "stat"]
-__all__ += ["stopped", "sweep", "sweep_stale", "tagged_pids", "wait_until"]
+__all__ += ["freeze", "stopped", "sweep", "sweep_stale", "tagged_pids", "wait_until"]
+
+V = TypeVar("V")
 
 
 def stopped(pid: int) -> bool:
     """True if ``pid`` is stopped (SIGSTOP: state T or t)."""
     fields = stat(pid)
     return fields is not None and fields[0] in ("T", "t")
+
+
+def freeze(find: Callable[[], Mapping[int, V]], rounds: int = 50) -> dict[int, V]:
+    """SIGSTOP every process that ``find()`` returns (pid -> anything), again until it returns no new
+    one: then none of them can fork or act any more (the moment of a host crash). What was frozen."""
+    frozen: dict[int, V] = {}
+    for _ in range(rounds):
+        if not (new := {p: v for p, v in find().items() if p not in frozen}):
+            break
+        signal_all(new, signal.SIGSTOP)
+        frozen.update(new)
+    return frozen
 
 
 def cmdline(pid: int) -> bytes:

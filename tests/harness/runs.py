@@ -141,6 +141,16 @@ def read_runs(directory: Path) -> list[Run]:
     )
 
 
+def start_monitor(directory: Path) -> RunMonitor:
+    """Create the record, exits and register log of ``directory`` (kept if they exist) and start a
+    ``RunMonitor`` on them: what a cluster, or anything else whose jobs run the workload, needs."""
+    for name in (RECORD, EXITS, f"{REGISTER}.log"):
+        (directory / name).touch()
+    monitor = RunMonitor(directory)
+    monitor.start()
+    return monitor
+
+
 def read_register(directory: Path) -> list[Entry]:
     path, entries = directory / f"{REGISTER}.log", []
     for line in path.read_text(errors="replace").splitlines() if path.exists() else []:

@@ -506,7 +506,7 @@ class Daemon:
             "master": master,
             "term": term,
             "to": to or None,
-            "bound_s": self.timing.handover_bound_s(),
+            "answered_at": time.monotonic(),
         }
 
     def _set_silence(self, until: float) -> None:

@@ -1,6 +1,6 @@
 """Failover, handover, start-up, idle CPU and memory of a real 3-node cluster on loopback.
 
-    python bench/cluster.py [--trials 30] [--starts 5] [--idle-seconds 10]
+    python bench/cluster.py [--trials 30] [--starts 5] [--idle-seconds 10] [--only step-down,...]
 
 Real daemons (``python -m pyquorum``) on three 127.0.0.x addresses, run by the test harness
 (tests/harness: ``Cluster(3, Loopback())``), with its recording workload as the script. It measures,
@@ -13,6 +13,10 @@ and prints, never asserts (speed is shown by measurements, never by timed tests)
   to rejoin for E before the next trial. ``--trials`` trials, default and tuned timing;
 - planned handover: SIGTERM to the master's daemon; the workload exits at once on SIGTERM; time from
   the old script's ``exit`` line to the new script's ``start`` line (and from the SIGTERM);
+- step-down: ``step-down`` over the master's control socket (what ``pyquorum step-down`` sends), the
+  same workload figure, and the daemons' own figure (the old script reaped -> the new script exec'd,
+  from their timelines, as ``pyquorum step-down --wait`` prints it); the master stays up, and the next
+  trial waits out the resigned node's quiet period (2E) first;
 - idle CPU (% of one core, from /proc/<pid>/stat utime + stime over ``--idle-seconds``) and RSS (VmRSS)
   of each daemon, and of the master's guard, with default timing.
 
@@ -32,6 +36,7 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -136,6 +141,60 @@ def handover(timing: Timing, trials: int) -> tuple[list[float], list[float]]:
     return from_exit, from_signal
 
 
+def _entry(timeline: dict[str, Any], kind: str, term: int, above: bool = False) -> dict[str, Any] | None:
+    found = [
+        e
+        for e in timeline["entries"]
+        if e["kind"] == kind and (e["term"] > term if above else e["term"] == term)
+    ]
+    return found[-1] if found else None
+
+
+def one_step_down(c: Cluster, master: Node) -> tuple[float, float, float, Node]:
+    """One step-down over ``master``'s control socket: ``step_down``'s three figures, and the new master."""
+    from pyquorum.runtime import control
+
+    status = c.status(master)
+    assert status is not None
+    pid, term = status["script_pid"], int(status["term"])
+    answer = control.request(master.state_dir, "step-down")
+    assert answer["accepted"], answer
+    run = c.wait_for(
+        lambda: next((r for r in c.runs() if r.token > term and r.has_start), None), 30.0, "new run"
+    )
+    new = c.node(run.node)
+    old = c.wait_for(
+        lambda: next((r for r in c.runs() if r.pid == pid and r.exit_at), None), 30.0, "old exit"
+    )
+    assert old.exit_at is not None
+    started = c.wait_for(
+        lambda: _entry(control.request(new.state_dir, "timeline"), "script_started", term, above=True),
+        30.0,
+        "the new master's timeline",
+    )
+    old_tl = control.request(master.state_dir, "timeline")
+    reaped, resigned = _entry(old_tl, "script_stopped", term), _entry(old_tl, "resigned", term)
+    assert reaped is not None and resigned is not None, old_tl
+    return run.start - old.exit_at, started["at"] - reaped["at"], started["at"] - resigned["at"], new
+
+
+def step_down(timing: Timing, trials: int) -> tuple[list[float], list[float], list[float]]:
+    """Per trial: workload exit line -> start line, the daemons' reaped -> exec'd, and the resignation
+    sent -> exec'd (both from the daemons' timelines, on this host's one monotonic clock)."""
+    from_exit, daemons, from_resign = [], [], []
+    with Cluster(NODES, Loopback(), timing=timing, workload=WORKLOAD, check_on_exit=False) as c:
+        master = c.wait_for_master()
+        time.sleep(timing.election_timeout_s * 1.2)
+        for _ in range(trials):
+            exit_to_start, reaped_to_exec, resign_to_exec, master = one_step_down(c, master)
+            from_exit.append(exit_to_start)
+            daemons.append(reaped_to_exec)
+            from_resign.append(resign_to_exec)
+            time.sleep(2.2 * timing.election_timeout_s)  # the old master's quiet period (2E)
+        check(c)
+    return from_exit, daemons, from_resign
+
+
 def idle(timing: Timing, seconds: float) -> list[tuple[str, str, float, float]]:
     rows = []
     with Cluster(NODES, Loopback(), timing=timing, workload={"tick_s": 0.1}, check_on_exit=False) as c:
@@ -183,10 +242,19 @@ def main() -> int:
     ap.add_argument("--trials", type=int, default=30, help="crash failovers and handovers per timing (30)")
     ap.add_argument("--starts", type=int, default=5, help="fresh cluster start-ups per timing (5)")
     ap.add_argument("--idle-seconds", type=float, default=10.0, help="idle CPU measurement window (10)")
+    ap.add_argument(
+        "--only",
+        default="start-up,crash,handover,step-down,idle",
+        help="which measurements, comma-separated (default: all): start-up,crash,handover,step-down,idle",
+    )
+    ap.add_argument("--timings", default="default,tuned", help="which timing profiles (default,tuned)")
     args = ap.parse_args()
+    only = set(args.only.split(","))
     print(f"pyquorum {NODES}-node cluster on loopback, real processes; failover targets: median 2 s, p99 3 s")
     print(line("python -I -S start-up (reference)", interpreter_start_s()))
     for name, timing in (("default", DEFAULT), ("tuned", TUNED)):
+        if name not in args.timings.split(","):
+            continue
         t = timing
         print(
             f"\n{name} timing: --heartbeat-interval {t.heartbeat_interval_s:g} --election-timeout "
@@ -211,13 +279,31 @@ def main() -> int:
             print(line("handover (script exit -> start)", from_exit, 0.1), flush=True)
             print(line("handover (SIGTERM -> start)", from_signal), flush=True)
 
-        timed("start-up", start_up)
-        timed("crash", crash)
-        timed("handover", hand)
+        def stepdown(timing: Timing = timing) -> None:
+            from_exit, daemons, from_resign = step_down(timing, args.trials)
+            print(line("step-down (script exit -> start)", from_exit, 0.05), flush=True)
+            print(f"  {'':<34} p99/target(0.1 s) {p99(from_exit) / 0.1:.2f}")
+            print(line("step-down (reaped -> exec'd, daemons)", daemons, 0.05), flush=True)
+            print(line("step-down (Resign sent -> exec'd)", from_resign), flush=True)
+
+        for what, fn in (
+            ("start-up", start_up),
+            ("crash", crash),
+            ("handover", hand),
+            ("step-down", stepdown),
+        ):
+            if what in only:
+                timed(what, fn)
+    if "idle" not in only:
+        return _verdict()
     print(f"\nidle, default timing, over {args.idle_seconds:g} s (targets: CPU < 1% of a core, RSS < 40 MB)")
     for node, what, cpu, rss in idle(DEFAULT, args.idle_seconds):
         ratios = f"ratio {cpu / 1.0:.2f}   RSS {rss:5.1f} MB  ratio {rss / 40:.2f}"
         print(f"  {node:<28} {what:<7} CPU {cpu:5.2f} %  {ratios}")
+    return _verdict()
+
+
+def _verdict() -> int:
     print()
     if problems:
         print("CHECKER FOUND PROBLEMS:\n" + "\n".join(problems))

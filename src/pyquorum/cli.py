@@ -59,6 +59,8 @@ USAGE = f"""\
        {PROG} demo [--rounds N] [--interval SECONDS] [-p PORT]
        {PROG} status [the daemon's options, or --config FILE] [--json] [--watch]
        {PROG} reload [the daemon's options, or --config FILE]
+       {PROG} step-down [the daemon's options, or --config FILE] [--to NODE] [--wait]
+       {PROG} drill [the daemon's options, or --config FILE] [--crash] [--rounds N] [--json]
        {PROG} init [daemon options] SERVER [SERVER ...]
        {PROG} accept-members [daemon options] SERVER [SERVER ...]"""
 
@@ -82,8 +84,8 @@ EPILOG = f"""\
 SERVER is an IPv4 or IPv6 address or a host name, with an optional port (default: -p):
   10.0.0.2  10.0.0.2:6000  fd00::2  [fd00::2]:6000  db2  db2:6000
 Host names are resolved once, at start-up, preferring the bind address's family. A server whose
-name is also a subcommand (check-config, keygen, demo, status, reload, init, accept-members) must be
-written with its port.
+name is also a subcommand (check-config, keygen, demo, status, reload, step-down, drill, init,
+accept-members) must be written with its port.
 
 The default --state-dir is /var/lib/pyquorum/<ip>_<port> when running as root, otherwise
 $XDG_STATE_HOME/pyquorum/<ip>_<port> (~/.local/state/pyquorum/<ip>_<port>), so that several nodes
@@ -99,6 +101,9 @@ subcommands:
                         (exit 0 ok, 1 a member unreachable, 2 no majority or no master, 3 no
                         daemon); --json, --watch
   reload                make the running daemon re-read its configuration, without failover
+  step-down             hand the master's role over (--to NODE), at once; --wait prints the gap
+  drill                 test failover live: planned handovers, or --crash (the master goes
+                        silent, nothing is killed); measured gaps against the predicted bounds
   init                  mark this never-run node as new, so it votes at once (docs/protocol.md §8)
   accept-members        record a new member list, after stopping the cluster (docs/protocol.md §8)
 
@@ -872,12 +877,26 @@ def _count(text: str) -> int:
     return int(text)
 
 
+def _step_down(argv: list[str]) -> int:
+    from pyquorum import drill
+
+    return drill.step_down_main(argv)
+
+
+def _drill(argv: list[str]) -> int:
+    from pyquorum import drill
+
+    return drill.drill_main(argv)
+
+
 _SUBCOMMANDS: dict[str, Callable[[list[str]], int]] = {
     "check-config": _check_config,
     "keygen": _keygen,
     "demo": _demo,
     "status": _status,
     "reload": _reload,
+    "step-down": _step_down,
+    "drill": _drill,
     "init": _init,
     "accept-members": _accept_members,
 }

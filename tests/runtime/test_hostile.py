@@ -74,7 +74,7 @@ from pyquorum.core.messages import (
     VoteRequest,
     VoteResponse,
 )
-from pyquorum.wire.codec import VERSION, ClusterInfo, Codec, Hello, cluster_fingerprint
+from pyquorum.wire.codec import VERSION, ClusterInfo, Codec, WireMessage, cluster_fingerprint
 from pyquorum.wire.keyring import KeyRing
 from tests.harness.cluster import Cluster, Loopback, Node
 
@@ -515,7 +515,7 @@ def test_flood_changes_nothing(tmp_path: Path, attacker: socket.socket) -> None:
                 send_paced(attacker, cross_cluster[i : i + 64], RATE * len(live))
                 rec.drain()
 
-            def decoded() -> list[tuple[str, Message | ClusterInfo | Hello, bytes]]:
+            def decoded() -> list[tuple[str, WireMessage, bytes]]:
                 out = []
                 for data, _ in rec.captured:
                     env, msg = ours.decode(data)  # genuine: the real key verifies it

@@ -440,6 +440,23 @@ def test_step_down_is_refused_with_the_reason(to: str, reason: str) -> None:
     assert c.master() == A  # nothing changed
 
 
+def test_step_down_without_a_live_master_is_answered_at_once() -> None:
+    """Reference: protocol.md §3.10: a member with no live master to ask answers itself: "no-majority"
+    while it hears fewer than a majority, "not-master" while it hears one but knows no master."""
+    c = settled(3)
+    c.crash(A)
+    c.crash(B)
+    c.run_for(3 * DEFAULT.election_timeout_s)  # the master's report (2E) is stale too
+    core = c.nodes[2].core
+    assert core is not None
+    assert core.request_step_down(c.nodes[2].local(c.now)) == "no-majority"
+    assert core.ready().messages == []  # nothing was sent: there is nobody to ask
+    c.restart(B)
+    c.run_for(0.05)  # B is heard again, before anyone could be elected
+    assert c.master() is None
+    assert core.request_step_down(c.nodes[2].local(c.now)) == "not-master"
+
+
 def test_higher_priority_proposes_first() -> None:
     """Reference: protocol.md §3.10: among the live members a higher priority proposes first."""
     for seed in range(4):

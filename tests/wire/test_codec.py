@@ -36,9 +36,18 @@ from pyquorum.wire.codec import (
     DatagramError,
     Envelope,
     Hello,
+    WireMessage,
     cluster_fingerprint,
 )
 from pyquorum.wire.keyring import KeyRing
+from pyquorum.wire.operate import (
+    ROLE_NAMES,
+    TRANSITION_KINDS,
+    Silence,
+    SilenceResponse,
+    Timeline,
+    TimelineResponse,
+)
 
 A, B, C = "10.0.0.1:51621", "10.0.0.2:51621", "[fd00::3]:51621"
 MEMBERS = frozenset({A, B, C})
@@ -49,7 +58,7 @@ RING = KeyRing(send_key_id=1, keys={1: KEY1})
 MAX_TERM = 2**63 - 1
 MAX_U64 = 2**64 - 1
 
-ALL_MESSAGES: list[Message | ClusterInfo | Hello] = [
+ALL_MESSAGES: list[WireMessage] = [
     Heartbeat(term=0, master=False, round=0),
     Heartbeat(term=MAX_TERM, master=True, round=MAX_TERM),
     Heartbeat(term=5, master=True, round=6, live=frozenset({C})),  # one member: a stable test id
@@ -69,6 +78,17 @@ ALL_MESSAGES: list[Message | ClusterInfo | Hello] = [
     Resign(term=10, successor=C),
     ClusterInfo(members=(A, B, "10.0.0.9:51621"), timing=TIMING),
     ClusterInfo(members=("[::1]:1",), timing="é ρ=1%"),
+    Timeline(request_id=MAX_U64),
+    TimelineResponse(request_id=0, role="slave", term=3),
+    TimelineResponse(
+        request_id=7,
+        role="master",
+        term=MAX_TERM,
+        entries=(("became_master", 4, 0), ("script_stopped", MAX_TERM, MAX_U64)) * 16,
+    ),
+    Silence(request_id=1, duration_ms=60_000),
+    SilenceResponse(request_id=2, accepted=True),
+    SilenceResponse(request_id=2, accepted=False),
 ]
 
 
@@ -82,7 +102,7 @@ def codec(
 
 
 def encode(
-    msg: Message | ClusterInfo | Hello,
+    msg: WireMessage,
     keyring: KeyRing | None = None,
     *,
     sender: str = A,
@@ -177,7 +197,7 @@ def test_codec_covers_every_core_message_type():
 
 def test_codec_wire_format_matches_the_table():
     """Every message type byte for byte against security.md §4, with and without a key."""
-    payloads: list[tuple[Message | ClusterInfo | Hello, int, bytes]] = [
+    payloads: list[tuple[WireMessage, int, bytes]] = [
         (Heartbeat(term=3, master=True, round=4), 1, u64(3) + b"\x01" + u64(4) + b"\x01\x00"),
         # the live bitmap over the members in protocol order: 10.0.0.1, 10.0.0.2, [fd00::3]
         (
@@ -197,6 +217,14 @@ def test_codec_wire_format_matches_the_table():
         (Hello(), 65, b""),
         (StepDown(term=3, to=C, preempt=True), 8, u64(3) + ident(C) + b"\x01"),
         (StepDownResponse(term=3, accepted=False, reason="not-live"), 9, u64(3) + b"\x00\x06"),
+        (Timeline(request_id=5), 66, u64(5)),
+        (
+            TimelineResponse(5, "candidate", 3, (("script_started", 3, 1500), ("silence_ended", 2, 1))),
+            67,
+            u64(5) + b"\x02" + u64(3) + b"\x02" + b"\x01" + u64(3) + u64(1500) + b"\x06" + u64(2) + u64(1),
+        ),
+        (Silence(request_id=5, duration_ms=2500), 68, u64(5) + struct.pack(">I", 2500)),
+        (SilenceResponse(request_id=5, accepted=True), 69, u64(5) + b"\x01"),
     ]
     for msg, msg_type, payload in payloads:
         assert encode(msg) == build(payload, msg_type=msg_type)
@@ -225,7 +253,7 @@ def test_codec_format_is_frozen():
 
 
 TERMS = st.integers(0, MAX_TERM)
-MESSAGES: st.SearchStrategy[Message | ClusterInfo] = st.one_of(
+MESSAGES: st.SearchStrategy[WireMessage] = st.one_of(
     st.builds(Heartbeat, TERMS, st.just(True), TERMS, st.frozensets(st.sampled_from([A, B, C]))),
     st.builds(Heartbeat, TERMS, st.just(False), TERMS),
     st.builds(HeartbeatResponse, TERMS, TERMS),
@@ -236,6 +264,18 @@ MESSAGES: st.SearchStrategy[Message | ClusterInfo] = st.one_of(
     st.builds(Resign, TERMS, st.sampled_from(["", A, B, C])),
     st.builds(StepDown, TERMS, st.sampled_from(["", A, B, C]), st.booleans()),
     st.builds(StepDownResponse, TERMS, st.just(False), st.sampled_from(STEP_DOWN_REASONS[1:])),
+    st.builds(Timeline, st.integers(0, MAX_U64)),
+    st.builds(
+        TimelineResponse,
+        st.integers(0, MAX_U64),
+        st.sampled_from(ROLE_NAMES),
+        TERMS,
+        st.lists(
+            st.tuples(st.sampled_from(TRANSITION_KINDS), TERMS, st.integers(0, MAX_U64)), max_size=32
+        ).map(tuple),
+    ),
+    st.builds(Silence, st.integers(0, MAX_U64), st.integers(1, 60_000)),
+    st.builds(SilenceResponse, st.integers(0, MAX_U64), st.booleans()),
     st.builds(
         ClusterInfo,
         st.lists(
@@ -483,6 +523,14 @@ def test_codec_rejects_datagram_for_another_receiver():
         ({}, b"\x02" + ident(A) + ident(A) + b"\x00\x00", 64),  # repeated
         ({}, b"\x01" + ident(A) + b"\x00\x01\n", 64),  # timing unprintable
         ({}, b"\x01" + ident(A) + b"\x00\x01\xff", 64),  # timing not UTF-8
+        ({}, u64(1) + b"\x04" + u64(3) + b"\x00", 67),  # role unknown
+        ({}, u64(1) + b"\x00" + u64(2**63) + b"\x00", 67),  # term inflation
+        ({}, u64(1) + b"\x00" + u64(3) + b"\x21", 67),  # 33 entries: above MAX_ENTRIES
+        ({}, u64(1) + b"\x00" + u64(3) + b"\x01" + b"\x07" + u64(3) + u64(0), 67),  # kind unknown
+        ({}, u64(1) + b"\x00" + u64(3) + b"\x01" + b"\x00" + u64(2**63) + u64(0), 67),
+        ({}, u64(1) + struct.pack(">I", 0), 68),  # a silence of 0 ms
+        ({}, u64(1) + struct.pack(">I", 60_001), 68),  # above MAX_SILENCE_MS
+        ({}, u64(1) + b"\x02", 69),  # boolean 2
     ],
 )
 def test_codec_rejects_bad_fields(overrides: dict[str, object], payload: bytes, msg_type: int):
@@ -492,7 +540,7 @@ def test_codec_rejects_bad_fields(overrides: dict[str, object], payload: bytes, 
         assert reject(codec(B, ring), data).reason == "bad-field"
 
 
-@pytest.mark.parametrize("msg_type", [0, 10, 63, 66, 255])
+@pytest.mark.parametrize("msg_type", [0, 10, 63, 70, 255])
 def test_codec_rejects_unknown_message_type(msg_type: int):
     assert reject(codec(B), build(u64(1), msg_type=msg_type)).reason == "bad-type"
 

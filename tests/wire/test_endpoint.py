@@ -18,10 +18,12 @@ from pyquorum.wire import (
     Foreign,
     Handshake,
     KeyRing,
+    Operate,
     Reject,
     RejectCounts,
     cluster_fingerprint,
 )
+from pyquorum.wire.operate import Silence, Timeline
 from pyquorum.wire.reasons import DECODE_REASONS, REPLAY_REASONS
 
 A, B, C = "10.0.0.1:51621", "10.0.0.2:51621", "[fd00::3]:51621"
@@ -299,3 +301,22 @@ def test_a_stale_hello_is_refused_like_any_datagram():
     assert refused(a, reply.data, ADDR[B]).reason == "replayed"
     restarted = endpoint(A, 8)  # a's next life: the old Hello was addressed to its previous epoch
     assert refused(restarted, reply.data, ADDR[B]).reason == "bad-echo"
+
+
+# -- runtime-level messages (wire/operate.py) ----------------------------------------------------
+
+
+def test_operate_messages_go_to_the_runtime_and_a_replay_or_forgery_changes_nothing():
+    """A timeline or silence request is answered as ``Operate``, never ``Deliver`` (the core never
+    sees it); a replayed copy is refused as "replayed", a forged one as "bad-mac", both counted.
+    Reference: docs/security.md §3, §4 (types 66-69)."""
+    a, b = endpoint(A, 1), endpoint(B, 1)
+    handshake(a, b)
+    datagram = a.send(B, Silence(request_id=9, duration_ms=1500)).data
+    got = b.receive(datagram, ADDR[A])
+    assert got == Operate(A, Silence(request_id=9, duration_ms=1500))
+    assert refused(b, datagram, ADDR[A]).reason == "replayed"
+    forged = bytearray(a.send(B, Timeline(request_id=3)).data)
+    forged[-40] ^= 1  # the payload, under the MAC
+    assert refused(b, bytes(forged), ADDR[A]).reason == "bad-mac"
+    assert b.rejected["replayed"] == 1 and b.rejected["bad-mac"] == 1

@@ -80,6 +80,16 @@ class Timing:
         # but may be dead or one-way: allow two slots, plus retries, plus D and one ack round.
         return (h + e) * (1 + self.drift_bound) + 2 * self.slot_s + 3 * h + self.start_delay_s
 
+    def handover_bound_s(self) -> float:
+        """Upper bound on the time from the old master's script being reaped to the moment the new
+        master may run its script, in a planned handover (a step-down or a shutdown) with a majority
+        connected and round-trip time well under h (protocol.md §5.3)."""
+        h = self.heartbeat_interval_s
+        # the Resign, then the successor proposes at once; if it cannot (it died just after being
+        # named, or it resigned itself within 2E), the next one one slot later: two slots, plus a
+        # re-sent request, one ack round and D, as in the failover bound.
+        return 2 * self.slot_s * (1 + self.drift_bound) + 3 * h + self.start_delay_s
+
     def liveness_bound_s(self, n: int) -> float:
         """Upper bound on the time from the moment every one of the ``n`` nodes is up and the network
         is healthy again to the moment a master runs its script (protocol.md §5.2)."""

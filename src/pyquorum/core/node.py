@@ -402,13 +402,15 @@ class Node:
         """Ask the master to hand over (protocol.md §3.10), to ``to`` if given. On the master itself
         the request is decided at once: the reason (``STEP_DOWN_REASONS``) is returned. Elsewhere it
         is sent to the master we follow and None is returned: the answer comes back as a
-        ``step_down_answered`` event. "not-master" if we know no master."""
+        ``step_down_answered`` event. Without a live master to ask, the answer is at once:
+        "no-majority" if we hear fewer than a majority of the members, else "not-master"."""
         if to and to not in self.members:
             raise LocalProtocolError(f"{to!r} is not a member")
         if self.role is Role.MASTER:
             return self._decide_step_down(self.me, StepDown(self.term, to), now)
-        if self.master is None or self.master == self.me:
-            return "not-master"
+        if self.master is None or self.master == self.me or not self._has_live_master(now):
+            # protocol.md §3.10: nobody to ask; say why, as the master would
+            return "no-majority" if len(self._alive(now)) < self.quorum else "not-master"
         self._send(self.master, StepDown(self.term, to))
         return None
 

@@ -13,6 +13,7 @@ send, act on the script, log, ``advance()``. Every protocol decision is the core
 * ``runtime.restart``: the pure restart policy for a script that ends by itself;
 * ``runtime.reload``: reading the configuration again, and what a reload refuses;
 * ``runtime.control``: the control socket (the commands are ``COMMANDS`` below, one function each);
+* ``runtime.handover``: step-down answers, this node's transition record and a drill's silence;
 * ``runtime.http`` and ``runtime.metrics``: the opt-in HTTP listener and its Prometheus collector;
 * ``runtime.sdnotify``: what systemd is told, at each stage;
 * ``pyquorum.supervisor``: the script's runs under the kill deadline (and its guard process).
@@ -65,7 +66,8 @@ from pyquorum.core.errors import ConfigError
 from pyquorum.core.messages import Message
 from pyquorum.core.node import Event, EventKind, HardState, Node, Ready, Role, StartScript
 from pyquorum.keyfile import load_keyring
-from pyquorum.runtime.control import CONTROL_SOCKET_NAME, ControlServer
+from pyquorum.runtime.control import CONTROL_SOCKET_NAME, CommandFailed, ControlServer
+from pyquorum.runtime.handover import Handover
 from pyquorum.runtime.logs import RESERVED_FIELDS, Value, configure_logging, log_event, log_exception
 from pyquorum.runtime.reload import needs_restart, read_config, restart_settings
 from pyquorum.runtime.restart import Action, Decision, RestartPolicy
@@ -142,6 +144,14 @@ class Daemon:
         self._reload_lock = asyncio.Lock()
         self._reloads: set[asyncio.Task[Any]] = set()
         self._notify_status = False  # STATUS= on changes: after READY=1, until STOPPING=1
+        # step-down, the timeline and a drill's silence (runtime/handover.py)
+        self.handover = Handover(
+            self.me,
+            self.timing,
+            send=lambda dest, msg: self.udp.send(dest, msg) if self.udp is not None else None,
+            role_now=lambda: (self.node.role.value, self.node.term),
+            silence_switch=self._set_silence,
+        )
 
     # ------------------------------------------------------------------ start-up
 
@@ -199,7 +209,12 @@ class Daemon:
         keyring = self._load_keys()
         endpoint = self._make_endpoint(keyring)
         self.udp = Udp(
-            endpoint, self.step, self.counters, members=self.members, timing_text=self.config.timing_text
+            endpoint,
+            self.step,
+            self.counters,
+            members=self.members,
+            timing_text=self.config.timing_text,
+            on_operate=self.handover.on_message,
         )
         ip = self.config.me.ip
         await self.udp.bind(
@@ -330,6 +345,7 @@ class Daemon:
             self._notify_status = False
         for task in list(self._reloads):
             task.cancel()
+        self.handover.close()
         if self.http is not None:
             await self.http.close()
         if self.control is not None:
@@ -459,6 +475,45 @@ class Daemon:
 
     # ------------------------------------------------------------------ the control socket
 
+    async def step_down(self, to: str, timeout_s: float) -> dict[str, Any]:
+        """Ask the master to hand over (protocol.md §3.10), to ``to`` if not empty: on the master
+        the core decides at once; elsewhere the request goes to the master and this waits for its
+        answer. Returns the answer for ``pyquorum step-down``."""
+        node = self.node
+        was_master, term = node.role is Role.MASTER, node.term
+        master = self.me if was_master else node.master
+        reason = node.request_step_down(time.monotonic(), to)
+        self._process()
+        if reason is None:
+            assert master is not None  # the core sent the request to the master it follows
+            master, accepted, reason = await self.handover.step_down_answer(master, timeout_s)
+        else:
+            accepted = reason == "accepted"
+            master = master if was_master else None
+        log_event(
+            log,
+            logging.INFO,
+            "step_down_request",
+            term=term,
+            to=to or None,
+            master=master,
+            accepted=accepted,
+            reason=reason,
+        )
+        return {
+            "accepted": accepted,
+            "reason": reason,
+            "master": master,
+            "term": term,
+            "to": to or None,
+            "answered_at": time.monotonic(),
+        }
+
+    def _set_silence(self, until: float) -> None:
+        # a drill's silence (runtime/handover.py) is carried out by the UDP layer
+        if self.udp is not None:
+            self.udp.silent_until = until
+
     def _commands(self) -> dict[str, Callable[[Mapping[str, Any]], Awaitable[Any]]]:
         return {name: _bind(self, command) for name, command in COMMANDS.items()}
 
@@ -558,6 +613,7 @@ class Daemon:
             now = time.monotonic()
             for ev in rd.events:
                 self.counters.on_event(ev, now)
+                self.handover.on_event(ev, now)
                 log_core_event(log, ev)
             self._note_state()
 
@@ -573,7 +629,8 @@ class Daemon:
     def _start_script(self, action: StartScript) -> None:
         if self.supervisor is None:
             # no script configured: the core's bookkeeping still needs a "stopped" eventually,
-            # which comes when it asks us to stop
+            # which comes when it asks us to stop; the timeline counts the role as the script's run
+            self.handover.log.record("script_started", action.token, time.monotonic())
             return
         now = time.monotonic()
         # The run exists from this call on: a stop the core asks for before the script has started
@@ -607,6 +664,7 @@ class Daemon:
             return
         if self._run is not None and self._run.token == action.token:
             self._run.started_at = time.monotonic()
+            self.handover.log.record("script_started", action.token, self._run.started_at)
         self._note_state()
 
     def _stop_script(self, deadline: float, reason: str) -> None:
@@ -618,6 +676,7 @@ class Daemon:
         self.supervisor.stop(deadline)  # also during the start: the supervisor remembers it
 
     def _virtual_script_stopped(self) -> None:
+        self.handover.log.record("script_stopped", self.node.term, time.monotonic())
         self.node.script_stopped(time.monotonic())
         self._process()
 
@@ -627,6 +686,8 @@ class Daemon:
         # from the start request, as the restart policy's window counts it
         ran_for = now - run.asked_at if run is not None else 0.0
         self._record_exit(_exit_reason(exit_), now, exit_.returncode, exit_.error)
+        if run is not None and run.started_at is not None:
+            self.handover.log.record("script_stopped", run.token, exit_.reaped_at)
         if exit_.requested or run is None or self.node.role is not Role.MASTER or self.node.leaving:
             log_event(
                 log,
@@ -839,6 +900,41 @@ async def _reload_command(daemon: Daemon, args: Mapping[str, Any]) -> Any:
 async def _commands_command(daemon: Daemon, args: Mapping[str, Any]) -> Any:
     """The names of the commands, with their one-line descriptions."""
     return {name: (fn.__doc__ or "").strip().split("\n")[0] for name, fn in sorted(COMMANDS.items())}
+
+
+@command("step-down")
+async def _step_down_command(daemon: Daemon, args: Mapping[str, Any]) -> Any:
+    """Ask the master to hand over, to args.to if given; answered with its decision (§3.10)."""
+    to = args.get("to") or ""
+    if not isinstance(to, str) or (to and to not in daemon.members):
+        raise CommandFailed(f"'to' must be a member ({', '.join(daemon.members)}), not {to!r}")
+    return await daemon.step_down(to, _seconds_arg(args, "timeout_s", 2.0))
+
+
+@command("timeline")
+async def _timeline_command(daemon: Daemon, args: Mapping[str, Any]) -> Any:
+    """A member's role, term and recent transitions, on this host's monotonic clock."""
+    return await daemon.handover.timeline(_member_arg(daemon, args))
+
+
+@command("silence")
+async def _silence_command(daemon: Daemon, args: Mapping[str, Any]) -> Any:
+    """Make a member drop every datagram for args.duration_s, as if it had died (a drill)."""
+    return await daemon.handover.silence(_member_arg(daemon, args), _seconds_arg(args, "duration_s", 0.0))
+
+
+def _member_arg(daemon: Daemon, args: Mapping[str, Any]) -> str:
+    node = args.get("node") or daemon.me
+    if not isinstance(node, str) or node not in daemon.members:
+        raise CommandFailed(f"'node' must be a member ({', '.join(daemon.members)}), not {node!r}")
+    return node
+
+
+def _seconds_arg(args: Mapping[str, Any], name: str, default: float) -> float:
+    value = args.get(name, default)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 3600:
+        raise CommandFailed(f"{name!r} must be a number of seconds from 0 to 3600, not {value!r}")
+    return float(value)
 
 
 def _bind(daemon: Daemon, fn: Command) -> Callable[[Mapping[str, Any]], Awaitable[Any]]:

@@ -55,6 +55,7 @@ from pyquorum.core.messages import (
 )
 from pyquorum.core.node import Event, EventKind, Node, Role
 from pyquorum.wire import ClusterInfo, Hello
+from pyquorum.wire.operate import Silence, SilenceResponse, Timeline, TimelineResponse
 
 __all__ = [
     "API_VERSION",
@@ -89,6 +90,10 @@ DATAGRAM_TYPES: Final[dict[type[object], str]] = {
     StepDownResponse: "step_down_response",
     Hello: "hello",
     ClusterInfo: "cluster_info",
+    Timeline: "timeline",
+    TimelineResponse: "timeline_response",
+    Silence: "silence",
+    SilenceResponse: "silence_response",
 }
 ROLES: Final = tuple(role.value for role in Role)
 # won: became master; failed: its slot ended without a majority (event election_failed); yielded:

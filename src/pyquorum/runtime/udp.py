@@ -24,14 +24,18 @@ The datagram path, hop by hop
     kernel UDP socket
     -> Udp.datagram_received(data, addr)            this module (asyncio calls it)
     -> Endpoint.receive(data, source)               wire/endpoint.py: codec, then replay guard
-    <- Deliver | Reject | Foreign | Handshake        the one answer
+    <- Deliver | Reject | Foreign | Handshake | Operate   the one answer
     -> Deliver: Counters.on_deliver, then the daemon's step(sender, message, now):
          Node.step                                  core/node.py
          Daemon._process: Node.ready() -> persist (fsync) -> Udp.send (Endpoint.send + sendto)
          -> script actions -> log events -> Node.advance
     -> Reject: the Hello reply if any, a rate-limited log line (counted already), a lasting refusal
        of a member: a WARNING; Foreign: a rate-limited report and a ClusterInfo through Udp.send;
-       Handshake: nothing for the core (the wire learnt the peer's epoch)
+       Handshake: nothing for the core (the wire learnt the peer's epoch); Operate (a timeline or
+       a drill's silence, wire/operate.py): the daemon's ``on_operate`` (runtime/handover.py)
+
+While a drill's silence lasts (``silent_until``) every datagram in and out is dropped before anything
+else, and counted in ``silenced_received`` / ``silenced_sent``: the node acts as if it had died.
 
 Every datagram received is counted once: accepted by type (``Counters.received``) or refused by reason
 (``Endpoint.rejected``); every datagram sent once, by type (``Counters.sent``).
@@ -52,7 +56,9 @@ from pyquorum.core.errors import ConfigError
 from pyquorum.core.messages import Message
 from pyquorum.runtime.logs import log_event
 from pyquorum.runtime.status import Counters, RateLimiter
-from pyquorum.wire import ClusterInfo, Deliver, Endpoint, Foreign, Handshake, Hello, Reject
+from pyquorum.wire import ClusterInfo, Deliver, Endpoint, Foreign, Handshake, Hello, Operate, Reject
+from pyquorum.wire.codec import WireMessage
+from pyquorum.wire.operate import OperateMessage
 
 __all__ = ["REFUSED_WARN_AFTER_S", "REJECT_LOG_INTERVAL_S", "Udp"]
 
@@ -72,6 +78,7 @@ REFUSED_WARN_AFTER_S = 3.0
 RECEIVE_BUFFER_BYTES = 1 << 20
 
 Step = Callable[[str, Message, float], None]
+OnOperate = Callable[[str, OperateMessage, float], None]
 
 
 class _RefusedPeers:
@@ -118,6 +125,7 @@ class Udp(asyncio.DatagramProtocol):
         *,
         members: tuple[str, ...],
         timing_text: str,
+        on_operate: OnOperate | None = None,
     ) -> None:
         self.endpoint = endpoint
         self.counters = counters
@@ -129,6 +137,12 @@ class Udp(asyncio.DatagramProtocol):
         self._reject_log = RateLimiter(REJECT_LOG_INTERVAL_S)
         self._info_sent = RateLimiter(REJECT_LOG_INTERVAL_S)
         self._refused = _RefusedPeers(REFUSED_WARN_AFTER_S)
+        self._on_operate = on_operate
+        # A drill's silence (runtime/handover.py): until this monotonic time every datagram in and
+        # out is dropped, as if the node had died; 0.0 when not silent (one float test per datagram).
+        self.silent_until = 0.0
+        self.silenced_sent = 0
+        self.silenced_received = 0
 
     async def bind(self, ip: str, port: int, family: int) -> None:
         """Bind ``ip``:``port``; a failure is a ``ConfigError`` saying what to do."""
@@ -158,9 +172,13 @@ class Udp(asyncio.DatagramProtocol):
 
     # -- out ------------------------------------------------------------------------------------
 
-    def send(self, dest: str, msg: Message | ClusterInfo) -> None:
-        """Send ``msg`` to ``dest``'s configured address (never a datagram's source)."""
+    def send(self, dest: str, msg: WireMessage) -> None:
+        """Send ``msg`` to ``dest``'s configured address (never a datagram's source); dropped while
+        silent (a drill)."""
         if self._transport is None:
+            return
+        if self.silent_until and time.monotonic() < self.silent_until:
+            self.silenced_sent += 1
             return
         datagram = self.endpoint.send(dest, msg)
         self.counters.on_send(msg, time.monotonic())
@@ -169,6 +187,9 @@ class Udp(asyncio.DatagramProtocol):
     # -- in -------------------------------------------------------------------------------------
 
     def datagram_received(self, data: bytes, addr: tuple[Any, ...]) -> None:
+        if self.silent_until and time.monotonic() < self.silent_until:
+            self.silenced_received += 1  # a drill's silence: as if we had died
+            return
         source = (str(addr[0]), int(addr[1]))
         result = self.endpoint.receive(data, source)
         now = time.monotonic()
@@ -181,6 +202,11 @@ class Udp(asyncio.DatagramProtocol):
         elif isinstance(result, Handshake):
             self.counters.on_hello()
             self._on_accepted(result.sender, now)  # its epoch is known now (protocol.md §3.2)
+        elif isinstance(result, Operate):
+            self.counters.received[type(result.message)] += 1
+            self._on_accepted(result.sender, now)
+            if self._on_operate is not None:
+                self._on_operate(result.sender, result.message, now)
         else:
             if result.reply is not None and self._transport is not None:
                 self.counters.on_send(Hello(), now)
@@ -230,7 +256,7 @@ class Udp(asyncio.DatagramProtocol):
             # at the level of the warning it ends, so that whoever saw one sees the other
             log_event(log, logging.WARNING, "peer_accepted", peer=peer, after_refused_s=round(refused_for, 1))
 
-    def _cluster_mismatch(self, sender: str, msg: Message | ClusterInfo | Hello, now: float) -> None:
+    def _cluster_mismatch(self, sender: str, msg: WireMessage, now: float) -> None:
         # counted ("cluster-mismatch") by the endpoint already; here the reports and the answer
         ours = ",".join(self._members)
         if isinstance(msg, ClusterInfo):

@@ -9,7 +9,7 @@ key files is ``pyquorum.keyfile``'s job. Everything here is pure: no sockets, cl
 from __future__ import annotations
 
 from pyquorum.wire.codec import ClusterInfo, Codec, DatagramError, Envelope, Hello, cluster_fingerprint
-from pyquorum.wire.endpoint import Datagram, Deliver, Endpoint, Foreign, Handshake, Received, Reject
+from pyquorum.wire.endpoint import Datagram, Deliver, Endpoint, Foreign, Handshake, Operate, Received, Reject
 from pyquorum.wire.keyring import KeyRing
 from pyquorum.wire.reasons import REASONS, Reason, RejectCounts
 from pyquorum.wire.replay import ReplayGuard, next_boot_epoch
@@ -27,6 +27,7 @@ __all__ = [
     "Handshake",
     "Hello",
     "KeyRing",
+    "Operate",
     "Reason",
     "Received",
     "Reject",

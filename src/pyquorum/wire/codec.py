@@ -84,6 +84,17 @@ from pyquorum.core.messages import (
     VoteResponse,
 )
 from pyquorum.wire.keyring import KeyRing
+from pyquorum.wire.operate import (
+    MAX_ENTRIES,
+    MAX_SILENCE_MS,
+    ROLE_NAMES,
+    TRANSITION_KINDS,
+    OperateMessage,
+    Silence,
+    SilenceResponse,
+    Timeline,
+    TimelineResponse,
+)
 from pyquorum.wire.reasons import DECODE_REASONS, Reason
 
 __all__ = [
@@ -96,6 +107,7 @@ __all__ = [
     "DatagramError",
     "Envelope",
     "Hello",
+    "WireMessage",
     "cluster_fingerprint",
 ]
 
@@ -183,8 +195,11 @@ def cluster_fingerprint(members: Iterable[str], timing_text: str) -> bytes:
     return h.digest()[:FP_SIZE]
 
 
+# Everything the wire carries: the core's messages, and the runtime's own (never given to the core).
+WireMessage = Message | ClusterInfo | Hello | OperateMessage
+
 # msg_type numbers are part of the wire format: never renumber, only add.
-MSG_TYPE: Final[dict[type[Message] | type[ClusterInfo] | type[Hello], int]] = {
+MSG_TYPE: Final[dict[type[WireMessage], int]] = {
     Heartbeat: 1,
     HeartbeatResponse: 2,
     PreVoteRequest: 3,
@@ -196,12 +211,18 @@ MSG_TYPE: Final[dict[type[Message] | type[ClusterInfo] | type[Hello], int]] = {
     StepDownResponse: 9,
     ClusterInfo: 64,  # runtime-level messages live at 64 and above
     Hello: 65,
+    Timeline: 66,  # wire/operate.py: step-down --wait and the drill
+    TimelineResponse: 67,
+    Silence: 68,
+    SilenceResponse: 69,
 }
 
 _PREFIX = struct.Struct(">2sBB8s")  # magic, version, key_id, cluster_fp
 _EPOCHS = struct.Struct(">QQQB")  # sender_epoch, seq, echo_epoch, msg_type
 _U64 = struct.Struct(">Q")
 _U16 = struct.Struct(">H")
+_U32 = struct.Struct(">I")
+_ENTRY = struct.Struct(">BQQ")  # a TimelineResponse entry: kind, term, age_us
 _CRC = struct.Struct(">I")
 _MIN_BODY = _PREFIX.size + 1 + 1 + _EPOCHS.size  # with empty ids: no valid datagram is shorter
 
@@ -363,7 +384,7 @@ class Codec:
 
     def encode(
         self,
-        msg: Message | ClusterInfo | Hello,
+        msg: WireMessage,
         *,
         receiver: str,
         sender_epoch: int,
@@ -401,7 +422,7 @@ class Codec:
             )
         return datagram
 
-    def _encode_payload(self, msg: Message | ClusterInfo | Hello) -> bytes:
+    def _encode_payload(self, msg: WireMessage) -> bytes:
         if isinstance(msg, Heartbeat):
             return _term(msg.term) + _flag(msg.master) + _term(msg.round) + self._live_bits(msg.live)
         if isinstance(msg, HeartbeatResponse):
@@ -428,6 +449,8 @@ class Codec:
                 raise LocalProtocolError(f"successor {msg.successor!r} is not a member")
             raw = msg.successor.encode("ascii")
             return _term(msg.term) + bytes((len(raw),)) + raw
+        if isinstance(msg, (Timeline, TimelineResponse, Silence, SilenceResponse)):
+            return _encode_operate(msg)
         # ClusterInfo
         if not 1 <= len(msg.members) <= 255 or len(set(msg.members)) != len(msg.members):
             raise LocalProtocolError("ClusterInfo needs 1-255 distinct members")
@@ -444,7 +467,7 @@ class Codec:
 
     # -- decoding ----------------------------------------------------------------------------
 
-    def decode(self, data: bytes) -> tuple[Envelope, Message | ClusterInfo | Hello]:
+    def decode(self, data: bytes) -> tuple[Envelope, WireMessage]:
         """Verify and parse one datagram. Raises ``DatagramError`` (a ``RemoteProtocolError``)
         and nothing else, whatever ``data`` holds.
 
@@ -536,7 +559,7 @@ class Codec:
             raise DatagramError("bad-field", "live bitmap has bits beyond the members")
         return frozenset(node for i, node in enumerate(self._order) if value >> (width - 1 - i) & 1)
 
-    def _decode_payload(self, r: _Reader, msg_type: int) -> Message | ClusterInfo | Hello:
+    def _decode_payload(self, r: _Reader, msg_type: int) -> WireMessage:
         if msg_type == 1:
             term, master, round_ = r.term("term"), r.flag("master"), r.term("round")
             live = self._read_live(r)
@@ -576,6 +599,8 @@ class Codec:
             return self._decode_cluster_info(r)
         if msg_type == 65:
             return Hello()
+        if 66 <= msg_type <= 69:
+            return _decode_operate(r, msg_type)
         raise DatagramError("bad-type", f"unknown message type {msg_type}")
 
     @staticmethod
@@ -593,6 +618,61 @@ class Codec:
             members.append(node)
         timing = r.text("timing", r.u16("timing length"), ascii_only=False)
         return ClusterInfo(members=tuple(members), timing=timing)
+
+
+def _encode_operate(msg: OperateMessage) -> bytes:
+    # wire/operate.py has the layout
+    if not 0 <= msg.request_id <= MAX_U64:
+        raise LocalProtocolError(f"request_id {msg.request_id} is outside 0..2**64-1")
+    head = _U64.pack(msg.request_id)
+    if isinstance(msg, Timeline):
+        return head
+    if isinstance(msg, Silence):
+        if not 1 <= msg.duration_ms <= MAX_SILENCE_MS:
+            raise LocalProtocolError(f"silence of {msg.duration_ms} ms is outside 1..{MAX_SILENCE_MS}")
+        return head + _U32.pack(msg.duration_ms)
+    if isinstance(msg, SilenceResponse):
+        return head + _flag(msg.accepted)
+    if msg.role not in ROLE_NAMES or len(msg.entries) > MAX_ENTRIES:
+        raise LocalProtocolError(f"bad TimelineResponse: role {msg.role!r}, {len(msg.entries)} entries")
+    out = [head, bytes((ROLE_NAMES.index(msg.role),)), _term(msg.term), bytes((len(msg.entries),))]
+    for kind, term, age_us in msg.entries:
+        if kind not in TRANSITION_KINDS or not 0 <= age_us <= MAX_U64:
+            raise LocalProtocolError(f"bad timeline entry {kind!r} age {age_us}")
+        out.append(_ENTRY.pack(TRANSITION_KINDS.index(kind), _checked_term(term), age_us))
+    return b"".join(out)
+
+
+def _decode_operate(r: _Reader, msg_type: int) -> OperateMessage:
+    request_id = r.u64("request_id")
+    if msg_type == 66:
+        return Timeline(request_id)
+    if msg_type == 68:
+        duration_ms: int = _U32.unpack(r.take(4, "duration_ms"))[0]
+        if not 1 <= duration_ms <= MAX_SILENCE_MS:
+            raise DatagramError("bad-field", f"silence of {duration_ms} ms is outside 1..{MAX_SILENCE_MS}")
+        return Silence(request_id, duration_ms)
+    if msg_type == 69:
+        return SilenceResponse(request_id, r.flag("accepted"))
+    role = r.u8("role")
+    if role >= len(ROLE_NAMES):
+        raise DatagramError("bad-field", f"role {role} is unknown")
+    term, count = r.term("term"), r.u8("entry count")
+    if count > MAX_ENTRIES:
+        raise DatagramError("bad-field", f"{count} timeline entries, at most {MAX_ENTRIES}")
+    entries = []
+    for _ in range(count):
+        kind, entry_term, age_us = _ENTRY.unpack(r.take(_ENTRY.size, "timeline entry"))
+        if kind >= len(TRANSITION_KINDS) or entry_term > MAX_TERM:
+            raise DatagramError("bad-field", f"timeline entry kind {kind} term {entry_term}")
+        entries.append((TRANSITION_KINDS[kind], entry_term, age_us))
+    return TimelineResponse(request_id, ROLE_NAMES[role], term, tuple(entries))
+
+
+def _checked_term(value: int) -> int:
+    if not 0 <= value <= MAX_TERM:
+        raise LocalProtocolError(f"term {value} is outside 0..2**63-1")
+    return value
 
 
 def _id_field(node: str) -> bytes:

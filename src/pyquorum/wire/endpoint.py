@@ -9,6 +9,8 @@ sent:
 * ``Deliver(sender, message, key_id)``: fresh, authenticated (with a key), from our cluster: give
   ``message`` to ``Node.step(sender, message, now)``;
 * ``Reject(reason, detail, sender)``: drop it; ``reason`` is one word of ``wire.reasons.REASONS``;
+* ``Operate(sender, message)``: fresh and ours, but a runtime-level message (wire/operate.py: a
+  timeline, a drill's silence): for the daemon, never the core;
 * ``Foreign(sender, message, cluster_fp)``: a member speaking with another cluster's fingerprint
   (another member list or timing): never give it to the core; log both configurations and answer a
   protocol message with our ``ClusterInfo``, both rate-limited (docs/security.md §5).
@@ -32,7 +34,7 @@ The checks, in order (docs/security.md §3)
    (its sender never completes our handshake) and becomes a ``Foreign``;
 4. a ``ClusterInfo`` with our own fingerprint, which none of our nodes sends: "unexpected-info";
 5. ``ReplayGuard.check``: "stale-epoch", "bad-echo", "too-old", "replayed";
-6. ``Deliver``.
+6. ``Deliver`` (or ``Handshake`` for a Hello, ``Operate`` for a message of wire/operate.py).
 
 The datagram path, hop by hop
 -----------------------------
@@ -78,12 +80,14 @@ from pyquorum.wire.codec import (
     Codec,
     DatagramError,
     Hello,
+    WireMessage,
 )
 from pyquorum.wire.keyring import KeyRing
+from pyquorum.wire.operate import OPERATE_TYPES, OperateMessage
 from pyquorum.wire.reasons import Reason, RejectCounts
 from pyquorum.wire.replay import DEFAULT_WINDOW, ReplayGuard
 
-__all__ = ["Datagram", "Deliver", "Endpoint", "Foreign", "Received", "Reject"]
+__all__ = ["Datagram", "Deliver", "Endpoint", "Foreign", "Operate", "Received", "Reject"]
 
 Address = tuple[str, int]
 
@@ -116,7 +120,7 @@ class Foreign(NamedTuple):
     rule), counted as "cluster-mismatch". Never step it; ``message`` may be a ``ClusterInfo``."""
 
     sender: str
-    message: Message | ClusterInfo | Hello
+    message: WireMessage
     cluster_fp: bytes
 
 
@@ -126,7 +130,15 @@ class Handshake(NamedTuple):
     sender: str
 
 
-Received = Deliver | Reject | Foreign | Handshake
+class Operate(NamedTuple):
+    """A fresh runtime-level message of wire/operate.py (a timeline or a drill's silence) from
+    ``sender``: for the daemon (runtime/handover.py), never for the core."""
+
+    sender: str
+    message: OperateMessage
+
+
+Received = Deliver | Reject | Foreign | Handshake | Operate
 
 
 class Datagram(NamedTuple):
@@ -262,6 +274,8 @@ class Endpoint:
             return Reject(why, detail, env.sender, reply)
         if isinstance(msg, Hello):
             return Handshake(env.sender)
+        if isinstance(msg, OPERATE_TYPES):
+            return Operate(env.sender, msg)
         return Deliver(env.sender, msg, env.key_id)  # check 6
 
     def _hello(self, peer: str, epoch: int) -> Datagram | None:
@@ -277,7 +291,7 @@ class Endpoint:
 
     # -- outbound ----------------------------------------------------------------------------
 
-    def send(self, dest: str, message: Message | ClusterInfo | Hello) -> Datagram:
+    def send(self, dest: str, message: WireMessage) -> Datagram:
         """The datagram that carries ``message`` to the member ``dest``, with the next sequence
         number, this life's epoch and ``dest``'s epoch as last seen (0 before first contact).
         Raises ``LocalProtocolError`` for our own mistakes (``dest`` not a peer, a message that does

@@ -424,11 +424,15 @@ def main(argv: list[str] | None = None) -> int:
         "errors": [],
     }
     previous = signal.getsignal(signal.SIGTERM)
+    previous_int = signal.getsignal(signal.SIGINT)
 
     def on_sigterm(signum: int, frame: object) -> None:
         raise KeyboardInterrupt  # unwinds through every finally: systems, then the lab
 
     signal.signal(signal.SIGTERM, on_sigterm)
+    # Python leaves SIGINT ignored when it starts with it ignored (a background job, a pytest-xdist
+    # worker's child): Ctrl-C or kill -INT must clean up all the same.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     started = time.monotonic()
     lab: Lab | None = None
     try:
@@ -464,6 +468,7 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     finally:
         signal.signal(signal.SIGTERM, previous)
+        signal.signal(signal.SIGINT, previous_int)
         if lab is not None:
             log(lab.close())
     out["seconds"] = round(time.monotonic() - started, 1)

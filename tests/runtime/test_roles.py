@@ -7,6 +7,7 @@ import pytest
 
 from pyquorum.runtime.storage import PersistedState, StateStore
 from tests.harness.cluster import Cluster, Loopback
+from tests.timing import SLOW_START
 
 pytestmark = pytest.mark.slow
 
@@ -20,7 +21,7 @@ def known_new(c: Cluster) -> None:
 
 
 def test_the_highest_priority_is_elected_first_and_a_witness_never_runs_the_script() -> None:
-    c = Cluster(3, Loopback(), launch=False)
+    c = Cluster(3, Loopback(), launch=False, timing=SLOW_START)
     low, mid, high = c.nodes
     c.add_args("--priority", f"{high.name}=2", "--witness", low.name)
     known_new(c)
@@ -37,7 +38,7 @@ def test_the_highest_priority_is_elected_first_and_a_witness_never_runs_the_scri
 
 
 def test_a_preferred_node_takes_the_role_back_by_a_clean_handover() -> None:
-    c = Cluster(3, Loopback(), launch=False)
+    c = Cluster(3, Loopback(), launch=False, timing=SLOW_START)
     low, mid, high = c.nodes
     c.add_args("--priority", f"{high.name}=2", "--preempt-after", "2")
     known_new(c)

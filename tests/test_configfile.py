@@ -58,6 +58,10 @@ class Node:
             "restart": ('"never"', ["--restart", "never"]),
             "log_level": ('"debug"', ["--log-level", "debug"]),
             "log_format": ('"json"', ["--log-format", "json"]),
+            "http": (f'"127.0.0.1:{self.port}"', ["--http", f"127.0.0.1:{self.port}"]),
+            "priorities": ('{"127.0.0.2" = 2}', ["--priority", "127.0.0.2=2"]),
+            "witnesses": ('["127.0.0.2"]', ["--witness", "127.0.0.2"]),
+            "preempt_after": ("5", ["--preempt-after", "5"]),
         }
         # What every test node needs: this node's address and port, a state dir, the peers.
         self.base: dict[str, tuple[str, list[str]]] = {

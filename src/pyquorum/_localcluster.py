@@ -254,12 +254,22 @@ class LocalCluster:
 
     def status(self, node: Node) -> Status | None:
         """The status.json of the node's running daemon (``storage.STATUS_KEYS``); None if it does not
-        run or has not written one yet. The one place that reads a node's status."""
+        run or has not written one yet. The one place that reads a node's status file (cheap to
+        poll: the daemon writes it on a change of role, term, master, script or key; ``query`` asks
+        the daemon itself)."""
         try:
             st = storage.read_status(node.state_dir / storage.STATUS_FILE_NAME)
         except (OSError, ValueError):  # written atomically: a bug elsewhere; the caller polls again
             return None
         return st if st is not None and node.running and st.get("pid") == node.pid else None
+
+    def query(self, node: Node, command: str = "status", timeout_s: float = 5.0) -> Any:
+        """Ask the node's running daemon over its control socket (runtime/control.py): for
+        ``status``, the whole ``api_version`` 1 document (counters, members, lease), which
+        status.json does not hold. Raises ``control.Unreachable`` if it does not answer."""
+        from pyquorum.runtime import control
+
+        return control.request(node.state_dir, command, timeout_s=timeout_s)
 
     def master_status(self) -> tuple[Node, Status] | None:
         """The node whose status says master (and that its script runs, if the nodes have one), with

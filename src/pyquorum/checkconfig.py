@@ -160,6 +160,8 @@ def _describe(config: Config, running: int | None) -> list[str]:
     lines.append(_row("keys", _keys(config.key_file)))
     level = next((name for name, value in LOG_LEVELS.items() if value == config.log_level), "?")
     lines.append(_row("logs", f"level {level}, format {config.log_format}"))
+    http = f"{config.http} (/metrics, /status, /leader, /health)" if config.http else "off"
+    lines.append(_row("http", http))
     return lines
 
 

@@ -29,7 +29,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import NoReturn
 
 from pyquorum import __version__, configfile
 from pyquorum.config import (
@@ -57,7 +57,8 @@ USAGE = f"""\
        {PROG} check-config [the daemon's options and SERVERs, or --config FILE]
        {PROG} keygen [--add] PATH
        {PROG} demo [--rounds N] [--interval SECONDS] [-p PORT]
-       {PROG} status [--state-dir DIR | -b BIND [-p PORT]] [--json]
+       {PROG} status [the daemon's options, or --config FILE] [--json] [--watch]
+       {PROG} reload [the daemon's options, or --config FILE]
        {PROG} init [daemon options] SERVER [SERVER ...]
        {PROG} accept-members [daemon options] SERVER [SERVER ...]"""
 
@@ -81,7 +82,7 @@ EPILOG = f"""\
 SERVER is an IPv4 or IPv6 address or a host name, with an optional port (default: -p):
   10.0.0.2  10.0.0.2:6000  fd00::2  [fd00::2]:6000  db2  db2:6000
 Host names are resolved once, at start-up, preferring the bind address's family. A server whose
-name is also a subcommand (check-config, keygen, demo, status, init, accept-members) must be
+name is also a subcommand (check-config, keygen, demo, status, reload, init, accept-members) must be
 written with its port.
 
 The default --state-dir is /var/lib/pyquorum/<ip>_<port> when running as root, otherwise
@@ -94,7 +95,10 @@ subcommands:
   keygen [--add] PATH   create a key file (mode 0600) for --key-file; --add adds a key to an
                         existing file, for rotation. Copy it to every server.
   demo                  a local 3-node cluster on 127.0.0.1 that fails over every few seconds
-  status                print a running node's state (from its state dir's status.json)
+  status                show a running node, its cluster and its script, asking its daemon
+                        (exit 0 ok, 1 a member unreachable, 2 no majority or no master, 3 no
+                        daemon); --json, --watch
+  reload                make the running daemon re-read its configuration, without failover
   init                  mark this never-run node as new, so it votes at once (docs/protocol.md §8)
   accept-members        record a new member list, after stopping the cluster (docs/protocol.md §8)
 
@@ -156,7 +160,7 @@ def _daemon(argv: list[str]) -> int:
         # Imported here so that the command line (and its tests) work without the runtime loaded.
         from pyquorum.runtime.daemon import run
 
-        return run(config)
+        return run(config, argv)
     finally:
         signal.signal(signal.SIGHUP, previous)
 
@@ -169,13 +173,18 @@ def load_config(argv: Sequence[str], prog: str = PROG, description: str | None =
 
 
 def parse_daemon_args(
-    argv: Sequence[str], prog: str = PROG, description: str | None = None
+    argv: Sequence[str],
+    prog: str = PROG,
+    description: str | None = None,
+    options: Callable[[argparse.ArgumentParser], None] | None = None,
 ) -> tuple[argparse.Namespace, list[str]]:
     """Parse the daemon's arguments, with the values of the --config file as defaults, so that the
     command line overrides the file. Returns the arguments and the file's problems (unknown keys,
     wrong types, unreadable file): pass both to ``build_config``, which reports them with the rest.
     """
     parser = _daemon_parser(prog, description)
+    if options is not None:
+        options(parser)  # a subcommand's own options (status, reload)
     args = parser.parse_args(list(argv))
     if args.config is None:
         return args, []
@@ -294,6 +303,33 @@ def _daemon_parser(prog: str = PROG, description: str | None = None) -> _Parser:
         "failure, after any exit, or never; restarts back off from 1 s doubling to 30 s, and after "
         f"5 failures within 60 s this node resigns so another can try (default: {DEFAULT_RESTART})",
     )
+    roles = p.add_argument_group("who may be master (every server must be given the same)")
+    roles.add_argument(
+        "--priority",
+        action="append",
+        default=[],
+        metavar="[NODE=]N",
+        help="the priority of NODE (this node if NODE is left out): among the live members a higher "
+        "priority proposes first (default: 0 for all); repeat for each node",
+    )
+    roles.add_argument(
+        "--witness",
+        action="append",
+        nargs="?",
+        const="",
+        default=[],
+        metavar="NODE",
+        help="NODE (this node if left out) is a witness: it votes and acknowledges but never becomes "
+        "master nor runs the script; repeat for each witness",
+    )
+    roles.add_argument(
+        "--preempt-after",
+        type=_seconds,
+        default=None,
+        metavar="SECONDS",
+        help="a node of higher priority than the master that has been connected this long takes "
+        "the role by a clean handover (default: never; a healthy master keeps its role)",
+    )
     logs = p.add_argument_group("logs")
     logs.add_argument(
         "--log-level",
@@ -307,6 +343,13 @@ def _daemon_parser(prog: str = PROG, description: str | None = None) -> _Parser:
         default="text",
         help="text: one line per event for people, without timestamps under journald; json: one "
         "object per line with the same fields (default: text)",
+    )
+    other.add_argument(
+        "--http",
+        metavar="ADDRESS:PORT",
+        help="serve /metrics (Prometheus), /status (JSON), /leader (200 on the master, 503 "
+        "elsewhere) and /health over HTTP there, e.g. 127.0.0.1:9621 (default: off); see "
+        "docs/operations.md",
     )
     # "*", not "+": with --config the SERVERs may come from the file; build_config requires some.
     p.add_argument("servers", nargs="*", metavar="SERVER", help="the other servers")
@@ -371,6 +414,32 @@ def resolve_config(
         problems += timing.validate()
         problems += check_key_file(key_file)
         return None, problems
+    me = NodeAddress(ip, args.port)
+    members = {str(me), *(str(p) for p in peers)}
+
+    def member(text: str) -> str | None:
+        # a --priority or --witness NODE, as a SERVER is written; this node when left out
+        if not text:
+            return str(me)
+        try:
+            node = str(resolve_server(text, args.port, family))
+        except ValueError as exc:
+            problems.append(f"{exc}")
+            return None
+        if node not in members:
+            problems.append(f"{text!r} ({node}) is not a member: --priority and --witness name members")
+            return None
+        return node
+
+    priorities: dict[str, int] = {}
+    for entry in args.priority:
+        node_text, _, value = entry.rpartition("=")
+        node = member(node_text)
+        if not value.lstrip("-").isdigit():
+            problems.append(f"--priority {entry!r}: want [NODE=]N with N a whole number")
+        elif node is not None:
+            priorities[node] = int(value)
+    witnesses = tuple(sorted({w for w in map(member, args.witness) if w is not None}))
     restart: RestartPolicy = args.restart
     level = LOG_LEVELS[args.log_level]
     if args.very_verbose:
@@ -378,8 +447,14 @@ def resolve_config(
     elif args.verbose:
         level = logging.INFO
     log_format: LogFormat = args.log_format
+    http: NodeAddress | None = None
+    if args.http is not None:
+        try:
+            http = parse_http(args.http)
+        except ValueError as exc:
+            problems.append(str(exc))
     config = Config(
-        me=NodeAddress(ip, args.port),
+        me=me,
         peers=tuple(peers),
         peer_names=tuple(names),
         state_dir=state_dir,
@@ -389,6 +464,10 @@ def resolve_config(
         restart=restart,
         log_level=level,
         log_format=log_format,
+        http=http,
+        priorities=tuple(sorted(priorities.items())),
+        witnesses=witnesses,
+        preempt_after_s=args.preempt_after,
     )
     return config, problems
 
@@ -402,6 +481,20 @@ def timing_from_args(args: argparse.Namespace) -> Timing:
         start_delay_s=args.start_delay,
         kill_margin_s=args.kill_margin,
     )
+
+
+def parse_http(text: str) -> NodeAddress:
+    """The ``--http`` value: an IP address and a port, ``127.0.0.1:9621`` or ``[::1]:9621``."""
+    try:
+        host, port = split_host_port(text, 0)
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        raise ValueError(
+            f"--http {text!r} must be ADDRESS:PORT with an IP address, e.g. 127.0.0.1:9621"
+        ) from None
+    if port == 0:
+        raise ValueError(f"--http {text!r} needs a port: ADDRESS:PORT, e.g. {host}:9621")
+    return NodeAddress(ip, port)
 
 
 def parse_bind(text: str) -> IPAddress:
@@ -627,63 +720,117 @@ def _check_config(argv: list[str]) -> int:
     return checkconfig.run(argv)
 
 
+STATUS_DESCRIPTION = """\
+Show a running node as its daemon sees it: the cluster (members, quorum, master, term,
+authentication), one row per member (its role as this node sees it, whether it is reachable and how
+that is known, when it was last heard, the round trip from the master, its term and key id), this
+node's lease and kill deadline, and the script. Give the daemon's own arguments or its --config file,
+so that it finds the node exactly as the daemon does; it asks the daemon over the control socket in
+the node's state dir. Exit codes (the monitoring-plugin convention): 0 a master is known and this
+node reaches a majority, 1 a warning (a member is unreachable), 2 critical (no majority or no
+master), 3 the daemon cannot be reached (or the arguments do not name a node)."""
+
+RELOAD_DESCRIPTION = """\
+Make the running daemon read its configuration again (the command line it was started with and its
+--config file) and apply what can change without a restart: the keys, the log level and format, the
+HTTP listener, the restart policy. A change that needs a restart (members, timing, this node's
+address or port, the state dir, the script) is refused and nothing changes; the master stays master
+either way. Waits for the result and prints it. Give the daemon's own arguments or its --config file
+(they only locate the node). Exit codes: 0 applied, 1 refused, 3 the daemon cannot be reached."""
+
+
+def running_node(
+    argv: Sequence[str],
+    prog: str,
+    description: str,
+    options: Callable[[argparse.ArgumentParser], None],
+) -> tuple[argparse.Namespace, Config]:
+    """Parse a command that addresses a running daemon: the daemon's arguments (or --config) plus
+    its own ``options``, resolved as the daemon resolves them. The ``Config`` is not validated:
+    only the node's identity and state dir matter. Raises ``UsageError`` or ``ConfigError``."""
+    args, file_problems = parse_daemon_args(argv, prog, description, options)
+    config, problems = resolve_config(args, file_problems)
+    if config is None:
+        raise ConfigError(problems)
+    return args, config
+
+
 def _status(argv: list[str]) -> int:
-    p = _Parser(
-        prog=f"{PROG} status",
-        description="Print the state of the node whose state dir is given (or derived from -b/-p "
-        "like the daemon does). Exit code 0 if its daemon is running, 1 if not.",
-    )
-    p.add_argument("--state-dir", type=Path, metavar="DIR")
-    p.add_argument("-b", "--bind", metavar="BIND", help="the node's -b (default: as the daemon)")
-    p.add_argument("-p", "--port", type=_port, default=None, help="the node's -p")
-    p.add_argument("--json", action="store_true", help="print the raw status.json")
-    args = p.parse_args(argv)
-    if args.state_dir is not None and (args.bind is not None or args.port is not None):
-        raise UsageError("give either --state-dir or -b/-p, not both")
-    if args.state_dir is not None:
-        state_dir: Path = args.state_dir.expanduser()
-    else:
-        ip = parse_bind(args.bind) if args.bind is not None else default_bind_address()
-        state_dir = default_state_dir(NodeAddress(ip, args.port or DEFAULT_PORT))
-    from pyquorum.runtime.storage import STATUS_FILE_NAME, read_status
+    def options(p: argparse.ArgumentParser) -> None:
+        g = p.add_argument_group("status")
+        g.add_argument("--json", action="store_true", help="print the status document (api_version 1)")
+        g.add_argument("--watch", action="store_true", help="redraw until Ctrl-C")
+        g.add_argument(
+            "--interval", type=_seconds, default=1.0, metavar="SECONDS", help="--watch period (default: 1)"
+        )
+        g.add_argument(
+            "--timeout", type=_seconds, default=5.0, metavar="SECONDS", help="how long to wait for the daemon"
+        )
 
-    path = state_dir / STATUS_FILE_NAME
     try:
-        status = read_status(path)
-    except (OSError, ValueError) as exc:
-        _print_errors([f"cannot read {path}: {exc}"])
-        return 1
-    if status is None:
-        _print_errors([f"no {path}: no daemon has run with this state dir (give --state-dir)"])
-        return 1
-    if args.json:
-        print(json.dumps(status, indent=2))
-    else:
-        print(format_status(status))
-    return 0 if pid_alive(status.get("pid")) else 1
+        args, config = running_node(argv, f"{PROG} status", STATUS_DESCRIPTION, options)
+    except (UsageError, ConfigError) as exc:
+        _print_errors(exc.problems if isinstance(exc, ConfigError) else [str(exc)])
+        return 3
+    from pyquorum.runtime import control, status
+
+    def show(client: control.Client) -> int:
+        try:
+            doc = client.request("status")
+        except (control.Unreachable, control.CommandFailed) as exc:
+            _print_errors([f"cannot get the status of {config.node_id}: {exc}"])
+            return 3
+        if not isinstance(doc, dict) or doc.get("api_version") != status.API_VERSION:
+            _print_errors([f"the daemon of {config.node_id} speaks another status version: {doc!r:.80}"])
+            return 3
+        print(json.dumps(doc, indent=2) if args.json else status.render_text(doc), flush=True)
+        return status.exit_code(doc)
+
+    with control.Client(config.state_dir, args.timeout) as client:
+        if not args.watch:
+            return show(client)
+        code = 3
+        clear = "\x1b[H\x1b[2J" if sys.stdout.isatty() else ""
+        try:
+            while True:
+                print(clear + time.strftime("%Y-%m-%d %H:%M:%S"), flush=True)
+                code = show(client)
+                if not clear:
+                    print(flush=True)
+                time.sleep(args.interval)
+        except KeyboardInterrupt:
+            return code
 
 
-def format_status(status: dict[str, Any], now: float | None = None) -> str:
-    """A status.json as aligned lines for a person to read."""
-    now = time.monotonic() if now is None else now
-    pid = status.get("pid")
-    daemon = f"pid {pid}, running" if pid_alive(pid) else f"pid {pid}, NOT running (stale)"
-    script_pid = status.get("script_pid")
-    lease = status.get("lease_remaining_s")
-    updated = status.get("updated_monotonic")
-    rows = [
-        ("node", f"{status.get('node')} (daemon {daemon})"),
-        ("role", str(status.get("role"))),
-        ("term", str(status.get("term"))),
-        ("master", str(status.get("master") or "none known")),
-        ("script", f"running, pid {script_pid}" if script_pid else "not running"),
-    ]
-    if isinstance(lease, (int, float)):
-        rows.append(("lease", f"{lease:.2f} s left"))
-    rows.append(("traffic", "authenticated" if status.get("authenticated") else "UNAUTHENTICATED"))
-    if isinstance(updated, (int, float)):
-        rows.append(("updated", f"{max(0.0, now - updated):.1f} s ago"))
-    return "\n".join(f"{key:<9}{value}" for key, value in rows)
+def _reload(argv: list[str]) -> int:
+    def options(p: argparse.ArgumentParser) -> None:
+        p.add_argument_group("reload").add_argument(
+            "--timeout", type=_seconds, default=60.0, metavar="SECONDS", help="how long to wait (default: 60)"
+        )
+
+    try:
+        args, config = running_node(argv, f"{PROG} reload", RELOAD_DESCRIPTION, options)
+    except (UsageError, ConfigError) as exc:
+        _print_errors(exc.problems if isinstance(exc, ConfigError) else [str(exc)])
+        return 3
+    from pyquorum.runtime import control
+
+    try:
+        result = control.request(config.state_dir, "reload", timeout_s=args.timeout)
+    except control.Unreachable as exc:
+        _print_errors([f"cannot reach the daemon of {config.node_id}: {exc}"])
+        return 3
+    except control.CommandFailed as exc:
+        _print_errors([f"the daemon of {config.node_id} refused: {exc}"])
+        return 1
+    if result.get("applied"):
+        changes = result.get("changes") or []
+        print(f"{config.node_id}: reloaded: " + ("; ".join(changes) if changes else "nothing changed"))
+        return 0
+    for problem in result.get("problems") or ["refused"]:
+        print(f"{PROG}: error: {config.node_id}: reload refused: {problem}", file=sys.stderr)
+    print(f"{config.node_id}: reload refused, nothing changed")
+    return 1
 
 
 def pid_alive(pid: object) -> bool:
@@ -730,6 +877,7 @@ _SUBCOMMANDS: dict[str, Callable[[list[str]], int]] = {
     "keygen": _keygen,
     "demo": _demo,
     "status": _status,
+    "reload": _reload,
     "init": _init,
     "accept-members": _accept_members,
 }

@@ -86,6 +86,14 @@ class Config:
     failure_window_s: float = DEFAULT_FAILURE_WINDOW_S
     log_level: int = logging.WARNING
     log_format: LogFormat = "text"
+    http: NodeAddress | None = None
+    """Where the HTTP listener (/metrics, /status, /leader, /health) listens; None: no listener."""
+    priorities: tuple[tuple[str, int], ...] = ()
+    """(member id, priority) for the members given one; the others have 0 (protocol.md §3.10)."""
+    witnesses: tuple[str, ...] = ()
+    """Member ids of the witnesses: they vote and never become master (protocol.md §3.11)."""
+    preempt_after_s: float | None = None
+    """Let a preferred node take the role back by a clean handover after this long (§3.10)."""
 
     @property
     def node_id(self) -> str:
@@ -110,7 +118,19 @@ class Config:
         field (the lines of ``timing_text``). A node that receives another cluster's fingerprint
         counts nothing from it."""
         lines = ["pyquorum-cluster-v1", f"members={','.join(self.members)}", *self._timing_fields()]
+        # Who may be master, and in what order (protocol.md §3.10, §3.11): only when set, so that a
+        # cluster without them keeps the fingerprint it always had.
+        if any(p for _, p in self.priorities):
+            lines.append("priorities=" + ",".join(f"{m}={p}" for m, p in sorted(self.priorities) if p))
+        if self.witnesses:
+            lines.append("witnesses=" + ",".join(sorted(self.witnesses)))
+        if self.preempt_after_s is not None:
+            lines.append(f"preempt_after_s={_fmt(self.preempt_after_s)}")
         return "\n".join(lines) + "\n"
+
+    @property
+    def is_witness(self) -> bool:
+        return self.node_id in self.witnesses
 
     def _timing_fields(self) -> list[str]:
         t = self.timing
@@ -122,6 +142,17 @@ class Config:
             f"drift_bound={_fmt(t.drift_bound)}",
             f"kill_margin_s={_fmt(t.kill_margin_s)}",
         ]
+
+    def _check_roles(self) -> list[str]:
+        problems: list[str] = []
+        voters = [m for m in self.members if m not in self.witnesses]
+        if self.witnesses and not voters:
+            problems.append(
+                "every member is a --witness: a witness never becomes master, so nothing would run"
+            )
+        if self.preempt_after_s is not None and not self.preempt_after_s > 0:
+            problems.append(f"--preempt-after must be positive (got {self.preempt_after_s})")
+        return problems
 
     def peer_name(self, index: int) -> str:
         """How the operator wrote peer ``index``, with its resolved address if that differs."""
@@ -141,8 +172,10 @@ class Config:
         problems += check_script(self.script)
         problems += check_state_dir(self.state_dir)
         problems += self.timing.validate()
+        problems += self._check_roles()
         problems += check_key_file(self.key_file)
         problems += self._check_restart()
+        problems += check_http(self.http, check_port=check_port)
         return problems
 
     def warnings(self) -> list[str]:
@@ -161,6 +194,13 @@ class Config:
             found.append(
                 f"{n} servers: a majority needs {n // 2 + 1}, so it survives {n // 2 - 1} failures, "
                 f"no more than {n - 1} servers would; use an odd number of servers"
+            )
+        if self.preempt_after_s is not None and not any(p for _, p in self.priorities):
+            found.append("--preempt-after has nothing to do without --priority: give the preferred nodes one")
+        if self.is_witness and self.script is not None:
+            found.append(
+                f"this node is a --witness: it never becomes master, so its -s/--script "
+                f"{self.script} never runs"
             )
         if self.key_file is None:
             found.append(
@@ -227,6 +267,26 @@ class Config:
         if not self.failure_window_s > 0:
             problems.append(f"failure window must be positive (got {self.failure_window_s})")
         return problems
+
+
+def check_http(http: NodeAddress | None, *, check_port: bool = True) -> list[str]:
+    """Problems of the ``--http`` address: not an address of this host, or its TCP port in use
+    (unless not ``check_port``: next to the running daemon, which holds it)."""
+    if http is None:
+        return []
+    family = socket.AF_INET6 if http.ip.version == 6 else socket.AF_INET
+    for port in (0, http.port) if check_port else (0,):
+        with socket.socket(family, socket.SOCK_STREAM) as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                sock.bind((str(http.ip), port))
+            except OSError as exc:
+                if exc.errno == errno.EADDRINUSE:
+                    return [f"--http {http}: TCP port {port} is in use: choose another port"]
+                if exc.errno == errno.EADDRNOTAVAIL:
+                    return [f"--http {http}: {http.ip} is not an address of this host"]
+                return [f"--http {http}: cannot listen there: {exc.strerror or exc}"]
+    return []
 
 
 def check_script(script: str | None) -> list[str]:

@@ -127,6 +127,20 @@ COMMAND = Kind("an absolute path or a command name on $PATH (a string)", _comman
 SERVERS = Kind('an array of strings (e.g. ["10.0.0.2", "db3:6000"])', _text_list)
 
 
+def _priorities(value: object) -> list[str]:
+    if not isinstance(value, dict):
+        raise ValueError
+    out = []
+    for node, prio in value.items():
+        if isinstance(prio, bool) or not isinstance(prio, int):
+            raise ValueError
+        out.append(f"{_text(node)}={prio}")
+    return out
+
+
+PRIORITIES = Kind('a table of member = integer (e.g. {"10.0.0.1" = 2, "10.0.0.2" = 1})', _priorities)
+
+
 @dataclass(frozen=True, slots=True)
 class Key:
     """One key of the file. ``dest`` is the argparse destination it fills (the key by default);
@@ -156,8 +170,12 @@ KEYS: tuple[Key, ...] = (
     Key("state_dir", PATH),
     Key("key_file", PATH),
     Key("restart", _choice(RESTART_POLICIES)),
+    Key("priorities", PRIORITIES, dest="priority"),
+    Key("witnesses", SERVERS, dest="witness"),
+    Key("preempt_after", SECONDS),
     Key("log_level", _choice(tuple(LOG_LEVELS)), covers=("verbose", "very_verbose")),
     Key("log_format", _choice(LOG_FORMATS)),
+    Key("http", Kind('a string "ADDRESS:PORT" (e.g. "127.0.0.1:9621")', _text)),
 )
 
 _BY_NAME: Mapping[str, Key] = {key.name: key for key in KEYS}

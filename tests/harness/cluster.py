@@ -65,6 +65,15 @@ SCRIPT_HEAD_START_S = 0.02  # after a host pause the script resumes this long be
 PDEATHSIG = ["setpriv", "--pdeathsig", "KILL"] if shutil.which("setpriv") else []
 
 
+def free_tcp_port() -> int:
+    """A TCP port the kernel says is free (on every loopback address, as far as it can tell)."""
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
 class ClusterError(AssertionError):
     """A wait failed or a daemon died that no one stopped; the message ends with the logs' tails."""
 
@@ -174,6 +183,8 @@ class Cluster(LocalCluster):
         launch: bool = True,
         check_on_exit: bool = True,
         keep: bool = False,
+        http: bool = False,
+        config_file: bool = False,
     ) -> None:
         self.backend, self.size, self.timing = backend, size, timing
         addresses = backend.addresses(size)
@@ -187,6 +198,9 @@ class Cluster(LocalCluster):
             keyfiles.keygen(keys := directory / "cluster.key")
         self.key_files = list(keys) if isinstance(keys, Sequence) else [keys or None] * size
         self.options: dict[str, Any] = {"timing": timing, "verbosity": verbosity, "daemon": daemon}
+        # --http: one TCP port, on each node's own address; a --config file per node, if asked
+        self.http_port = free_tcp_port() if http else None
+        self.config_file = config_file
         self.options["extra"] = [*(["--restart", restart] if restart else []), *extra_args]
         self.env.update(env or {})
         self.env.update({RECORD_VAR: str(directory / RECORD), REGISTER_VAR: str(directory / REGISTER)})
@@ -212,13 +226,58 @@ class Cluster(LocalCluster):
         self.monitor = RunMonitor(directory)
         self.monitor.start()
 
+    def add_args(self, *args: str) -> None:
+        """More daemon options for every node, before ``start()`` (e.g. --priority NODE=N, which
+        needs the nodes' addresses: build the cluster with ``launch=False``)."""
+        self.options["extra"] = [*self.options["extra"], *args]
+        self._set_argv()
+
     def _set_argv(self) -> None:
         for node, key_file in zip(self.nodes, self.key_files, strict=True):
             peers = [p for p in self.members if p != node.name]
-            argv = daemon_argv(
-                node.name, peers, node.state_dir, script=self.script, key_file=key_file, **self.options
-            )
+            if self.config_file:
+                self.write_config(node, self.config_values(node, key_file))
+                daemon = self.options["daemon"] or (sys.executable, "-m", "pyquorum")
+                argv = [*daemon, "--config", str(self.config_path(node)), *self.options["extra"]]
+            else:
+                argv = daemon_argv(
+                    node.name, peers, node.state_dir, script=self.script, key_file=key_file, **self.options
+                )
+            if self.http_port is not None:
+                argv += ["--http", f"{node.ip}:{self.http_port}"]
             node.argv = self.backend.wrap(node.index, [*PDEATHSIG, *argv])
+
+    # ---- configuration files (config_file=True) -----------------------------------------------------
+
+    def config_path(self, node: Node) -> Path:
+        return self.dir / f"h{node.index}.toml"
+
+    def config_values(self, node: Node, key_file: Path | None = None) -> dict[str, Any]:
+        """What the node's --config file holds: every option the command line would have had."""
+        t: Timing = self.options["timing"]
+        values: dict[str, Any] = {
+            "bind": node.ip,
+            "port": node.port,
+            "peers": [p for p in self.members if p != node.name],
+            "state_dir": str(node.state_dir),
+            "heartbeat_interval": t.heartbeat_interval_s,
+            "election_timeout": t.election_timeout_s,
+            "stop_timeout": t.stop_timeout_s,
+            "start_delay": t.start_delay_s,
+            "log_level": ["warning", "info", "debug"][min(2, self.options["verbosity"])],
+        }
+        if self.script is not None:
+            values["script"] = str(self.script)
+        if key_file is not None:
+            values["key_file"] = str(key_file)
+        return values
+
+    def write_config(self, node: Node, values: dict[str, Any]) -> None:
+        """(Re)write the node's --config file: a reload reads it again."""
+        lines = [f"{key} = {json.dumps(value)}" for key, value in values.items()]  # TOML's subset
+        tmp = self.config_path(node).with_suffix(".tmp")
+        tmp.write_text("\n".join(lines) + "\n", encoding="utf-8")
+        os.replace(tmp, self.config_path(node))
 
     # ---- life cycle ---------------------------------------------------------------------------------
 

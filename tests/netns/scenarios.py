@@ -59,6 +59,7 @@ class Scenario:
     steps: Callable[[Harness], None]
     stable: bool = False  # no election may happen after the steady mark (no faults, 5% loss)
     doc: str = ""
+    witness: bool = False  # the lowest host is a --witness (protocol.md §3.11)
 
 
 class Harness:
@@ -363,6 +364,28 @@ def isolate_master(h: Harness) -> None:
     h.sleep(0.5)
 
 
+def witness_partition(h: Harness) -> None:
+    """protocol.md §3.11: two servers and a witness. The master is cut off: the other server takes
+    over with the witness's vote; the witness is cut off: nothing changes; it never runs the script."""
+    witness = h.c.nodes[0]
+    m = h.master()
+    assert m is not witness, f"the witness {witness} runs the script"
+    f = h.net_fault(
+        f"isolate {m} (master)", lambda: h.c.isolate(m), hosts=[m], minority=[m], failover_bound=h.crash_bound
+    )
+    h.sleep(2.0)
+    h.heal(f, h.c.heal)
+    h.sleep(1.0)
+    f = h.net_fault(
+        f"isolate {witness} (witness)", lambda: h.c.isolate(witness), hosts=[witness], minority=[witness]
+    )
+    h.sleep(2.0)
+    h.heal(f, h.c.heal)
+    h.sleep(0.5)
+    ran = {run.node for run in h.c.runs()}
+    assert witness.name not in ran, f"the witness {witness} ran the script: {sorted(ran)}"
+
+
 def split(h: Harness) -> None:
     """Majority/minority: the master and floor(n/2) - 1 others on the minority side."""
     m = h.master()
@@ -581,6 +604,7 @@ SCENARIOS_3 = [
     Scenario("rolling-restart-3", 3, rolling_restart),
     Scenario("restart-cluster-3", 3, restart_cluster),
     Scenario("pause-partition-3", 3, pause_partition),
+    Scenario("witness-partition-3", 3, witness_partition, witness=True, doc="protocol.md §3.11"),
 ]
 
 SCENARIOS_5 = [
@@ -619,6 +643,8 @@ def run_scenario(
         journal=True,
         launch=False,
     )
+    if scenario.witness:
+        cluster.add_args("--witness", cluster.nodes[0].name)
     t = cluster.timing
     meta = {"scenario": scenario.name, "n": net.n, "nodes": cluster.members, "stable": scenario.stable}
     meta |= {"seed": seed, "doc": scenario.doc, "broken": broken, "start_delay_s": t.start_delay_s}

@@ -1,8 +1,8 @@
 """Fault injection on real hosts: pyquorum daemons in network namespaces, broken by nftables and signals.
 
 Reference: protocol.md §4.2-§4.5 (lease, step-down, guard, host pause), §5 (bounds), §6 (P1, P4-P6);
-research/safety.md §3 (Jepsen's nemeses). How to run, the long mode and what each check means:
-tests/netns/README.md; the checks themselves: checker.py.
+docs/design-notes.md, "Testing like Jepsen" (Jepsen's nemeses). How to run, the long mode and what
+each check means: tests/netns/README.md; the checks themselves: checker.py.
 
 Needs root, iproute2 and nftables; elsewhere this module is skipped with one line that says why.
 Scenarios run one at a time (a file lock), also across pytest-xdist workers and concurrent runs, so

@@ -13,9 +13,8 @@ import socket
 import stat
 import subprocess
 import sys
-import time
 import types
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import pytest
@@ -25,7 +24,6 @@ from pyquorum import cli
 from pyquorum.config import Config
 from pyquorum.core.address import NodeAddress
 from pyquorum.core.errors import ConfigError
-from pyquorum.runtime.storage import write_status
 
 
 def free_port() -> int:
@@ -42,8 +40,9 @@ class FakeDaemon:
         self.exit_code = 0
         self.error: ConfigError | None = None
 
-    def run(self, config: Config) -> int:
+    def run(self, config: Config, argv: Sequence[str] | None = None) -> int:
         self.configs.append(config)
+        self.argv = argv
         if self.error is not None:
             raise self.error
         return self.exit_code
@@ -604,71 +603,33 @@ def test_cli_keygen_refuses_to_overwrite(capsys: pytest.CaptureFixture[str], tmp
 def test_cli_subcommand_usage_errors(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
     assert_bad_input(capsys, ["keygen"], "PATH")
     assert_bad_input(capsys, ["demo", "--rounds", "x"], "--rounds")
-    assert_bad_input(capsys, ["status", "--state-dir", str(tmp_path), "-p", "6000"], "not both")
 
 
-def _status(tmp_path: Path, pid: int) -> None:
-    write_status(
-        tmp_path / "status.json",
-        {
-            "node": "127.0.0.1:51621",
-            "role": "master",
-            "term": 7,
-            "master": "127.0.0.1:51621",
-            "script_pid": 4242,
-            "lease_remaining_s": 0.83,
-            "authenticated": True,
-            "updated_monotonic": time.monotonic() - 1.0,
-            "pid": pid,
-        },
-    )
+def test_cli_status_without_daemon_is_unknown(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    code, _, err = run_cli(capsys, ["status", "--state-dir", str(tmp_path), "-b", "127.0.0.1", "127.0.0.2"])
+    assert code == 3  # the monitoring-plugin UNKNOWN: no daemon answers
+    (error,) = errors_of(err)
+    assert f"no control socket {tmp_path / 'control.sock'}" in error
 
 
-def test_cli_status_of_running_node(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
-    _status(tmp_path, os.getpid())
-    code, out, err = run_cli(capsys, ["status", "--state-dir", str(tmp_path)])
-    assert code == 0, err
-    lines = dict(line.split(None, 1) for line in out.splitlines())
-    assert lines["node"] == f"127.0.0.1:51621 (daemon pid {os.getpid()}, running)"
-    assert lines["role"] == "master"
-    assert lines["term"] == "7"
-    assert lines["script"] == "running, pid 4242"
-    assert lines["lease"] == "0.83 s left"
-    assert lines["traffic"] == "authenticated"
-    assert lines["updated"].endswith("s ago")
-
-
-def test_cli_status_json(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
-    _status(tmp_path, os.getpid())
-    code, out, _ = run_cli(capsys, ["status", "--state-dir", str(tmp_path), "--json"])
-    assert code == 0
-    assert '"role": "master"' in out
-
-
-def test_cli_status_of_dead_daemon_is_stale(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
-    dead = subprocess.Popen([sys.executable, "-c", "pass"])
-    dead.wait()
-    _status(tmp_path, dead.pid)
-    code, out, _ = run_cli(capsys, ["status", "--state-dir", str(tmp_path)])
-    assert code == 1
-    assert "NOT running (stale)" in out
-
-
-def test_cli_status_without_daemon(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
-    code, _, err = run_cli(capsys, ["status", "--state-dir", str(tmp_path)])
-    assert code == 1
-    assert "no daemon has run with this state dir" in errors_of(err)[0]
-
-
-def test_cli_status_by_address(
+def test_cli_status_finds_the_state_dir_as_the_daemon_does(
     capsys: pytest.CaptureFixture[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(os, "geteuid", lambda: 1000)
     monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path))
-    state_dir = tmp_path / "pyquorum" / "127.0.0.1_6000"
-    state_dir.mkdir(parents=True)
-    _status(state_dir, os.getpid())
-    assert run_cli(capsys, ["status", "-b", "127.0.0.1", "-p", "6000"])[0] == 0
+    config = tmp_path / "node.toml"
+    config.write_text('bind = "127.0.0.1"\nport = 6000\npeers = ["127.0.0.2"]\n')
+    for argv in (["-b", "127.0.0.1", "-p", "6000", "127.0.0.2"], ["--config", str(config)]):
+        code, _, err = run_cli(capsys, ["status", *argv])
+        assert code == 3
+        assert str(tmp_path / "pyquorum" / "127.0.0.1_6000" / "control.sock") in errors_of(err)[0]
+
+
+def test_cli_status_and_reload_bad_arguments_are_unknown(capsys: pytest.CaptureFixture[str]) -> None:
+    assert run_cli(capsys, ["status", "-b", "no-such-host.invalid"])[0] == 3
+    assert run_cli(capsys, ["status", "--interval", "x"])[0] == 3
+    code, _, err = run_cli(capsys, ["reload", "-b", "not an ip"])
+    assert code == 3 and "-b/--bind must be an IP address" in errors_of(err)[0]
 
 
 # -- the real command, as a process ------------------------------------------------------------

@@ -336,7 +336,8 @@ def test_restart_policy(policy: str, exit_code: int, restarted: bool) -> None:
 
 @slow
 def test_sigterm_stops_every_daemon_with_exit_0_and_leaves_no_process() -> None:
-    """Reference: issue 3 "On SIGTERM the daemon stops the script (bounded), resigns and exits 0"."""
+    """Reference: protocol.md §3.7, README "Planned stop": on SIGTERM the daemon stops the script
+    (bounded), resigns and exits 0."""
     with Cluster(3, Loopback(), workload={"term_delay_s": 0.05}) as c:
         master = c.wait_for_master()
         run = run_of(c, master)

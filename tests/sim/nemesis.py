@@ -12,6 +12,7 @@ from __future__ import annotations
 import random
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Any
 
 from pyquorum.core.lease import MIN_ROUNDS_BEFORE_STOP, Timing
 from pyquorum.core.node import Role
@@ -143,6 +144,19 @@ def _retime(c: Cluster, rng: random.Random, alt: Timing) -> None:
     c.retime(who, alt if node.timing == c.timing else c.timing)
 
 
+def random_shape(rng: random.Random, n: int, timing: Timing) -> dict[str, Any]:
+    """Who may be master and in what order (protocol.md §3.10, §3.11): most schedules have equal
+    priorities and no witness; some have priorities (and sometimes pre-emption), some a witness."""
+    shape: dict[str, Any] = {}
+    if n >= 2 and rng.random() < 0.35:
+        shape["priorities"] = {i: rng.randrange(3) for i in range(n)}
+        if rng.random() < 0.5:
+            shape["preempt_after_s"] = rng.uniform(2, 8) * timing.election_timeout_s
+    if n >= 3 and rng.random() < 0.2:
+        shape["witnesses"] = {rng.randrange(n)}
+    return shape
+
+
 def inject_random_fault(c: Cluster, rng: random.Random, alt: Timing | None = None) -> None:
     """One seeded fault. ``alt``: a second timing for rolling configuration changes (none: no retime)."""
     e = c.timing.election_timeout_s
@@ -204,8 +218,12 @@ def inject_random_fault(c: Cluster, rng: random.Random, alt: Timing | None = Non
         c.pause(_pick(c, rng), rng.uniform(0.05, 3 * e))
     elif op < 0.85:
         c.script_crash(_pick(c, rng, prefer_master=1.0), rng.choice((0.0, 0.2, None)))
-    elif op < 0.89:
+    elif op < 0.88:
         _resign(c, rng)
+    elif op < 0.90:
+        # pyquorum step-down on any member, to the next node or to a random one (protocol.md §3.10)
+        to = rng.choice([None, rng.randrange(c.n)])
+        c.step_down(_pick(c, rng, prefer_master=0.3), to)
     elif op < 0.92:
         _wipe(c, rng)
     elif op < 0.97:
@@ -232,8 +250,15 @@ def heal_all(c: Cluster, rng: random.Random | None = None) -> None:
             c.retime(nd.idx, c.timing)  # the rolling change completes
         elif nd.core is None:
             c.restart(nd.idx)
-    # a node that lost its state hears every member within a heartbeat round (protocol.md §3.9)
-    c.run_for(3 * c.timing.heartbeat_interval_s + 0.01)
+    # A node that lost its state recovers once it has heard every member (protocol.md §3.9): the
+    # operator rule is to take no node down before that (§8), so wait for it (a handshake and a few
+    # heartbeat rounds), then perhaps leave a minority down.
+    waited = 0.0
+    while waited < 5 * c.timing.election_timeout_s and any(
+        nd.core is not None and nd.core.recovering for nd in c.nodes
+    ):
+        c.run_for(c.timing.heartbeat_interval_s)
+        waited += c.timing.heartbeat_interval_s
     if rng is not None and c.n >= 3 and rng.random() < 0.3:
         minority = rng.sample(range(c.n), rng.randint(1, c.n - c.quorum))
         for idx in minority:
@@ -248,6 +273,11 @@ def check_liveness(c: Cluster, *, stable_for: float) -> None:
     bound = c.timing.liveness_bound_s(c.n)
     healed = c.now
     c.run_for(bound)
+    if c.preempt_after_s is not None:
+        # protocol.md §3.10: the preferred live node may still take the role by a clean handover
+        # (a stop grace, a start delay), perhaps twice (priority 0 -> 1 -> 2, each after following
+        # the new master for --preempt-after): everything below is checked once that had its time
+        c.run_for(2 * (c.preempt_after_s + bound))
     m = c.master()
     if m is None:
         c.fail(f"LIVENESS: no master {bound:.3f}s after healing; roles {c.roles()}")
@@ -263,8 +293,27 @@ def check_liveness(c: Cluster, *, stable_for: float) -> None:
             continue  # the minority left down or isolated
         if nd.name != m and nd.core.master != m:
             c.fail(f"LIVENESS: {nd.name} does not follow {m} {c.now - healed:.3f}s after healing")
+    if c.preempt_after_s is not None:
+        mi = c.index[m]
+        up = [  # the non-witnesses that are up and connected both ways with the master
+            nd.idx
+            for nd in c.nodes
+            if nd.core is not None
+            and nd.idx not in c.witnesses
+            and (nd.idx == mi or ((mi, nd.idx) not in c.cut and (nd.idx, mi) not in c.cut))
+        ]
+        best = max(c.priorities.get(i, 0) for i in up)
+        if c.priorities.get(c.index[m], 0) < best:
+            c.fail(
+                f"PREEMPTION: master {m} (priority {c.priorities.get(c.index[m], 0)}) although a node of "
+                f"priority {best} is up and connected, {2 * (c.preempt_after_s + bound):.2f}s later"
+            )
     term = c.nodes[c.index[m]].core.term  # type: ignore[union-attr]
+    handovers = len(c.preemptions)
     c.run_for(stable_for)
+    if len(c.preemptions) != handovers:
+        extra = len(c.preemptions) - handovers
+        c.fail(f"FLAPPING: {extra} pre-emptions on a stable network within {stable_for}s")
     core = c.nodes[c.index[m]].core
     if core is None or core.role is not Role.MASTER or core.term != term:
         c.fail(f"STABILITY: master {m} term {term} changed without a fault within {stable_for}s")
@@ -286,10 +335,12 @@ def run_schedule(
     timing = timing or random_timing(rng)
     if keyed is None:
         keyed = seed % KEYED_EVERY == 0
-    c = Cluster(n, timing, seed=seed, broken=broken, keyed=keyed)
+    shape = random_shape(rng, n, timing)
+    c = Cluster(n, timing, seed=seed, broken=broken, keyed=keyed, **shape)
     e = timing.election_timeout_s
     stable = max(5.0, 10 * e)
-    tail = timing.liveness_bound_s(n) + stable
+    preempt = shape.get("preempt_after_s")
+    tail = timing.liveness_bound_s(n) * (3 if preempt else 1) + stable + 2 * (preempt or 0.0)
     fault_until = max(duration - tail, duration / 2)
     alt = lower_timing(timing, rng)
     c.run_for(rng.uniform(0, 3 * e))

@@ -155,7 +155,14 @@ class Cluster:
         trace_len: int = 300,
         rates: Iterable[float] | None = None,
         keyed: bool = False,
+        priorities: dict[int, int] | None = None,
+        witnesses: Iterable[int] = (),
+        preempt_after_s: float | None = None,
     ) -> None:
+        self.priorities = dict(priorities or {})
+        self.witnesses = frozenset(witnesses)
+        self.preempt_after_s = preempt_after_s
+        self.preemptions: list[float] = []  # when a master accepted a pre-emption (protocol.md §3.10)
         self.seed = seed
         self.rng = random.Random(seed)
         self.timing = timing or Timing()
@@ -254,6 +261,9 @@ class Cluster:
             rng=random.Random(self.rng.getrandbits(64)),
             hard_state=disk,
             rules=self.rules,
+            priorities={self.names[i]: p for i, p in self.priorities.items()},
+            witnesses=frozenset(self.names[i] for i in self.witnesses),
+            preempt_after_s=self.preempt_after_s,
         )
         if node.core.term < node.max_term:
             self.fail(f"term decreased on {node.name} across restart: {node.max_term} -> {node.core.term}")
@@ -340,6 +350,12 @@ class Cluster:
             node.disk = rd.hard_state
         for ev in rd.events:
             self.events[ev.kind.value] += 1
+            if (
+                ev.kind.value == "step_down_requested"
+                and ev.get("preempt")
+                and ev.get("reason") == "accepted"
+            ):
+                self.preemptions.append(self.now)
             self.log(f"{node.name} {ev}")
         for dest, msg in rd.messages:
             self._observe_send(node, self.index[dest], msg, t_local)
@@ -538,6 +554,8 @@ class Cluster:
             self.fail(f"term decreased on {node.name}: {node.max_term} -> {core.term}")
         node.max_term = core.term
         if core.role is Role.MASTER:
+            if node.idx in self.witnesses:
+                self.fail(f"WITNESS {node.name} is master in term {core.term} (protocol.md §3.11)")
             prior = self.masters.setdefault(core.term, node.idx)
             if prior != node.idx:
                 self.fail(f"TWO MASTERS in term {core.term}: {self.names[prior]} and {node.name}")
@@ -684,6 +702,16 @@ class Cluster:
             return
         done = node.core.resign(node.local(self.now), "nemesis")
         self.log(f"NEMESIS resign {node.name} ({node.core.role.value}, {'resigning' if done else 'refused'})")
+        self._after(node)
+
+    def step_down(self, who: int | str, to: int | str | None = None) -> None:
+        """An operator runs ``pyquorum step-down [--to]`` on ``who`` (protocol.md §3.10)."""
+        (node,) = self._nodes([who])
+        if node.core is None or node.paused:
+            return
+        target = "" if to is None else self._nodes([to])[0].name
+        answer = node.core.request_step_down(node.local(self.now), target)
+        self.log(f"NEMESIS step-down on {node.name} to={target or '-'}: {answer or 'sent to the master'}")
         self._after(node)
 
     def wipe(self, who: int | str) -> None:

@@ -402,3 +402,107 @@ def test_a_followers_traffic_does_not_grow_with_the_cluster() -> None:
         h = DEFAULT.heartbeat_interval_s
         assert all(r <= 1.05 / h for i, r in enumerate(rates) if i != master), rates
         assert rates[master] <= 1.05 * (n - 1) / h
+
+
+# ---- protocol.md §3.10 (step-down, priorities, pre-emption) and §3.11 (witnesses)
+
+
+def test_step_down_hands_over_to_the_named_node_at_once() -> None:
+    """Reference: protocol.md §3.10: asked on any member; the master stops its script, then resigns
+    naming the successor, which takes over at once; nothing sticky remains."""
+    c = settled(5)
+    assert c.master() == A
+    c.step_down(D, to=C)  # asked on a follower, about a third node
+    asked = c.now
+    c.run_for(DEFAULT.stop_timeout_s + DEFAULT.kill_margin_s + 0.2)
+    assert c.master() == C and c.running_script() == C
+    assert c.runs[-1].start - asked < DEFAULT.stop_timeout_s + DEFAULT.kill_margin_s + 0.1
+    assert c.events["step_down_answered"] == 1
+    c.run_for(3 * DEFAULT.election_timeout_s)  # A's quiet period after resigning (2E) is over
+    c.crash(C, with_script=True)  # one-shot: the next failover follows the ordinary order again
+    c.run_for(DEFAULT.failover_bound_s())
+    assert c.master() == A
+
+
+@pytest.mark.parametrize(
+    ("to", "reason"),
+    [("127.0.0.1:51621", "is-master"), ("127.0.0.3:51621", "not-live")],
+)
+def test_step_down_is_refused_with_the_reason(to: str, reason: str) -> None:
+    """Reference: protocol.md §3.10: a successor that is not live, or the master itself, is refused."""
+    c = settled(3)
+    c.crash(C)
+    c.run_for(2 * DEFAULT.election_timeout_s)
+    core = c.nodes[0].core
+    assert core is not None
+    assert core.request_step_down(c.nodes[0].local(c.now), to) == reason
+    c.run_for(1.0)
+    assert c.master() == A  # nothing changed
+
+
+def test_higher_priority_proposes_first() -> None:
+    """Reference: protocol.md §3.10: among the live members a higher priority proposes first."""
+    for seed in range(4):
+        c = Cluster(5, seed=seed, priorities={3: 2, 1: 1})
+        c.run_for(3.0)
+        assert c.master() == D
+        c.crash(D, with_script=True)
+        c.run_for(DEFAULT.failover_bound_s())
+        assert c.master() == B
+
+
+def test_no_preemption_by_default() -> None:
+    """Reference: protocol.md §3.10: a healthy master keeps the role when a preferred node joins."""
+    c = Cluster(3, seed=2, priorities={2: 5})
+    c.crash(C)
+    c.run_for(3.0)
+    assert c.master() == A
+    c.restart(C)
+    c.run_for(30.0)
+    assert c.master() == A
+
+
+def _preempted(broken: tuple[str, ...], flapping: bool) -> list[float]:
+    after = 3.0
+    c = Cluster(3, seed=5, priorities={2: 5}, preempt_after_s=after, broken=broken)
+    c.crash(C)
+    c.run_for(3.0)
+    assert c.master() == A
+    c.restart(C)
+    for _ in range(40):  # 40 s: what C sends A is lost 0.5 s in every 2.5 s while flapping (C hears
+        if flapping:  # A throughout, so only the master can tell: its side of the rule is tested)
+            c.cut_links([(2, 0)], both=False)
+            c.run_for(0.5)
+            c.heal()
+            c.run_for(0.5)
+            c.run_for(1.5)
+        else:
+            c.run_for(2.5)
+    return c.preemptions
+
+
+def test_a_preferred_node_takes_over_once_by_a_clean_handover() -> None:
+    """Reference: protocol.md §3.10: --preempt-after of connection, then one handover to it, by the
+    master's step-down (never by deposing), and no more on a stable network."""
+    handovers = _preempted((), flapping=False)
+    assert len(handovers) == 1
+
+
+def test_no_handover_to_a_preferred_node_whose_link_flaps() -> None:
+    """Reference: protocol.md §3.10: the connection must have lasted --preempt-after on both sides."""
+    assert _preempted((), flapping=True) == []
+    assert len(_preempted(("preempt_while_flapping",), flapping=True)) >= 1
+
+
+def test_two_servers_and_a_witness_fail_over() -> None:
+    """Reference: protocol.md §3.11: the witness votes and acknowledges, never campaigns nor runs."""
+    for seed in range(4):
+        c = Cluster(3, seed=seed, witnesses={0})  # A, the lowest address, is the witness
+        c.run_for(3.0)
+        assert c.master() == B and c.running_script() == B
+        c.crash(B, with_script=True)
+        c.run_for(DEFAULT.failover_bound_s())
+        assert c.master() == C and c.running_script() == C
+        c.crash(C, with_script=True)  # only the witness is left: no master, safely
+        c.run_for(5.0)
+        assert c.master() is None and c.running_script() is None

@@ -16,12 +16,15 @@ from hypothesis import strategies as st
 from pyquorum.core.errors import LocalProtocolError, RemoteProtocolError
 from pyquorum.core.messages import (
     MESSAGE_TYPES,
+    STEP_DOWN_REASONS,
     Heartbeat,
     HeartbeatResponse,
     Message,
     PreVoteRequest,
     PreVoteResponse,
     Resign,
+    StepDown,
+    StepDownResponse,
     VoteRequest,
     VoteResponse,
 )
@@ -51,6 +54,10 @@ ALL_MESSAGES: list[Message | ClusterInfo | Hello] = [
     Heartbeat(term=MAX_TERM, master=True, round=MAX_TERM),
     Heartbeat(term=5, master=True, round=6, live=frozenset({C})),  # one member: a stable test id
     Hello(),
+    StepDown(term=4, to=C, preempt=True),
+    StepDown(term=4),
+    StepDownResponse(term=4, accepted=True, reason="accepted"),
+    StepDownResponse(term=4, accepted=False, reason="not-connected"),
     HeartbeatResponse(term=7, round=123456789),
     PreVoteRequest(term=8),
     PreVoteResponse(term=8, granted=True, voter_term=7),
@@ -188,6 +195,8 @@ def test_codec_wire_format_matches_the_table():
         (Resign(term=3), 7, u64(3) + b"\x00"),
         (ClusterInfo(members=(A, C), timing="t"), 64, b"\x02" + ident(A) + ident(C) + b"\x00\x01t"),
         (Hello(), 65, b""),
+        (StepDown(term=3, to=C, preempt=True), 8, u64(3) + ident(C) + b"\x01"),
+        (StepDownResponse(term=3, accepted=False, reason="not-live"), 9, u64(3) + b"\x00\x06"),
     ]
     for msg, msg_type, payload in payloads:
         assert encode(msg) == build(payload, msg_type=msg_type)
@@ -225,6 +234,8 @@ MESSAGES: st.SearchStrategy[Message | ClusterInfo] = st.one_of(
     st.builds(VoteRequest, TERMS),
     st.builds(VoteResponse, TERMS, st.booleans()),
     st.builds(Resign, TERMS, st.sampled_from(["", A, B, C])),
+    st.builds(StepDown, TERMS, st.sampled_from(["", A, B, C]), st.booleans()),
+    st.builds(StepDownResponse, TERMS, st.just(False), st.sampled_from(STEP_DOWN_REASONS[1:])),
     st.builds(
         ClusterInfo,
         st.lists(
@@ -481,7 +492,7 @@ def test_codec_rejects_bad_fields(overrides: dict[str, object], payload: bytes, 
         assert reject(codec(B, ring), data).reason == "bad-field"
 
 
-@pytest.mark.parametrize("msg_type", [0, 8, 63, 66, 255])
+@pytest.mark.parametrize("msg_type", [0, 10, 63, 66, 255])
 def test_codec_rejects_unknown_message_type(msg_type: int):
     assert reject(codec(B), build(u64(1), msg_type=msg_type)).reason == "bad-type"
 

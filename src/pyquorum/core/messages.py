@@ -86,8 +86,50 @@ class Resign:
     successor: str = ""
 
 
+# Why a master refuses (or accepts) a step-down request (protocol.md §3.10); on the wire as a code.
+STEP_DOWN_REASONS: tuple[str, ...] = (
+    "accepted",  # it is stopping its script, and resigns naming the successor
+    "not-master",  # the request reached a node that is not master (the requester's view is stale)
+    "no-majority",  # the master has no acknowledged round: it holds no lease to hand over
+    "leaving",  # it is already resigning or shutting down
+    "is-master",  # the requested successor is the master itself
+    "witness",  # the requested successor is a witness, which never becomes master
+    "not-live",  # the requested successor was not heard within the election timeout
+    "not-preferred",  # a pre-emption by a node whose priority is not above the master's
+    "not-connected",  # a pre-emption by a node not connected long enough (--preempt-after)
+)
+
+
+@dataclass(frozen=True, slots=True)
+class StepDown:
+    """A member asks the master of ``term`` to hand over (protocol.md §3.10): to ``to`` (a member) if
+    given, else to the next node in the proposal order. ``preempt``: a preferred node asks for itself
+    (``to`` is then the sender). Changes nothing unless the master accepts; nothing stays afterwards."""
+
+    term: int
+    to: str = ""
+    preempt: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class StepDownResponse:
+    """The master's answer to ``StepDown``: ``reason`` is one of ``STEP_DOWN_REASONS``."""
+
+    term: int
+    accepted: bool
+    reason: str
+
+
 Message = (
-    Heartbeat | HeartbeatResponse | PreVoteRequest | PreVoteResponse | VoteRequest | VoteResponse | Resign
+    Heartbeat
+    | HeartbeatResponse
+    | PreVoteRequest
+    | PreVoteResponse
+    | VoteRequest
+    | VoteResponse
+    | Resign
+    | StepDown
+    | StepDownResponse
 )
 
 MESSAGE_TYPES: tuple[type[Message], ...] = (
@@ -98,4 +140,6 @@ MESSAGE_TYPES: tuple[type[Message], ...] = (
     VoteRequest,
     VoteResponse,
     Resign,
+    StepDown,
+    StepDownResponse,
 )

@@ -67,7 +67,7 @@ from __future__ import annotations
 
 import enum
 import random
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from pyquorum.core.address import sort_nodes
@@ -80,6 +80,8 @@ from pyquorum.core.messages import (
     PreVoteRequest,
     PreVoteResponse,
     Resign,
+    StepDown,
+    StepDownResponse,
     VoteRequest,
     VoteResponse,
 )
@@ -169,6 +171,8 @@ class EventKind(enum.Enum):
     RESIGNED = "resigned"  # successor
     STOPPED = "stopped"
     RECOVERED = "recovered"  # heard
+    STEP_DOWN_REQUESTED = "step_down_requested"  # (master) sender to preempt accepted reason
+    STEP_DOWN_ANSWERED = "step_down_answered"  # (the requester) master accepted reason
 
 
 @dataclass(frozen=True, slots=True)
@@ -264,13 +268,23 @@ class Node:
         rng: random.Random,
         hard_state: HardState | None = None,
         rules: Rules = RULES,
+        priorities: Mapping[str, int] | None = None,
+        witnesses: frozenset[str] = frozenset(),
+        preempt_after_s: float | None = None,
     ) -> None:
         if me not in members:
             raise LocalProtocolError(f"{me} is not among the members {list(members)}")
         if len(set(members)) != len(members):
             raise LocalProtocolError(f"duplicate members in {list(members)}")
+        if not witnesses <= set(members) or set(priorities or ()) - set(members):
+            raise LocalProtocolError("priorities and witnesses must name members")
         self.me = me
         self.members = frozenset(members)
+        # protocol.md §3.10, §3.11: who proposes first, and who never does
+        self.priority = {m: (priorities or {}).get(m, 0) for m in members}
+        self.witnesses = frozenset(witnesses)
+        self.abstains = me in self.witnesses and rules.witness_abstains
+        self.preempt_after_s = preempt_after_s
         self.order = sort_nodes(self.members)  # protocol.md §3.3: lowest address proposes first
         self.peers = [m for m in self.order if m != me]
         self.quorum = quorum_size(len(self.members))
@@ -298,6 +312,12 @@ class Node:
         self.reported: frozenset[str] = frozenset()
         self.reported_at: float | None = None
         self.plain_sent: dict[str, float] = {}  # when we last sent each peer a plain heartbeat
+        # protocol.md §3.10: since when each peer has been heard without a gap of more than 3h, and
+        # since when we follow our master so; a pre-emption needs --preempt-after of both
+        self.connected_since: dict[str, float] = {}
+        self.following_since = now
+        self.next_preempt_at = now
+        self.successor_hint = ""  # the successor a step-down request named
         # protocol.md §3.3: the last time we accepted a live master's heartbeat (or sent one as master)
         self.last_master_heard: float | None = None
         self.attempt_at: float | None = None
@@ -334,6 +354,9 @@ class Node:
         """Handle one message from ``sender`` (an authenticated member id). Then call ``ready()``."""
         if self.finished or sender not in self.members or sender == self.me:
             return
+        previous = self.last_heard.get(sender)
+        if previous is None or now - previous > self._connection_gap_s():
+            self.connected_since[sender] = now
         self.last_heard[sender] = now
         if self.recovering:
             self._learn_term(sender, msg)
@@ -374,6 +397,20 @@ class Node:
             return False
         self._leave(now, reason, final=False)
         return True
+
+    def request_step_down(self, now: float, to: str = "") -> str | None:
+        """Ask the master to hand over (protocol.md §3.10), to ``to`` if given. On the master itself
+        the request is decided at once: the reason (``STEP_DOWN_REASONS``) is returned. Elsewhere it
+        is sent to the master we follow and None is returned: the answer comes back as a
+        ``step_down_answered`` event. "not-master" if we know no master."""
+        if to and to not in self.members:
+            raise LocalProtocolError(f"{to!r} is not a member")
+        if self.role is Role.MASTER:
+            return self._decide_step_down(self.me, StepDown(self.term, to), now)
+        if self.master is None or self.master == self.me:
+            return "not-master"
+        self._send(self.master, StepDown(self.term, to))
+        return None
 
     def shutdown(self, now: float) -> None:
         """Planned stop: stop the script, resign so a peer takes over at once, then ``finished``."""
@@ -422,6 +459,13 @@ class Node:
             deadline = self._deadline()
         return Status(self.me, self.role, self.term, self.master, self.script_state, deadline)
 
+    def lease_ends_at(self) -> float | None:
+        """Read-only, for status displays: when this master steps down and stops its script unless
+        a newer round is acknowledged (protocol.md §4.3); None unless master with a lease."""
+        if self.role is not Role.MASTER or self.lease_start is None:
+            return None
+        return self._stop_at()
+
     @property
     def hard_state(self) -> HardState:
         return HardState(self.term, self.voted_for, self.promise_s, self.recovering)
@@ -444,8 +488,9 @@ class Node:
                 self._send(sender, VoteResponse(self.term, False))
                 return
             self._become_slave(now, term, "higher_term", peer=sender)
-        elif term < self.term and not isinstance(msg, PreVoteResponse):
-            # (a pre-vote response is judged by the term it answers, which is ours + 1)
+        elif term < self.term and not isinstance(msg, (PreVoteResponse, StepDownResponse)):
+            # (a pre-vote response is judged by the term it answers, which is ours + 1; a step-down
+            # answer is news for the operator whatever its term)
             self._step_stale(sender, msg)
             return
         self._step_role(sender, msg, now)
@@ -465,6 +510,8 @@ class Node:
             self._send(sender, HeartbeatResponse(self.term, msg.round))
         elif isinstance(msg, VoteRequest):
             self._send(sender, VoteResponse(self.term, False))
+        elif isinstance(msg, StepDown):
+            self._send(sender, StepDownResponse(self.term, False, "not-master"))
 
     def _step_slave(self, sender: str, msg: Input, now: float) -> None:
         if isinstance(msg, Timeout):
@@ -531,6 +578,11 @@ class Node:
             self._on_vote_request(sender, msg, now)
         elif isinstance(msg, Resign):
             self._on_resign(sender, msg, now)
+        elif isinstance(msg, StepDown):
+            reason = self._decide_step_down(sender, msg, now)
+            self._send(sender, StepDownResponse(self.term, reason == "accepted", reason))
+        elif isinstance(msg, StepDownResponse):
+            self._emit(EventKind.STEP_DOWN_ANSWERED, master=sender, accepted=msg.accepted, reason=msg.reason)
         # anything else is not for this role: a late response, an ack for a round we no longer run
 
     def _common_timeout(self, kind: TimeoutKind, now: float) -> None:
@@ -651,6 +703,20 @@ class Node:
             if m == self.me or (m in self.last_heard and now - self.last_heard[m] < e) or m in reported
         ]
 
+    def _proposal_order(self, now: float, exclude: str = "") -> list[str]:
+        """protocol.md §3.3, §3.10, §3.11: the live members that may propose, in the order they do:
+        higher priority first, then the address order; witnesses never propose."""
+        live = [
+            m
+            for m in self._alive(now)
+            if m != exclude and (m not in self.witnesses or not self.rules.witness_abstains)
+        ]
+        return sorted(live, key=lambda m: -self.priority[m])  # stable: address order within a priority
+
+    def _connection_gap_s(self) -> float:
+        # protocol.md §3.10: three heartbeat intervals without a word break a connection
+        return 3 * self.timing.heartbeat_interval_s
+
     def _has_live_master(self, now: float) -> bool:
         """protocol.md §3.2: we follow a master heard within E (or are the master)."""
         if self.role is Role.MASTER:
@@ -732,8 +798,8 @@ class Node:
 
     def _election_due_at(self) -> float:
         """protocol.md §3.3: no election before the embargo ends, nor E after the last live master."""
-        if self.recovering:
-            return float("inf")  # protocol.md §3.9: no candidacy before every member's term is known
+        if self.recovering or self.abstains:
+            return float("inf")  # protocol.md §3.9, §3.11: not while recovering, never as a witness
         due = max(self.started_at + self.embargo_s, self.quiet_until)
         if self.last_master_heard is not None:
             due = max(due, self.last_master_heard + self.timing.election_timeout_s)
@@ -748,8 +814,8 @@ class Node:
             # protocol.md §3.3: the k-th lowest live address waits k slots, so the lowest proposes
             # first and a node that cannot win (one-way link) is followed by the next; a node that
             # lost its lease recently waits after all of them (demotion).
-            alive = self._alive(now)
-            rank = len(alive) if now < self.demoted_until else alive.index(self.me)
+            order = self._proposal_order(now)
+            rank = len(order) if now < self.demoted_until else order.index(self.me)
             self.attempt_at = due + rank * self.timing.slot_s
         if now >= self.attempt_at:
             self._become_precandidate(now)
@@ -767,6 +833,9 @@ class Node:
     def _follow(self, sender: str, msg: Heartbeat, now: float) -> None:
         if self.resigned == (sender, msg.term):
             return  # protocol.md §3.7: a heartbeat overtaken by its master's Resign
+        gap = self.last_master_heard is None or now - self.last_master_heard > self._connection_gap_s()
+        if self.master != sender or gap:
+            self.following_since = now
         if self.master != sender:
             self._emit(EventKind.FOLLOWING, master=sender)
         self.master = sender
@@ -775,6 +844,23 @@ class Node:
         # protocol.md §3.5: stickiness is set BEFORE the acknowledgement leaves
         self.last_master_heard = now
         self._send(sender, HeartbeatResponse(self.term, msg.round))
+        self._maybe_preempt(sender, now)
+
+    def _maybe_preempt(self, master: str, now: float) -> None:
+        """protocol.md §3.10: a node preferred to its master, connected to it for --preempt-after,
+        asks it for a clean handover to itself, at most once per --preempt-after."""
+        after = self.preempt_after_s
+        if (
+            after is None
+            or self.abstains
+            or self.recovering
+            or self.priority[self.me] <= self.priority[master]
+            or now - self.following_since < after
+            or now < self.next_preempt_at
+        ):
+            return
+        self.next_preempt_at = now + after
+        self._send(master, StepDown(self.term, self.me, preempt=True))
 
     def _on_resign(self, sender: str, msg: Resign, now: float) -> None:
         if msg.term != self.term or self.master not in (sender, None):
@@ -783,9 +869,12 @@ class Node:
         self.last_master_heard = None
         self.resigned = (sender, msg.term)
         self._emit(EventKind.MASTER_RESIGNED, master=sender, successor=msg.successor)
-        if self.role is Role.SLAVE and not self.leaving:
-            alive = [m for m in self._alive(now) if m != sender]
-            rank = 0 if msg.successor == self.me else alive.index(self.me)
+        if self.role is Role.SLAVE and not self.leaving and not self.abstains:
+            # protocol.md §3.7: the named successor goes first, the others in the proposal order after it
+            order = self._proposal_order(now, exclude=sender)
+            if msg.successor in order:
+                order = [msg.successor, *(m for m in order if m != msg.successor)]
+            rank = order.index(self.me)
             self.attempt_at = max(now, self._election_due_at()) + rank * self.timing.slot_s
 
     # ------------------------------------------------------------------ votes
@@ -911,6 +1000,37 @@ class Node:
         self._ready.script.append(StartScript(self.term, self.kill_deadline))
         self._emit(EventKind.SCRIPT_STARTING, token=self.term, deadline_in_s=self.kill_deadline - now)
 
+    def _decide_step_down(self, sender: str, msg: StepDown, now: float) -> str:
+        """protocol.md §3.10: accept (and start a clean handover) or say why not."""
+        to = msg.to
+        if self.role is not Role.MASTER:
+            reason = "not-master"
+        elif self.leaving:
+            reason = "leaving"
+        elif self.lease_start is None:
+            reason = "no-majority"
+        elif to == self.me:
+            reason = "is-master"
+        elif to in self.witnesses:
+            reason = "witness"
+        elif to and to not in self._proposal_order(now):
+            reason = "not-live"
+        elif msg.preempt and (to != sender or self.priority[sender] <= self.priority[self.me]):
+            reason = "not-preferred"
+        elif (
+            msg.preempt
+            and self.rules.preempt_needs_connection
+            and (now - self.connected_since.get(sender, now) < (self.preempt_after_s or 0.0))
+        ):
+            reason = "not-connected"
+        else:
+            reason = "accepted"
+        self._emit(EventKind.STEP_DOWN_REQUESTED, sender=sender, to=to, preempt=msg.preempt, reason=reason)
+        if reason == "accepted":
+            self.successor_hint = to
+            self._leave(now, "preempted" if msg.preempt else "step-down", final=False)
+        return reason
+
     def _lease_lapsed(self, now: float) -> None:
         acked = max((len(r.acks) for r in self.rounds.values()), default=1)
         deadline_in = None
@@ -945,8 +1065,11 @@ class Node:
             self._finish_leaving(now)
 
     def _send_resign(self, now: float) -> str:
-        alive = [m for m in self._alive(now) if m != self.me]
-        successor = alive[0] if alive else ""
+        # protocol.md §3.7, §3.10: the successor a step-down named, if still live, else the next in
+        # the proposal order
+        order = self._proposal_order(now, exclude=self.me)
+        successor = self.successor_hint if self.successor_hint in order else (order[0] if order else "")
+        self.successor_hint = ""
         self._broadcast(Resign(self.term, successor))
         return successor
 

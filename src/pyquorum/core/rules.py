@@ -81,6 +81,10 @@ class Rules:
     """How long, in E, the master's report of who is live counts for the proposal order (§3.2)."""
     answer_plain: bool = True
     """Whether a quiet follower answers a plain heartbeat (once per h) (§3.2)."""
+    witness_abstains: bool = True
+    """Whether a witness never campaigns (and so is never master) (§3.11)."""
+    preempt_needs_connection: bool = True
+    """Whether the master grants a pre-emption only to a node connected for --preempt-after (§3.10)."""
 
 
 RULES = Rules()

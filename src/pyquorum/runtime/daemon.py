@@ -1,18 +1,43 @@
-"""The asyncio shell around the election core: one UDP socket, a ticker, the script supervisor.
+"""The asyncio shell around the election core: its life from start-up to exit, and the core's outputs.
 
 What this module owns
 ---------------------
-Sockets, the monotonic clock, the state directory, signals, the script's supervisor and the logs. Every
-protocol decision is the core's (``pyquorum.core.node``); this module carries out its ``Ready`` in the
-order the core's docstring prescribes: persist (fsync), send, act on the script, log, ``advance()``.
+The daemon's stages and what each may take (``Daemon.main``), the clock, the state directory, signals,
+and carrying out the core's ``Ready`` in the order the core's docstring prescribes: persist (fsync),
+send, act on the script, log, ``advance()``. Every protocol decision is the core's
+(``pyquorum.core.node``). The other jobs are elsewhere, one module each:
+
+* ``runtime.udp``: the socket, every datagram through ``wire.Endpoint`` (its docstring lists the path
+  hop by hop), the refusal logs and the other-cluster reports;
+* ``runtime.status``: the counters, the rate limiter and the one ``Snapshot`` every reader reads;
+* ``runtime.restart``: the pure restart policy for a script that ends by itself;
+* ``runtime.reload``: reading the configuration again, and what a reload refuses;
+* ``runtime.control``: the control socket (the commands are ``COMMANDS`` below, one function each);
+* ``runtime.http`` and ``runtime.metrics``: the opt-in HTTP listener and its Prometheus collector;
+* ``runtime.sdnotify``: what systemd is told, at each stage;
+* ``pyquorum.supervisor``: the script's runs under the kill deadline (and its guard process).
+
+The stages (``main``)
+---------------------
+1. start-up: lock and load the state, bind the socket, build the core, prepare the supervisor; log
+   ``event=started``;
+2. running, until a stop signal, or the core has finished, or a fatal error of ours; a reload
+   (SIGHUP or the control socket) runs as a task meanwhile, one at a time;
+3. the planned stop (first SIGTERM or SIGINT): the core stops the script, resigns and finishes; it
+   may take ``G + K + SHUTDOWN_SLACK_S``, after which the daemon gives up waiting; a second signal
+   ends the wait at once (uvicorn's rule; the guard still stops the script);
+4. exit: the ticker (at most ``h + 1`` s), the supervisor (at most ``G + 1`` s, then its guard is
+   killed), the socket, the state lock.
+
+Signal handlers only record the signal and wake ``main``, which does the work (uvicorn's and CPython
+asyncio.runners' rule): nothing runs inside a handler that could meet the loop half-way through a
+``Ready``.
 
 Whose fault is it
 -----------------
-A datagram that does not decode, is stale, replayed, from another cluster or from a stranger is a
-peer's fault: ``pyquorum.wire.Endpoint.receive`` refuses and counts it per reason (``status.json``
-shows the counters), and this module logs it at a rate limit, never a crash; a peer refused for
-longer than ``REFUSED_WARN_AFTER_S`` is a WARNING. A broken invariant of the core is ours: it stops
-the script and the daemon. The datagram path, hop by hop, is listed in ``pyquorum.wire.endpoint``.
+A bad datagram is a peer's fault and never more than a counted, rate-limited log line (runtime/udp.py).
+A broken invariant of the core is ours: it stops the script and the daemon (``event=internal_error``,
+then ``event=fatal``, exit code 1).
 
 Time
 ----
@@ -24,163 +49,99 @@ the script's kill deadline reads the same clock.
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import errno
 import logging
 import os
 import random
 import signal
 import socket
 import time
-from collections import Counter
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pyquorum import __version__
 from pyquorum.config import Config
 from pyquorum.core.errors import ConfigError
 from pyquorum.core.messages import Message
-from pyquorum.core.node import EventKind, HardState, Node, Ready, Role, StartScript
+from pyquorum.core.node import Event, EventKind, HardState, Node, Ready, Role, StartScript
 from pyquorum.keyfile import load_keyring
+from pyquorum.runtime.control import CONTROL_SOCKET_NAME, ControlServer
+from pyquorum.runtime.logs import RESERVED_FIELDS, Value, configure_logging, log_event, log_exception
+from pyquorum.runtime.reload import needs_restart, read_config, restart_settings
 from pyquorum.runtime.restart import Action, Decision, RestartPolicy
-from pyquorum.runtime.storage import PersistedState, StateStore, member_change_problem, write_status
-from pyquorum.supervisor import ScriptExit, ScriptStartError, ScriptSupervisor
-from pyquorum.wire import (
-    ClusterInfo,
-    Deliver,
-    Endpoint,
-    Foreign,
-    Handshake,
-    Hello,
-    KeyRing,
-    Reject,
-    cluster_fingerprint,
+from pyquorum.runtime.sdnotify import Notifier, status_text
+from pyquorum.runtime.status import (
+    DATAGRAM_TYPES,
+    Counters,
+    ScriptStatus,
+    Snapshot,
+    fresh_master,
+    peer_statuses,
 )
+from pyquorum.runtime.storage import PersistedState, StateStore, member_change_problem, write_status
+from pyquorum.runtime.udp import Udp
+from pyquorum.supervisor import ScriptExit, ScriptStartError, ScriptSupervisor
+from pyquorum.wire import Endpoint, KeyRing, cluster_fingerprint
 
-log = logging.getLogger("pyquorum")
+if TYPE_CHECKING:
+    from pyquorum.runtime.http import HttpServer
 
-# (asyncio receives into a 256 KiB buffer: an oversized datagram arrives whole and is counted as
-# "too-large" by the codec, never truncated into something that might parse.)
-# At most one log line per reason per this many seconds for rejected datagrams (an attacker must not
-# be able to fill the disk); the counters in status.json are exact.
-REJECT_LOG_INTERVAL_S = 10.0
+log = logging.getLogger("pyquorum.daemon")
+script_log = logging.getLogger("pyquorum.script")
+
 # How long a planned shutdown may take beyond the script's own stop grace before we give up waiting.
 SHUTDOWN_SLACK_S = 2.0
-# status.json is rewritten at once when the role, term, master or script changes, and otherwise at
-# most this often: its counters (received, sent, rejected) and lease stay current while traffic
-# flows, and a flood of datagrams does not become a flood of file writes (a rewrite costs ~0.2 ms).
-STATUS_REFRESH_S = 0.5
-# A peer whose datagrams have all been refused for this long (none accepted meanwhile, no silence
-# longer than this in between) is logged as a WARNING naming it and the reason. A (re)start's
-# handshake refuses one datagram each way ("bad-echo", one heartbeat interval apart at most), and a
-# restarted peer's last datagrams in flight are "stale-epoch" for milliseconds: both stay at debug.
-REFUSED_WARN_AFTER_S = 3.0
-
-
-class _RateLimiter:
-    """At most one event per key per interval; counts what it suppressed."""
-
-    def __init__(self, interval_s: float) -> None:
-        self.interval_s = interval_s
-        self._last: dict[str, float] = {}
-        self._suppressed: Counter[str] = Counter()
-
-    def allow(self, key: str, now: float) -> int | None:
-        """None if suppressed; else how many were suppressed since the last allowed one."""
-        last = self._last.get(key)
-        if last is not None and now - last < self.interval_s:
-            self._suppressed[key] += 1
-            return None
-        self._last[key] = now
-        return self._suppressed.pop(key, 0)
-
-
-class _RefusedPeers:
-    """For how long each peer's datagrams have been refused without one accepted (monotonic s).
-
-    A refusal after a silence longer than ``after_s`` starts a new episode, so one first-contact
-    refusal after a long silence is not mistaken for a long refusal.
-    """
-
-    def __init__(self, after_s: float) -> None:
-        self.after_s = after_s
-        self._episodes: dict[str, tuple[float, float]] = {}  # peer -> (first, last) refusal
-        self.warned: set[str] = set()
-
-    def refused(self, peer: str, now: float) -> float:
-        """Record one refusal of ``peer``'s datagram; return how long its refusals have lasted."""
-        first, last = self._episodes.get(peer, (now, now))
-        if now - last > self.after_s:
-            first = now
-        self._episodes[peer] = (first, now)
-        return now - first
-
-    def accepted(self, peer: str, now: float) -> float | None:
-        """Record an accepted datagram; if ``peer`` had been warned about, return for how long it
-        was refused (the caller logs the recovery), else None."""
-        episode = self._episodes.pop(peer, None)
-        if peer in self.warned:
-            self.warned.discard(peer)
-            return now - episode[0] if episode is not None else 0.0
-        return None
 
 
 @dataclass
 class _ScriptRun:
     token: int
-    started_at: float
+    asked_at: float
     task: asyncio.Task[None]
-
-
-class _Protocol(asyncio.DatagramProtocol):
-    def __init__(self, daemon: Daemon) -> None:
-        self.daemon = daemon
-
-    def datagram_received(self, data: bytes, addr: tuple[Any, ...]) -> None:
-        self.daemon.on_datagram(data, addr)
-
-    def error_received(self, exc: Exception) -> None:
-        # ICMP port unreachable from a peer that is down: normal, and not worth more than debug
-        log.debug("event=socket_error error=%s", exc)
+    started_at: float | None = None
 
 
 class Daemon:
     """One pyquorum node. ``await Daemon(config).main()`` runs it until a signal stops it."""
 
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, argv: Sequence[str] | None = None) -> None:
         self.config = config
+        # the command line the daemon was started with: a reload reads it (and its --config) again
+        self.argv = None if argv is None else list(argv)
         self.me = config.node_id
         self.members = tuple(config.members)
         self.timing = config.timing
         self.store = StateStore(config.state_dir)
-        # the key id of each peer's last accepted datagram: shows who still signs with an old key
-        # during a rotation (docs/security.md §6); one entry per member at most
-        self.peer_key_ids: dict[str, int] = {}
-        self.received = 0
-        self.sent = 0
-        self._reject_log = _RateLimiter(REJECT_LOG_INTERVAL_S)
-        self._info_sent = _RateLimiter(REJECT_LOG_INTERVAL_S)
-        self._refused = _RefusedPeers(REFUSED_WARN_AFTER_S)
-        self._wake = asyncio.Event()
-        self._finished = asyncio.Event()
-        self._run: _ScriptRun | None = None
-        self.restart_policy = RestartPolicy(
-            config.restart,
-            backoff_s=config.restart_backoff_s,
-            backoff_max_s=config.restart_backoff_max_s,
-            max_failures=config.max_failures,
-            window_s=config.failure_window_s,
-        )
-        self._signals = 0
-        self._last_status: tuple[object, ...] | None = None
-        self._status_written = float("-inf")
+        self.counters = Counters(m for m in self.members if m != self.me)
+        self.restart_policy = _restart_policy(config)
+        self.started_at = time.monotonic()
         self.epoch = 0
-        self.endpoint: Endpoint | None = None
         self.node: Node
-        self.transport: asyncio.DatagramTransport | None = None
+        self.udp: Udp | None = None
         self.supervisor: ScriptSupervisor | None = None
+        self._run: _ScriptRun | None = None
+        self._wake = asyncio.Event()  # the ticker's
+        self._main_wake = asyncio.Event()  # main()'s: a signal, the core finished, a fatal error
+        self._stop_signals: list[signal.Signals] = []
+        self._reload_requested = False
+        self._finished = False
         self._fatal: BaseException | None = None
+        self._stopped = False  # status.json says "stopped" from here on
+        self._state_key: tuple[object, ...] | None = None
+        # the ticker: when its last wake-up was due and how late it came (see on_time)
+        self.last_tick_at = self.started_at
+        self.last_lag_s = 0.0
+        # the script, for status
+        self._starts = 0
+        self._restarts = 0
+        self._last_token: int | None = None
+        self._last_exit: dict[str, Any] | None = None
+        self.notifier = Notifier(None)  # the real one is made first thing in main()
+        self.control: ControlServer | None = None
+        self.http: HttpServer | None = None
+        self._reload_lock = asyncio.Lock()
+        self._reloads: set[asyncio.Task[Any]] = set()
+        self._notify_status = False  # STATUS= on changes: after READY=1, until STOPPING=1
 
     # ------------------------------------------------------------------ start-up
 
@@ -203,87 +164,19 @@ class Daemon:
         fp = cluster_fingerprint(self.members, self.config.cluster_text)
         return Endpoint(local=self.me, members=self.members, cluster_fp=fp, keyring=keyring, epoch=self.epoch)
 
-    async def _open_socket(self) -> None:
-        loop = asyncio.get_running_loop()
-        ip = self.config.me.ip
-        family = socket.AF_INET6 if ip.version == 6 else socket.AF_INET
-        try:
-            transport, _ = await loop.create_datagram_endpoint(
-                lambda: _Protocol(self), local_addr=(str(ip), self.config.me.port), family=family
-            )
-        except OSError as exc:
-            if exc.errno == errno.EADDRINUSE:
-                raise ConfigError(
-                    [f"UDP port {self.me} is already in use (another pyquorum node?): stop it or use -p"]
-                ) from None
-            if exc.errno == errno.EADDRNOTAVAIL:
-                raise ConfigError([f"-b {ip} is not an address of this host"]) from None
-            raise ConfigError([f"cannot bind UDP {self.me}: {exc.strerror or exc}"]) from None
-        self.transport = transport
-        sock = transport.get_extra_info("socket")
-        if sock is not None:
-            with contextlib.suppress(OSError):
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
-
     async def main(self) -> int:
-        """Run until SIGTERM/SIGINT (exit 0 after a clean handover) or a fatal error."""
+        """Run the stages of the module docstring; the exit code: 0 after a clean stop, 1 fatal."""
+        # Before anything can start a process (the supervisor's standby guard): it removes
+        # $NOTIFY_SOCKET from the environment the guard and the script inherit (runtime/sdnotify.py).
+        self.notifier = Notifier.from_environ()
         state = self._open_state()
         try:
-            keyring = self._load_keys()
-            self.endpoint = self._make_endpoint(keyring)
-            await self._open_socket()
-            now = time.monotonic()
-            self.node = Node(
-                self.me,
-                self.members,
-                self.timing,
-                now=now,
-                rng=random.Random(int.from_bytes(os.urandom(8), "big")),
-                hard_state=HardState(state.term, state.voted_for, state.promise_s, state.recovering),
-            )
-            if self.config.script:
-                self.supervisor = ScriptSupervisor(
-                    [self.config.script],
-                    stop_timeout_s=self.timing.stop_timeout_s,
-                    kill_margin_s=self.timing.kill_margin_s,
-                    on_exit=self._on_script_exit,
-                    logger=logging.getLogger("pyquorum.script"),
-                )
-                await self.supervisor.prepare()  # a standby guard: the first start is fast too
-            self._install_signals()
-            log.info(
-                "event=started version=%s node=%s members=%s term=%d boot_epoch=%d authenticated=%s "
-                "script=%s %s",
-                __version__,
-                self.me,
-                ",".join(self.members),
-                state.term,
-                self.epoch,
-                "yes" if keyring else "NO",
-                self.config.script or "-",
-                self.timing.describe(),
-            )
-            if state.recovering:
-                log.warning(
-                    "event=recovering term=%d: no state file in %s (a new node, or its state was lost): "
-                    "it may have voted before, so it grants no vote and does not campaign until it has "
-                    "heard the current term of every member (docs/protocol.md §3.9); it follows a master "
-                    "meanwhile. For a brand-new cluster with members not yet running, see 'pyquorum init'",
-                    state.term,
-                    self.store.state_dir,
-                )
-            if keyring is None:
-                log.warning(
-                    "cluster traffic is UNAUTHENTICATED: anyone who can send UDP to %s can disrupt "
-                    "elections; create a key with 'pyquorum keygen' and use --key-file",
-                    self.me,
-                )
-            self._write_status(force=True)
+            await self._start(state)
             ticker = asyncio.create_task(self._ticker())
             try:
-                await self._finished.wait()
+                await self._run_until_stopped()
             finally:
-                self._finished.set()
+                self._finished = True
                 self._wake.set()
                 try:
                     await asyncio.wait_for(ticker, self.timing.heartbeat_interval_s + 1.0)
@@ -292,20 +185,166 @@ class Daemon:
         finally:
             await self._cleanup()
         if self._fatal is not None:
-            log.critical("event=fatal error=%r: stopped the script and the daemon", self._fatal)
+            log_event(
+                log,
+                logging.CRITICAL,
+                "fatal",
+                error=repr(self._fatal),
+                hint="stopped the script and the daemon",
+            )
             return 1
         return 0
 
+    async def _start(self, state: PersistedState) -> None:
+        keyring = self._load_keys()
+        endpoint = self._make_endpoint(keyring)
+        self.udp = Udp(
+            endpoint, self.step, self.counters, members=self.members, timing_text=self.config.timing_text
+        )
+        ip = self.config.me.ip
+        await self.udp.bind(
+            str(ip), self.config.me.port, socket.AF_INET6 if ip.version == 6 else socket.AF_INET
+        )
+        self.node = Node(
+            self.me,
+            self.members,
+            self.timing,
+            now=time.monotonic(),
+            rng=random.Random(int.from_bytes(os.urandom(8), "big")),
+            hard_state=HardState(state.term, state.voted_for, state.promise_s, state.recovering),
+            priorities=dict(self.config.priorities),
+            witnesses=frozenset(self.config.witnesses),
+            preempt_after_s=self.config.preempt_after_s,
+        )
+        if self.config.script and not self.config.is_witness:  # a witness never runs it (§3.11)
+            self.supervisor = ScriptSupervisor(
+                [self.config.script],
+                stop_timeout_s=self.timing.stop_timeout_s,
+                kill_margin_s=self.timing.kill_margin_s,
+                on_exit=self._on_script_exit,
+                logger=script_log,
+            )
+            await self.supervisor.prepare()  # a standby guard: the first start is fast too
+        self.control = ControlServer(self.store.state_dir / CONTROL_SOCKET_NAME, self._commands())
+        await self.control.start()
+        if self.config.http is not None:
+            self.http = await self._open_http(self.config.http)
+        self._install_signals()
+        log_event(
+            log,
+            logging.INFO,
+            "started",
+            version=__version__,
+            members=",".join(self.members),
+            term=state.term,
+            boot_epoch=self.epoch,
+            authenticated=keyring is not None,
+            script=self.config.script,
+            timing=self.timing.describe(),
+        )
+        if state.recovering:
+            log_event(
+                log,
+                logging.WARNING,
+                "recovering",
+                term=state.term,
+                state_dir=str(self.store.state_dir),
+                hint="no state file (a new node, or its state was lost): it may have voted before, so "
+                "it grants no vote and does not campaign until it has heard the current term of every "
+                "member (docs/protocol.md §3.9); it follows a master meanwhile. For a brand-new "
+                "cluster with members not yet running, see 'pyquorum init'",
+            )
+        self._note_state()
+        # socket bound, state loaded, control socket up: systemd may start what is ordered after us
+        self.notifier.ready(self._status_line())
+        self._notify_status = True
+        if keyring is None:
+            log_event(
+                log,
+                logging.WARNING,
+                "unauthenticated",
+                hint=f"cluster traffic is UNAUTHENTICATED: anyone who can send UDP to {self.me} can "
+                "disrupt elections; create a key "
+                "with 'pyquorum keygen' and use --key-file",
+            )
+
+    async def _run_until_stopped(self) -> None:
+        # Stages 2 and 3 of the module docstring: everything the signal handlers asked for is done here.
+        give_up_at: float | None = None
+        while True:
+            timeout = None if give_up_at is None else max(0.0, give_up_at - time.monotonic())
+            try:
+                await asyncio.wait_for(self._main_wake.wait(), timeout)
+            except asyncio.TimeoutError:
+                log_event(
+                    log,
+                    logging.ERROR,
+                    "shutdown_overdue",
+                    waited_s=round(time.monotonic() - (give_up_at or 0.0) + self._shutdown_limit_s(), 3),
+                    hint="the script did not stop in time; exiting anyway",
+                )
+                return
+            self._main_wake.clear()
+            if self._fatal is not None or self._finished:
+                return
+            if len(self._stop_signals) > 1:
+                # uvicorn's rule: a second signal forces the exit; the guard still stops the script
+                log_event(
+                    log,
+                    logging.WARNING,
+                    "forced_exit",
+                    signal=self._stop_signals[-1].name,
+                    hint="not waiting for a handover",
+                )
+                return
+            if self._reload_requested:
+                self._reload_requested = False
+                if give_up_at is None:  # a reload during the planned stop changes nothing
+                    task = asyncio.create_task(self.reload("SIGHUP"))
+                    self._reloads.add(task)
+                    task.add_done_callback(self._reloads.discard)
+            if self._stop_signals and give_up_at is None:
+                give_up_at = time.monotonic() + self._shutdown_limit_s()
+                self._begin_shutdown(self._stop_signals[0])
+
+    def _shutdown_limit_s(self) -> float:
+        return self.timing.stop_timeout_s + self.timing.kill_margin_s + SHUTDOWN_SLACK_S
+
+    def _begin_shutdown(self, sig: signal.Signals) -> None:
+        self.notifier.stopping(f"stopping ({sig.name}) " + self._status_line())
+        self._notify_status = False  # "stopping" stays the status line to the end
+        log_event(
+            log,
+            logging.INFO,
+            "shutdown_requested",
+            signal=sig.name,
+            term=self.node.term,
+            role=self.node.role.value,
+        )
+        self.node.shutdown(time.monotonic())
+        self._process()
+
     async def _cleanup(self) -> None:
+        if self._notify_status:  # not stopping yet: a fatal error, or the core finished by itself
+            self.notifier.stopping()
+            self._notify_status = False
+        for task in list(self._reloads):
+            task.cancel()
+        if self.http is not None:
+            await self.http.close()
+        if self.control is not None:
+            await self.control.close()
         if self.supervisor is not None:
             await self.supervisor.aclose(timeout=self.timing.stop_timeout_s + 1.0)
         if self._run is not None:
             self._run.task.cancel()
-        if self.transport is not None:
-            self.transport.close()
-        with contextlib.suppress(Exception):
-            self._write_status(force=True, role="stopped")
+        if self.udp is not None:
+            self.udp.close()
+        self._stopped = True
+        if hasattr(self, "node"):
+            self._note_state()
         self.store.release()
+        self.notifier.close()
 
     # ------------------------------------------------------------------ signals
 
@@ -313,43 +352,119 @@ class Daemon:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._on_stop_signal, sig)
-        loop.add_signal_handler(signal.SIGHUP, self._on_reload)
+        loop.add_signal_handler(signal.SIGHUP, self._on_hup)
 
     def _on_stop_signal(self, sig: signal.Signals) -> None:
-        self._signals += 1
-        if self._signals > 1:
-            # uvicorn's rule: a second signal forces the exit; the guard still stops the script
-            log.warning("event=forced_exit signal=%s: not waiting for a handover", sig.name)
-            self._finished.set()
-            return
-        log.info(
-            "event=shutdown_requested signal=%s term=%d role=%s",
-            sig.name,
-            self.node.term,
-            self.node.role.value,
+        self._stop_signals.append(sig)
+        self._main_wake.set()
+
+    def _on_hup(self) -> None:
+        self._reload_requested = True
+        self._main_wake.set()
+
+    # ------------------------------------------------------------------ reload
+
+    async def reload(self, source: str) -> dict[str, Any]:
+        """Read the configuration again (the original command line and its --config file) and
+        apply what can change live; refuse, changing nothing, if anything else changed. Returns
+        what happened (the control socket's answer to ``pyquorum reload``). One at a time."""
+        async with self._reload_lock:
+            self.notifier.reloading()
+            log_event(log, logging.INFO, "reload_started", source=source)
+            try:
+                # in a thread: resolving host names may wait on DNS, and the loop must not stop
+                # (a master that cannot send its heartbeats loses its lease)
+                config, keyring, problems = await asyncio.to_thread(read_config, self.argv, self.config)
+                result = await self._apply_config(config, keyring, problems, source)
+            except Exception as exc:  # our bug: refused, nothing changed, the daemon goes on
+                log_exception(log, "reload_error", source=source)
+                result = {"applied": False, "changes": [], "problems": [f"internal error: {exc!r}"]}
+            self.notifier.reloaded(
+                ("reloaded " if result["applied"] else "reload refused ") + self._status_line()
+            )
+            self._note_state()
+            return result
+
+    async def _apply_config(
+        self, new: Config | None, keyring: KeyRing | None, problems: list[str], source: str
+    ) -> dict[str, Any]:
+        old = self.config
+        if new is not None and not problems:
+            problems = needs_restart(old, new)
+        if new is None or problems:
+            log_event(
+                log,
+                logging.ERROR,
+                "reload_failed",
+                source=source,
+                problems="; ".join(problems),
+                hint="nothing changed; the daemon runs on with its configuration",
+            )
+            return {"applied": False, "changes": [], "problems": problems}
+        changes: list[str] = []
+        # First what can fail: the new HTTP listener (the old one is closed only once it listens).
+        new_http = self.http
+        if new.http != old.http:
+            try:
+                new_http = await self._open_http(new.http) if new.http is not None else None
+            except ConfigError as exc:
+                return await self._apply_config(new, keyring, exc.problems, source)
+            changes.append(f"http {old.http or 'off'} -> {new.http or 'off'}")
+        # From here on nothing fails.
+        if self.udp is not None and new.key_file is not None:
+            before = self.udp.endpoint.keyring
+            self.udp.endpoint.set_keyring(keyring)  # keeps the replay state: no handshake, no election
+            log_event(  # ids only, never key bytes
+                log,
+                logging.WARNING,
+                "keys_reloaded",
+                send_key_id=keyring.send_key_id if keyring else None,
+                key_ids=",".join(map(str, sorted(keyring.keys))) if keyring else "",
+            )
+            if repr(before) != repr(keyring) or old.key_file != new.key_file:
+                changes.append(f"keys {before!r} -> {keyring!r}")
+        if restart_settings(old) != restart_settings(new):
+            self.restart_policy = _restart_policy(new)  # its failure count starts again
+            changes.append(f"restart {old.restart} -> {new.restart} (failure count reset)")
+        if (old.log_level, old.log_format) != (new.log_level, new.log_format):
+            configure_logging(new.log_level, self.me, new.log_format)
+            old_level, new_level = logging.getLevelName(old.log_level), logging.getLevelName(new.log_level)
+            changes.append(
+                f"logs {old_level.lower()}/{old.log_format} -> {new_level.lower()}/{new.log_format}"
+            )
+        # (Notify hooks, runtime/hooks.py, are applied here once they exist: after everything that
+        # can fail, and before the new configuration becomes self.config.)
+        if new_http is not self.http:
+            if self.http is not None:
+                await self.http.close()
+            self.http = new_http
+        self.config = new
+        log_event(
+            log,
+            logging.WARNING,
+            "reloaded",
+            source=source,
+            changes="; ".join(changes) or "none",
+            term=self.node.term,
+            role=self.node.role.value,
         )
-        self.node.shutdown(time.monotonic())
-        self._process()
-        loop = asyncio.get_running_loop()
-        limit = self.timing.stop_timeout_s + self.timing.kill_margin_s + SHUTDOWN_SLACK_S
-        loop.call_later(limit, self._shutdown_overdue)
+        return {"applied": True, "changes": changes, "problems": []}
 
-    def _shutdown_overdue(self) -> None:
-        if not self._finished.is_set():
-            log.error("event=shutdown_overdue: the script did not stop in time; exiting anyway")
-            self._finished.set()
+    async def _open_http(self, address: Any) -> HttpServer:
+        from pyquorum.runtime.http import HttpServer  # imports prometheus_client: only when asked
 
-    def _on_reload(self) -> None:
-        """SIGHUP: re-read the key file (docs/security.md: key rotation)."""
-        try:
-            keyring = self._load_keys()
-        except ConfigError as exc:
-            log.error("event=reload_failed keeping the old keys: %s", "; ".join(exc.problems))
-            return
-        assert self.endpoint is not None  # SIGHUP is handled only once the endpoint exists
-        self.endpoint.set_keyring(keyring)  # keeps the replay state: no handshake, no election
-        log.warning("event=keys_reloaded keys=%r", keyring)  # ids only, never key bytes
-        self._write_status(force=True)
+        server = HttpServer(address, self.snapshot)
+        await server.start()
+        return server
+
+    # ------------------------------------------------------------------ the control socket
+
+    def _commands(self) -> dict[str, Callable[[Mapping[str, Any]], Awaitable[Any]]]:
+        return {name: _bind(self, command) for name, command in COMMANDS.items()}
+
+    def _status_line(self) -> str:
+        node = self.node
+        return status_text(node.role.value, node.term, fresh_master(node, time.monotonic()))
 
     # ------------------------------------------------------------------ the core's inputs
 
@@ -358,112 +473,41 @@ class Daemon:
         loop = asyncio.get_running_loop()
         # Ends by checking the flag, not by cancellation: on Python < 3.12 a wait_for() that
         # completes as it is cancelled swallows the cancellation (CPython gh-86296).
-        while not self._finished.is_set():
-            delay = self.node.next_wakeup() - time.monotonic()
+        while not self._finished:
+            now = time.monotonic()
+            delay = max(0.0, min(self.node.next_wakeup() - now, h))
+            due = now + delay
             self._wake.clear()
             # always yield, even when a tick is overdue: the loop must never starve. A timer that
             # sets the event, not wait_for(): no task to create and cancel on every tick, which
             # was a sixth of an idle daemon's CPU time.
-            timer = loop.call_later(max(0.0, min(delay, h)), self._wake.set)
+            timer = loop.call_later(delay, self._wake.set)
             try:
                 await self._wake.wait()
             finally:
                 timer.cancel()
-            if self._finished.is_set():
+            if self._finished:
                 return
-            self.node.tick(time.monotonic())
+            now = time.monotonic()
+            # how late the wake-up came after it was due (an early one, from _process, is on time)
+            self.last_lag_s = max(0.0, now - due)
+            self.last_tick_at = now
+            if self.last_lag_s <= h:
+                # systemd's watchdog, only while on time: a wedged or late loop gets restarted
+                self.notifier.watchdog(now)
+            self.node.tick(now)
             self._process()
 
-    def on_datagram(self, data: bytes, addr: tuple[Any, ...]) -> None:
-        """One datagram from the socket: the endpoint decides, the core steps what it delivers."""
-        self.received += 1
-        assert self.endpoint is not None  # the socket opens after the endpoint exists
-        source = (str(addr[0]), int(addr[1]))
-        result = self.endpoint.receive(data, source)
-        if isinstance(result, Deliver):
-            self._on_accepted(result.sender)
-            self.peer_key_ids[result.sender] = result.key_id
-            self.node.step(result.sender, result.message, time.monotonic())
-            self._process()
-        elif isinstance(result, Foreign):
-            self._cluster_mismatch(result.sender, result.message)
-            self._write_status()
-        elif isinstance(result, Handshake):
-            self._on_accepted(result.sender)  # its epoch is known now (protocol.md §3.2)
-        else:
-            if result.reply is not None and self.transport is not None:
-                self.sent += 1
-                self.transport.sendto(result.reply.data, result.reply.address)
-            self._reject(result, source)
+    def on_time(self, now: float) -> bool:
+        """The loop is on time: the ticker's last wake-up came at most one heartbeat interval after
+        it was due, and it woke within two intervals (it wakes at least once per interval)."""
+        h = self.timing.heartbeat_interval_s
+        return self.last_lag_s <= h and now - self.last_tick_at <= 2 * h
 
-    def _reject(self, rej: Reject, source: tuple[str, int]) -> None:
-        # counted by the endpoint already; here only the logs
-        assert self.endpoint is not None
-        now = time.monotonic()
-        suppressed = self._reject_log.allow(rej.reason, now)
-        if suppressed is not None:
-            log.log(
-                logging.DEBUG if rej.reason in _ROUTINE_REJECTS else logging.WARNING,
-                "event=datagram_rejected reason=%s source=%s detail=%s count=%d suppressed_since_last=%d",
-                rej.reason,
-                source[0],
-                rej.detail[:200],
-                self.endpoint.rejected[rej.reason],
-                suppressed,
-            )
-        # the member it names, or else the member configured at its source (to name it, not to trust it)
-        peer = rej.sender or self.endpoint.member_at(source)
-        if peer is not None and peer != self.me:
-            refused_for = self._refused.refused(peer, now)
-            lasting = refused_for >= REFUSED_WARN_AFTER_S
-            if lasting and self._reject_log.allow(f"refused:{peer}", now) is not None:
-                self._refused.warned.add(peer)
-                log.warning(
-                    "event=peer_refused peer=%s reason=%s refused_for_s=%.1f detail=%s: no datagram from "
-                    "this peer was accepted meanwhile%s",
-                    peer,
-                    rej.reason,
-                    refused_for,
-                    rej.detail[:200],
-                    _REFUSED_HINTS.get(rej.reason, ""),
-                )
-        self._write_status()
-
-    def _on_accepted(self, peer: str) -> None:
-        refused_for = self._refused.accepted(peer, time.monotonic())
-        if refused_for is not None:
-            # at the level of the warning it ends, so that whoever saw one sees the other
-            log.warning("event=peer_accepted peer=%s after_refused_s=%.1f", peer, refused_for)
-
-    def _cluster_mismatch(self, sender: str, msg: Message | ClusterInfo | Hello) -> None:
-        # counted ("cluster-mismatch") by the endpoint already; here the reports and the answer
-        now = time.monotonic()
-        if isinstance(msg, ClusterInfo):
-            if self._reject_log.allow(f"info:{sender}", now) is not None:
-                log.error(
-                    "event=cluster_mismatch peer=%s theirs: members=%s timing=[%s] ours: members=%s "
-                    "timing=[%s]: every node must be given the same servers and timing options",
-                    sender,
-                    ",".join(msg.members),
-                    msg.timing,
-                    ",".join(self.members),
-                    self._timing_text(),
-                )
-            return
-        if self._reject_log.allow(f"mismatch:{sender}", now) is not None:
-            log.error(
-                "event=cluster_mismatch peer=%s sent a different cluster fingerprint; ours: members=%s "
-                "timing=[%s] (its own list follows when it gets ours)",
-                sender,
-                ",".join(self.members),
-                self._timing_text(),
-            )
-        if self._info_sent.allow(sender, now) is not None:
-            self._send(sender, ClusterInfo(self.members, self._timing_text()))
-
-    def _timing_text(self) -> str:
-        lines = self.config.cluster_text.splitlines()
-        return " ".join(line for line in lines if "=" in line and not line.startswith("members="))
+    def step(self, sender: str, msg: Message, now: float) -> None:
+        """A message the wire delivered (runtime/udp.py): step the core, carry out its Ready."""
+        self.node.step(sender, msg, now)
+        self._process()
 
     # ------------------------------------------------------------------ the core's outputs
 
@@ -479,12 +523,18 @@ class Daemon:
             self._carry_out(rd)
             self.node.advance(rd)
         except Exception as exc:  # our own bug or an unwritable disk: fail safe
-            log.exception("event=internal_error")
-            self._fatal = exc
-            self._finished.set()
+            log_exception(log, "internal_error")
+            self._fail(exc)
             return
         if rd.finished:
-            self._finished.set()
+            self._finished = True
+            self._main_wake.set()
+        self._wake.set()
+
+    def _fail(self, exc: BaseException) -> None:
+        self._fatal = exc
+        self._finished = True
+        self._main_wake.set()
         self._wake.set()
 
     def _carry_out(self, rd: Ready) -> None:
@@ -494,8 +544,9 @@ class Daemon:
             self.store.save(
                 PersistedState(hs.term, hs.voted_for, self.epoch, hs.promise_s, hs.recovering, self.members)
             )
-        for dest, msg in rd.messages:
-            self._send(dest, msg)
+        if self.udp is not None:
+            for dest, msg in rd.messages:
+                self.udp.send(dest, msg)
         for action in rd.script:
             if isinstance(action, StartScript):
                 self._start_script(action)
@@ -503,16 +554,12 @@ class Daemon:
                 self._stop_script(action.kill_deadline, action.reason)
         if rd.kill_deadline is not None and self.supervisor is not None:
             self.supervisor.renew(rd.kill_deadline)
-        for ev in rd.events:
-            log.log(_EVENT_LEVELS.get(ev.kind, logging.INFO), "%s", ev)
-        self._write_status()
-
-    def _send(self, dest: str, msg: Message | ClusterInfo) -> None:
-        if self.transport is None or self.endpoint is None:
-            return
-        datagram = self.endpoint.send(dest, msg)  # to dest's configured address, never a source
-        self.sent += 1
-        self.transport.sendto(datagram.data, datagram.address)
+        if rd.events:
+            now = time.monotonic()
+            for ev in rd.events:
+                self.counters.on_event(ev, now)
+                log_core_event(log, ev)
+            self._note_state()
 
     # ------------------------------------------------------------------ the script
 
@@ -534,27 +581,33 @@ class Daemon:
         # progress, which the core never asks for (it starts only after script_stopped, which
         # comes only once the supervisor's run is over): _process treats that as our own bug.
         starting = self.supervisor.start(action.kill_deadline, self._script_env(action.token))
-        task = asyncio.get_running_loop().create_task(self._start(action, starting))
+        task = asyncio.get_running_loop().create_task(self._until_started(action, starting))
         self._run = _ScriptRun(action.token, now, task)
+        self._starts += 1
+        if self._last_token == action.token:
+            self._restarts += 1  # the same term's script again: the restart policy's doing
+        self._last_token = action.token
 
-    async def _start(self, action: StartScript, starting: Awaitable[None]) -> None:
+    async def _until_started(self, action: StartScript, starting: Awaitable[None]) -> None:
         try:
             await starting
         except ScriptStartError as exc:
-            log.error("event=script_start_failed term=%d error=%s", action.token, exc)
+            log_event(log, logging.ERROR, "script_start_failed", term=action.token, error=str(exc))
             self._run = None
             now = time.monotonic()
+            self._record_exit("start_failed", now, error=str(exc))
             decision = self.restart_policy.start_failed(
                 now, run_term=action.token, term=self.node.term, is_master=self.node.role is Role.MASTER
             )
             self._apply(decision, now, action.token, f"could not start: {exc}")
             return
         except Exception as exc:  # our own bug: fail safe, as _process does
-            log.exception("event=internal_error")
-            self._fatal = exc
-            self._finished.set()
+            log_exception(log, "internal_error")
+            self._fail(exc)
             return
-        self._write_status(force=True)
+        if self._run is not None and self._run.token == action.token:
+            self._run.started_at = time.monotonic()
+        self._note_state()
 
     def _stop_script(self, deadline: float, reason: str) -> None:
         if self.supervisor is None:
@@ -571,16 +624,21 @@ class Daemon:
     def _on_script_exit(self, exit_: ScriptExit) -> None:
         now = time.monotonic()
         run, self._run = self._run, None
-        ran_for = now - run.started_at if run is not None else 0.0
+        # from the start request, as the restart policy's window counts it
+        ran_for = now - run.asked_at if run is not None else 0.0
+        self._record_exit(_exit_reason(exit_), now, exit_.returncode, exit_.error)
         if exit_.requested or run is None or self.node.role is not Role.MASTER or self.node.leaving:
-            log.info(
-                "event=script_stopped term=%s returncode=%s ran_for=%.3fs",
-                run.token if run else "?",
-                exit_.returncode,
-                ran_for,
+            log_event(
+                log,
+                logging.INFO,
+                "script_stopped",
+                term=run.token if run else None,
+                returncode=exit_.returncode,
+                ran_for_s=round(ran_for, 3),
             )
             self.node.script_stopped(now)
             self._process()
+            self._note_state()
             return
         decision = self.restart_policy.ended(
             now,
@@ -593,83 +651,237 @@ class Daemon:
         what = f"returncode={exit_.returncode}" + (f" error={exit_.error}" if exit_.error else "")
         self._apply(decision, now, run.token, f"exited {what} after {ran_for:.3f}s")
 
+    def _record_exit(
+        self, reason: str, now: float, returncode: int | None = None, error: str | None = None
+    ) -> None:
+        self.counters.on_script_exit(reason)
+        sig = None
+        if returncode is not None and returncode < 0:
+            try:
+                sig = signal.Signals(-returncode).name
+            except ValueError:
+                sig = str(-returncode)
+        self._last_exit = {
+            "code": returncode if returncode is not None and returncode >= 0 else None,
+            "signal": sig,
+            "reason": reason,
+            "error": error,
+            "at": now,
+        }
+
     def _apply(self, decision: Decision, now: float, run_term: int, what: str) -> None:
         """Carry out the restart policy's answer for a run of ``run_term`` that ended by itself."""
         cfg, term = self.config, self.node.term
         if decision.action is Action.IGNORE:
             # protocol.md §3.7: a run of an earlier term says nothing about the role we hold now
-            log.info("event=script_ended term=%d run_term=%d %s: %s", term, run_term, what, decision.why)
+            log_event(
+                log, logging.INFO, "script_ended", term=term, run_term=run_term, how=what, why=decision.why
+            )
             self.node.script_stopped(now)
         elif decision.action is Action.LEAVE:
-            log.warning(
-                "event=script_exited term=%d %s: not restarted (%s); this node stays master",
-                term,
-                what,
-                decision.why,
+            log_event(
+                log,
+                logging.WARNING,
+                "script_exited",
+                term=term,
+                how=what,
+                action="leave",
+                why=decision.why,
+                hint="not restarted; this node stays master",
             )
             self.node.script_stopped(now, restart_after=None)
         elif decision.action is Action.RESIGN:
-            log.error(
-                "event=script_failing term=%d %s: %s, resigning so another node can try",
-                term,
-                what,
-                decision.why,
+            log_event(
+                log,
+                logging.ERROR,
+                "script_failing",
+                term=term,
+                how=what,
+                action="resign",
+                failures=decision.failures,
+                why=decision.why,
+                hint="resigning so another node can try",
             )
             self.node.script_stopped(now, restart_after=None)
             self.node.resign(now, "script keeps failing")  # a no-op unless master (protocol.md §3.7)
         else:
-            log.warning(
-                "event=script_exited term=%d %s: restarting in %.1fs (failure %d of %d allowed in %.0fs)",
-                term,
-                what,
-                decision.delay_s,
-                decision.failures,
-                cfg.max_failures,
-                cfg.failure_window_s,
+            log_event(
+                log,
+                logging.WARNING,
+                "script_exited",
+                term=term,
+                how=what,
+                action="restart",
+                restart_in_s=decision.delay_s,
+                failures=decision.failures,
+                max_failures=cfg.max_failures,
+                window_s=cfg.failure_window_s,
             )
             self.node.script_stopped(now, restart_after=decision.delay_s)
         self._process()
+        self._note_state()
 
     # ------------------------------------------------------------------ status
 
-    def _write_status(self, *, force: bool = False, role: str | None = None) -> None:
-        st = self.node.status() if hasattr(self, "node") else None
-        pid = self.supervisor.pid if self.supervisor is not None else None
-        key = (
-            role,
-            st.role if st else None,
-            st.term if st else None,
-            st.master if st else None,
-            pid,
-        )
+    def snapshot(self) -> Snapshot:
+        """The node now: what status.json, the control socket, /status and /metrics all read."""
         now = time.monotonic()
-        if not force and key == self._last_status and now - self._status_written < STATUS_REFRESH_S:
+        node = self.node
+        peers = peer_statuses(node, self.counters, now)
+        keyring = self.udp.endpoint.keyring if self.udp is not None else None
+        lease_ends = node.lease_ends_at()
+        sup = self.supervisor
+        pid = sup.pid if sup is not None else None
+        deadline = sup.deadline if sup is not None and pid is not None else None
+        run = self._run
+        last_exit = None
+        if self._last_exit is not None:
+            last_exit = {k: v for k, v in self._last_exit.items() if k != "at"}
+            last_exit["ago_s"] = round(now - self._last_exit["at"], 3)
+        rejected = self.udp.endpoint.rejected.as_dict() if self.udp is not None else {}
+        return Snapshot(
+            version=__version__,
+            pid=os.getpid(),
+            node=self.me,
+            uptime_s=now - self.started_at,
+            members=self.members,
+            quorum=node.quorum,
+            role="stopped" if self._stopped else node.role.value,
+            term=node.term,
+            master=fresh_master(node, now),
+            has_quorum=sum(1 for p in peers if p.reachable) >= node.quorum,
+            recovering=node.recovering,
+            authenticated=keyring is not None,
+            send_key_id=keyring.send_key_id if keyring is not None else None,
+            key_ids=tuple(sorted(keyring.keys)) if keyring is not None else (),
+            lease_remaining_s=None if lease_ends is None else max(0.0, lease_ends - now),
+            kill_deadline_remaining_s=None if deadline is None else deadline - now,
+            loop_lag_s=self.last_lag_s,
+            loop_on_time=self.on_time(now),
+            peers=peers,
+            script=ScriptStatus(
+                path=self.config.script,
+                running=pid is not None,
+                pid=pid,
+                uptime_s=None
+                if pid is None or run is None or run.started_at is None
+                else now - run.started_at,
+                starts=self._starts,
+                restarts=self._restarts,
+                last_exit=last_exit,
+            ),
+            datagrams_sent={DATAGRAM_TYPES[t]: n for t, n in self.counters.sent.items()},
+            datagrams_received={DATAGRAM_TYPES[t]: n for t, n in self.counters.received.items()},
+            datagrams_rejected=rejected,
+            role_changes=dict(self.counters.role_changes),
+            elections=dict(self.counters.elections),
+            script_exits=dict(self.counters.script_exits),
+            election_histogram=tuple(self.counters.election_histogram()),
+            election_sum_s=self.counters.election_sum_s,
+            taken_at=now,
+        )
+
+    def _note_state(self) -> None:
+        """After anything that may change the role, term, master, script or signing key: if one
+        did, rewrite status.json from a snapshot. Nothing else rewrites it: it costs nothing while
+        the cluster is steady (the counters and live facts are the control socket's)."""
+        node = self.node
+        keyring = self.udp.endpoint.keyring if self.udp is not None else None
+        key = (
+            self._stopped,
+            node.role,
+            node.term,
+            node.master,
+            self.supervisor.pid if self.supervisor is not None else None,
+            keyring.send_key_id if keyring is not None else None,
+        )
+        if key == self._state_key:
             return
-        self._last_status = key
-        self._status_written = now
-        lease = None if st is None or st.lease_deadline is None else round(st.lease_deadline - now, 3)
-        keyring = self.endpoint.keyring if self.endpoint is not None else None
-        status: dict[str, Any] = {
-            "node": self.me,
-            "role": role or (st.role.value if st else "starting"),
-            "term": st.term if st else 0,
-            "master": st.master if st else None,
-            "script_pid": pid,
-            "lease_remaining_s": lease,
-            "authenticated": keyring is not None,
-            "send_key_id": keyring.send_key_id if keyring is not None else None,
-            "peer_key_ids": dict(sorted(self.peer_key_ids.items())),
-            "updated_monotonic": now,
-            "pid": os.getpid(),
-            "members": list(self.members),
-            "received": self.received,
-            "sent": self.sent,
-            "rejected": self.endpoint.rejected.as_dict() if self.endpoint is not None else {},
-        }
+        self._state_key = key
+        snap = self.snapshot()
+        if self._notify_status and not self._reload_lock.locked():
+            self.notifier.status(status_text(snap.role, snap.term, snap.master))
         try:
-            write_status(self.store.status_file, status)
+            write_status(self.store.status_file, status_file_doc(snap))
         except OSError as exc:
-            log.debug("event=status_write_failed error=%s", exc)
+            log_event(log, logging.DEBUG, "status_write_failed", error=str(exc))
+
+
+Command = Callable[[Daemon, Mapping[str, Any]], Awaitable[Any]]
+COMMANDS: dict[str, Command] = {}
+"""The control socket's commands (runtime/control.py): name -> ``async def(daemon, args)``, whose
+return value is the answer's ``result``; raise ``control.CommandFailed`` for an error answer."""
+
+
+def command(name: str) -> Callable[[Command], Command]:
+    """Register a control socket command: one function each."""
+
+    def register(fn: Command) -> Command:
+        COMMANDS[name] = fn
+        return fn
+
+    return register
+
+
+@command("status")
+async def _status_command(daemon: Daemon, args: Mapping[str, Any]) -> Any:
+    """The ``api_version`` 1 status document (docs/operations.md)."""
+    return daemon.snapshot().to_json()
+
+
+@command("reload")
+async def _reload_command(daemon: Daemon, args: Mapping[str, Any]) -> Any:
+    """Re-read the configuration; answered once applied or refused."""
+    return await daemon.reload("control socket")
+
+
+@command("commands")
+async def _commands_command(daemon: Daemon, args: Mapping[str, Any]) -> Any:
+    """The names of the commands, with their one-line descriptions."""
+    return {name: (fn.__doc__ or "").strip().split("\n")[0] for name, fn in sorted(COMMANDS.items())}
+
+
+def _bind(daemon: Daemon, fn: Command) -> Callable[[Mapping[str, Any]], Awaitable[Any]]:
+    async def handler(args: Mapping[str, Any]) -> Any:
+        return await fn(daemon, args)
+
+    return handler
+
+
+def status_file_doc(snap: Snapshot) -> dict[str, Any]:
+    """The status.json contract (``runtime.storage.STATUS_KEYS``), from a snapshot."""
+    return {
+        "node": snap.node,
+        "role": snap.role,
+        "term": snap.term,
+        "master": snap.master,
+        "script_pid": snap.script.pid,
+        "authenticated": snap.authenticated,
+        "send_key_id": snap.send_key_id,
+        "members": list(snap.members),
+        "updated_monotonic": snap.taken_at,
+        "pid": snap.pid,
+    }
+
+
+def _exit_reason(exit_: ScriptExit) -> str:
+    if exit_.requested:
+        return "requested"
+    if exit_.returncode is None:
+        return "lost"
+    if exit_.returncode < 0:
+        return "signal"
+    return "success" if exit_.returncode == 0 else "failure"
+
+
+def _restart_policy(config: Config) -> RestartPolicy:
+    return RestartPolicy(
+        config.restart,
+        backoff_s=config.restart_backoff_s,
+        backoff_max_s=config.restart_backoff_max_s,
+        max_failures=config.max_failures,
+        window_s=config.failure_window_s,
+    )
 
 
 # The core's events an operator should see at the default level (WARNING): losing mastership against
@@ -682,26 +894,28 @@ _EVENT_LEVELS = {
 }
 
 
-# Rejections that happen in a healthy cluster (first contact before the epoch handshake, a peer's
-# restart, duplicated datagrams): counted, logged at debug level only, unless they last
-# (REFUSED_WARN_AFTER_S).
-_ROUTINE_REJECTS = frozenset({"bad-echo", "stale-epoch", "replayed", "too-old"})
+def log_core_event(logger: logging.Logger, ev: Event) -> None:
+    """One line for a core event: ``event=<kind> term=<t> <its fields>``, the fields as fields
+    (JSON gets them typed). Seconds are rounded to the millisecond, as the core's own text does."""
+    level = _EVENT_LEVELS.get(ev.kind, logging.INFO)
+    if not logger.isEnabledFor(level):
+        return
+    fields: dict[str, Value] = {"term": ev.term}
+    for name, value in ev.fields:
+        # a field name the log format reserves gets a trailing underscore: never a crash over a name
+        key = f"{name}_" if name in RESERVED_FIELDS else name
+        if isinstance(value, float):
+            fields[key] = round(value, 3)
+        elif value is None or isinstance(value, (str, int, bool)):
+            fields[key] = value
+        else:
+            fields[key] = str(value)
+    log_event(logger, level, ev.kind.value, **fields)
 
-# What a lasting refusal most likely means, appended to the peer_refused warning (docs/security.md §5).
-_REFUSED_HINTS = {
-    "stale-epoch": (
-        "; it sends from an older boot epoch than one we saw from it (its state dir was lost while its "
-        "wall clock was behind, or it runs an old pyquorum): restarting this node forgets the newer one"
-    ),
-    "bad-echo": (
-        "; it echoes an epoch of ours other than this life's: it has not accepted a datagram of ours "
-        "since we started (a one-way network problem, or it refuses us: see its log)"
-    ),
-}
 
-
-def run(config: Config) -> int:
-    """Run one node until it is stopped. Returns the process exit code (0 clean, 1 fatal, 2 config)."""
+def run(config: Config, argv: Sequence[str] | None = None) -> int:
+    """Run one node until it is stopped. Returns the process exit code (0 clean, 1 fatal, 2 config).
+    ``argv``: the command line it came from, which a reload reads again."""
     for peer in config.peers:
         if peer.ip.version != config.me.ip.version:
             raise ConfigError(
@@ -710,4 +924,4 @@ def run(config: Config) -> int:
                     f"IPv{config.me.ip.version}: all members must use the same IP version"
                 ]
             )
-    return asyncio.run(Daemon(config).main())
+    return asyncio.run(Daemon(config, argv).main())

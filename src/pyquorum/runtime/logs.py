@@ -15,8 +15,9 @@ formatter renders them from the values, never by parsing text:
   the same numbers.
 * json, for collectors: one object per line, ``{"time": "2026-01-02T03:04:05.678Z", "level":
   "INFO", "node": "10.0.0.1:51621", "logger": "pyquorum", "event": "became_master", "term": 7,
-  "votes": "3/3"}``. Records logged without ``log_event`` (the daemon's older calls) carry
-  ``"message"`` instead of ``"event"`` and fields; an exception adds ``"exception"``.
+  "votes": "3/3"}``. Records logged without ``log_event`` (another library's) carry
+  ``"message"`` instead of ``"event"`` and fields; an exception (``log_exception``) adds
+  ``"exception"``.
 
 Under systemd
 -------------
@@ -58,6 +59,7 @@ __all__ = [
     "TextFormatter",
     "configure_logging",
     "log_event",
+    "log_exception",
     "render_fields",
     "stderr_is_journal",
 ]
@@ -86,13 +88,25 @@ def log_event(logger: logging.Logger, level: int, event: str, /, **fields: Value
     """
     if not logger.isEnabledFor(level):
         return
+    _check_names(fields)
+    text = render_fields({"event": event, **fields})
+    logger.log(level, "%s", text, extra={EVENT_ATTR: event, FIELDS_ATTR: dict(fields)})
+
+
+def log_exception(logger: logging.Logger, event: str, /, **fields: Value) -> None:
+    """``log_event`` at ERROR with the exception being handled (its traceback follows the line in
+    text, and is the ``"exception"`` member in json). Call it from an ``except`` block."""
+    _check_names(fields)
+    text = render_fields({"event": event, **fields})
+    logger.error("%s", text, exc_info=True, extra={EVENT_ATTR: event, FIELDS_ATTR: dict(fields)})
+
+
+def _check_names(fields: Mapping[str, Value]) -> None:
     for name in fields:
         if name not in _checked_names:
             if not _FIELD_NAME.fullmatch(name) or name in RESERVED_FIELDS:
                 raise ValueError(f"log field name {name!r} is not allowed (reserved or not lower_snake)")
             _checked_names.add(name)
-    text = render_fields({"event": event, **fields})
-    logger.log(level, "%s", text, extra={EVENT_ATTR: event, FIELDS_ATTR: dict(fields)})
 
 
 def render_fields(fields: Mapping[str, Value]) -> str:

@@ -52,6 +52,8 @@ import socket
 import time
 from collections.abc import Mapping, MutableMapping
 
+from pyquorum.runtime.logs import log_event
+
 __all__ = ["MAX_STATUS_CHARS", "Notifier", "status_text"]
 
 log = logging.getLogger("pyquorum.sdnotify")
@@ -90,11 +92,13 @@ class Notifier:
             elif address.startswith("/"):
                 self._address = address
             else:
-                log.warning(
-                    "event=sd_notify_disabled reason=unsupported_address address=%s%s: only a path "
-                    "or an @abstract name is supported",
-                    address,
-                    source,
+                log_event(
+                    log,
+                    logging.WARNING,
+                    "sd_notify_disabled",
+                    reason="unsupported_address",
+                    address=address + source,
+                    hint="only a path or an @abstract name is supported",
                 )
 
     @classmethod
@@ -178,7 +182,13 @@ class Notifier:
             self._sock.sendto(data, self._address)
         except OSError as exc:
             if not self._failing:
-                log.warning("event=sd_notify_failed error=%r: systemd did not get %s", exc, assignments)
+                log_event(
+                    log,
+                    logging.WARNING,
+                    "sd_notify_failed",
+                    error=repr(exc),
+                    assignments=" ".join(assignments)[:200],
+                )
             self._failing = True
             return False
         self._failing = False

@@ -20,8 +20,11 @@ The state directory holds (one directory per node; ``StateStore`` owns it):
                   existed, and then read as 0, false and unknown (the current list is recorded)
 - ``lock``        flock()ed by the running daemon, and holding its pid, so that two daemons never
                   share one directory (and so one term and vote)
-- ``status.json`` the daemon's current state for ``pyquorum status`` and the demo, rewritten on every
-                  change by ``write_status`` (see ``STATUS_KEYS``); not needed for safety, not fsynced
+- ``status.json`` the daemon's role, term, master and script pid for the demo and the test harness,
+                  rewritten by ``write_status`` when one of them (or the signing key) changes (see
+                  ``STATUS_KEYS``); not needed for safety, not fsynced. The live facts (counters,
+                  members, lease) are the daemon's to tell over ``control.sock`` (runtime/control.py)
+- ``control.sock`` the daemon's control socket, mode 0600, while it runs
 """
 
 from __future__ import annotations
@@ -46,15 +49,16 @@ STATE_FILE_NAME = "state.json"
 LOCK_FILE_NAME = "lock"
 STATUS_FILE_NAME = "status.json"
 
-# The status.json contract, written by the daemon on every state change and read by `pyquorum status`
-# and `pyquorum demo`:
+# The status.json contract, written by the daemon when the role, term, master, script or signing key
+# changes (runtime/daemon.py, from its one Snapshot) and read by `pyquorum demo` and tests/harness:
 #   node               str    this node's canonical id, "127.0.0.1:51621"
-#   role               str    "master" | "candidate" | "slave", or "starting" / "stopped" around them
+#   role               str    "master" | "precandidate" | "candidate" | "slave", or "stopped" at the end
 #   term               int    current term (the fencing token while master)
 #   master             str|None  the master this node follows (itself when master), None if unknown
 #   script_pid         int|None  pid of the running script (master only), None when none runs
-#   lease_remaining_s  float|None  seconds left before the script must be stopped (master), else None
 #   authenticated      bool   whether cluster traffic is signed (a key file is in use)
+#   send_key_id        int|None  the key id it signs with
+#   members            list   every member's id
 #   updated_monotonic  float  time.monotonic() when written (CLOCK_MONOTONIC: same clock host-wide)
 #   pid                int    the daemon's pid
 # The daemon may add keys (counters, members); readers ignore what they do not know.
@@ -64,8 +68,9 @@ STATUS_KEYS = (
     "term",
     "master",
     "script_pid",
-    "lease_remaining_s",
     "authenticated",
+    "send_key_id",
+    "members",
     "updated_monotonic",
     "pid",
 )

@@ -64,6 +64,7 @@ from dataclasses import dataclass
 from typing import Final
 
 from pyquorum.core.errors import PyquorumError
+from pyquorum.runtime.logs import log_event, log_exception
 from pyquorum.supervisor.guard import group_alive, group_members
 
 __all__ = ["GUARD_PATH", "GuardLost", "GuardRun", "RunState", "ScriptExit", "ScriptStartError"]
@@ -267,7 +268,9 @@ class GuardRun:
             # the pipe (64 KiB, but a page or two once the user's pipe quota is spent).
             written = os.write(self._stdin_fd, line)
         except OSError as e:  # EAGAIN: nothing fitted; EPIPE: it has just died
-            self._log.debug("event=standby_guard_write_failed guard_pid=%d error=%r", self.proc.pid, e)
+            log_event(
+                self._log, logging.DEBUG, "standby_guard_write_failed", guard_pid=self.proc.pid, error=repr(e)
+            )
             written = 0
         if written < len(line):
             return False  # a partial start line is no command: at EOF the guard starts nothing
@@ -294,7 +297,7 @@ class GuardRun:
         if self.requested and not deadline < self.deadline:
             return
         if not self.requested:
-            self._log.info("event=script_stop_requested pid=%s state=%s", self.pid, self.state.value)
+            log_event(self._log, logging.INFO, "script_stop_requested", pid=self.pid, state=self.state.value)
         self.stop_deadline = deadline if self.stop_deadline is None else min(self.stop_deadline, deadline)
         self.deadline = min(self.deadline, deadline)
         if self.state in _LISTENING:
@@ -350,8 +353,13 @@ class GuardRun:
     def _to(self, state: RunState) -> None:
         if state not in _NEXT[self.state]:
             raise RuntimeError(f"guard {self.proc.pid}: no transition from {self.state.name} to {state.name}")
-        self._log.debug(
-            "event=guard_state guard_pid=%d from=%s to=%s", self.proc.pid, self.state.value, state.value
+        log_event(
+            self._log,
+            logging.DEBUG,
+            "guard_state",
+            guard_pid=self.proc.pid,
+            from_state=self.state.value,
+            to_state=state.value,
         )
         self.state = state
         # Wake every waiter of this transition; later ones wait for the next.
@@ -372,14 +380,16 @@ class GuardRun:
             return True
         except BlockingIOError:
             if urgent:
-                self._log.warning("event=guard_not_reading action=close_pipe pid=%s", self.pid)
+                log_event(self._log, logging.WARNING, "guard_not_reading", action="close_pipe", pid=self.pid)
                 self._close_stdin()  # the guard reads EOF as "stop now"
             else:
                 self.dropped_renewals += 1
                 if self.dropped_renewals == 1:  # once per run: this repeats at every renewal
-                    self._log.warning("event=guard_not_reading action=drop_renewal pid=%s", self.pid)
+                    log_event(
+                        self._log, logging.WARNING, "guard_not_reading", action="drop_renewal", pid=self.pid
+                    )
         except OSError as e:  # EPIPE: the guard is gone, and the watcher will say so
-            self._log.debug("event=guard_write_failed pid=%s error=%r", self.pid, e)
+            log_event(self._log, logging.DEBUG, "guard_write_failed", pid=self.pid, error=repr(e))
         return False
 
     def _close_stdin(self) -> None:
@@ -393,7 +403,7 @@ class GuardRun:
             try:
                 await self._read_reports(pipe)
             except Exception as e:  # a bug of ours: the guard is killed, and the end runs as usual
-                self._log.exception("event=supervisor_error guard_pid=%d pid=%s", self.proc.pid, self.pid)
+                log_exception(self._log, "supervisor_error", guard_pid=self.proc.pid, pid=self.pid)
                 self.abandon(f"supervisor error: {e!r}")
             self._close_stdin()
             if self.state is not RunState.EXITED:
@@ -401,11 +411,14 @@ class GuardRun:
             self.guard_status = await self._reap_guard()
             if self.exited is None and self.error is None and self.pgid is not None:
                 self._to(RunState.ORPHANED)
-                self._log.error(
-                    "event=guard_died pid=%s guard_pid=%d %s: killing the script's process group",
-                    self.pgid,
-                    self.proc.pid,
-                    self.abandoned or self._lost_message(),
+                log_event(
+                    self._log,
+                    logging.ERROR,
+                    "guard_died",
+                    pid=self.pgid,
+                    guard_pid=self.proc.pid,
+                    why=self.abandoned or self._lost_message(),
+                    action="kill_the_script_group",
                 )
                 await self._kill_group(self.pgid)
             self.ended_at = time.monotonic()
@@ -462,8 +475,13 @@ class GuardRun:
                 return
         except (KeyError, ValueError):
             pass
-        self._log.warning(
-            "event=guard_bad_report guard_pid=%d state=%s words=%r", self.proc.pid, self.state.value, words
+        log_event(
+            self._log,
+            logging.WARNING,
+            "guard_bad_report",
+            guard_pid=self.proc.pid,
+            state=self.state.value,
+            words=" ".join(words)[:200],
         )
 
     async def _reap_guard(self) -> int:
@@ -477,11 +495,13 @@ class GuardRun:
             delay = min(delay * 2, _POLL_MAX_S)
             if (now := time.monotonic()) >= complain_at:
                 complain_at = now + _COMPLAIN_S
-                self._log.error(
-                    "event=guard_not_reaped guard_pid=%d for_s=%.0f: its report pipe is closed but it "
-                    "has not exited",
-                    self.proc.pid,
-                    now - began,
+                log_event(
+                    self._log,
+                    logging.ERROR,
+                    "guard_not_reaped",
+                    guard_pid=self.proc.pid,
+                    for_s=round(now - began),
+                    hint="its report pipe is closed but it has not exited",
                 )
         return status
 
@@ -499,12 +519,15 @@ class GuardRun:
                 complain_at = now + _COMPLAIN_S
                 with contextlib.suppress(ProcessLookupError):
                     os.killpg(pgid, signal.SIGKILL)
-                self._log.error(
-                    "event=script_group_alive pgid=%d for_s=%.0f pids=%s: SIGKILLed after its guard "
-                    "died and still alive (uninterruptible sleep?); not reported stopped until it is gone",
-                    pgid,
-                    now - began,
-                    ",".join(map(str, group_members(pgid))) or "-",
+                log_event(
+                    self._log,
+                    logging.ERROR,
+                    "script_group_alive",
+                    pgid=pgid,
+                    for_s=round(now - began),
+                    pids=",".join(map(str, group_members(pgid))),
+                    hint="SIGKILLed after its guard died and still alive (uninterruptible sleep?); "
+                    "not reported stopped until it is gone",
                 )
 
 

@@ -30,6 +30,7 @@ import time
 from collections.abc import Callable
 from typing import Final
 
+from pyquorum.runtime.logs import log_event
 from pyquorum.supervisor.run import GuardRun, RunState, ScriptStartError
 
 __all__ = ["StandbyPool"]
@@ -123,12 +124,12 @@ class StandbyPool:
         try:
             standby = self._spawn_guard(self._on_reaped)
         except ScriptStartError as e:
-            self._log.debug("event=standby_guard_failed error=%s", e)
+            log_event(self._log, logging.DEBUG, "standby_guard_failed", error=str(e))
             self._failures += 1
             self._schedule(self._respawn_in())
             return
         self._standby = standby
-        self._log.debug("event=standby_guard_spawned guard_pid=%d", standby.proc.pid)
+        log_event(self._log, logging.DEBUG, "standby_guard_spawned", guard_pid=standby.proc.pid)
 
     def _close(self, standby: GuardRun) -> None:
         if self._standby is standby:
@@ -147,11 +148,13 @@ class StandbyPool:
             self._failures += 1
         else:
             self._failures = 0
-        self._log.debug(
-            "event=standby_guard_died guard_pid=%d status=%s ready=%s",
-            standby.proc.pid,
-            standby.guard_status,
-            standby.ready_at is not None,
+        log_event(
+            self._log,
+            logging.DEBUG,
+            "standby_guard_died",
+            guard_pid=standby.proc.pid,
+            status=standby.guard_status,
+            ready=standby.ready_at is not None,
         )
         self._schedule(self._respawn_in())
 

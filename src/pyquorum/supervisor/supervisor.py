@@ -55,10 +55,12 @@ import asyncio
 import contextlib
 import logging
 import math
+import re
 import time
 from collections.abc import Callable
 from typing import Final
 
+from pyquorum.runtime.logs import RESERVED_FIELDS, Value, log_event, log_exception
 from pyquorum.supervisor.run import GuardLost, GuardRun, RunState, ScriptExit, ScriptStartError
 from pyquorum.supervisor.standby import StandbyPool
 
@@ -185,7 +187,9 @@ class ScriptSupervisor:
         as soon as it has started. Never blocks; a repeated call only matters if it brings the
         deadline earlier. ``on_exit`` follows (or the start fails, and nothing was running)."""
         if not math.isfinite(deadline):  # a caller's bug, but a stop must still happen
-            self._log.error("event=bad_stop_deadline deadline=%r action=keep_current", deadline)
+            log_event(
+                self._log, logging.ERROR, "bad_stop_deadline", deadline=repr(deadline), action="keep_current"
+            )
             deadline = math.inf
         if self._run is not None:
             self._run.stop(deadline)
@@ -209,14 +213,14 @@ class ScriptSupervisor:
             await asyncio.wait_for(idle.wait(), timeout)
             return
         except asyncio.TimeoutError:
-            self._log.error("event=script_stop_timeout pid=%s timeout_s=%s", run.pid, timeout)
+            log_event(self._log, logging.ERROR, "script_stop_timeout", pid=run.pid, timeout_s=timeout)
         current = self._run  # a lost standby guard may have been replaced meanwhile
         if current is not None:
             current.kill()
         try:
             await asyncio.wait_for(idle.wait(), _FORCED_CLOSE_WAIT_S)
         except asyncio.TimeoutError:
-            self._log.error("event=script_abandoned pid=%s guard_pid=%d", run.pid, run.proc.pid)
+            log_event(self._log, logging.ERROR, "script_abandoned", pid=run.pid, guard_pid=run.proc.pid)
 
     # ---- a run ------------------------------------------------------------------------------------
 
@@ -254,8 +258,12 @@ class ScriptSupervisor:
                 # The standby guard died just as it was given the start, and is reaped: a fresh
                 # guard starts the run at once, by the deadline as renewed meanwhile; ``_run`` was
                 # never None in between, so no stop or renewal fell into a gap.
-                self._log.warning(
-                    "event=standby_guard_lost guard_pid=%d action=start_a_fresh_guard", run.proc.pid
+                log_event(
+                    self._log,
+                    logging.WARNING,
+                    "standby_guard_lost",
+                    guard_pid=run.proc.pid,
+                    action="start_a_fresh_guard",
                 )
                 run = self._spawn(run.deadline, env, self._on_reaped)
                 run.start_task = asyncio.current_task()
@@ -271,16 +279,17 @@ class ScriptSupervisor:
                 run.abandon("start() was cancelled")  # REAPED later: _on_reaped ends it
             raise
         self._note_hardening(run)
-        self._log.info(
-            "event=script_started pid=%d guard_pid=%d deadline_in_s=%.3f spawn_ms=%.1f standby=%s "
-            "stop_requested=%s argv=%r",
-            run.pid,
-            run.proc.pid,
-            run.deadline - time.monotonic(),
-            (time.monotonic() - asked_at) * 1000.0,
-            "yes" if from_standby else "no",
-            "yes" if run.requested else "no",
-            self._argv,
+        log_event(
+            self._log,
+            logging.INFO,
+            "script_started",
+            pid=run.pid,
+            guard_pid=run.proc.pid,
+            deadline_in_s=round(run.deadline - time.monotonic(), 3),
+            spawn_ms=round((time.monotonic() - asked_at) * 1000.0, 1),
+            standby=from_standby,
+            stop_requested=run.requested,
+            argv=" ".join(self._argv),
         )
 
     async def _until_started(self, run: GuardRun) -> None:
@@ -298,12 +307,14 @@ class ScriptSupervisor:
                 try:
                     await asyncio.wait_for(run.changed(), _COMPLAIN_S)
                 except asyncio.TimeoutError:
-                    self._log.error(
-                        "event=guard_not_dying guard_pid=%d for_s=%.0f: SIGKILLed when the start was "
-                        "abandoned (%s), and still alive",
-                        run.proc.pid,
-                        time.monotonic() - run.abandoned_at,
-                        run.abandoned,
+                    log_event(
+                        self._log,
+                        logging.ERROR,
+                        "guard_not_dying",
+                        guard_pid=run.proc.pid,
+                        for_s=round(time.monotonic() - run.abandoned_at),
+                        why=run.abandoned,
+                        hint="SIGKILLed when the start was abandoned, and still alive",
                     )
                 continue
             # guard.py refuses when SIGTERM is already due; this bounds a guard that hangs instead,
@@ -341,27 +352,31 @@ class ScriptSupervisor:
         try:
             self._on_exit(outcome)
         except Exception:
-            self._log.exception("event=on_exit_failed pid=%s", run.pid)
+            log_exception(self._log, "on_exit_failed", pid=run.pid)
 
     def _log_end(self, run: GuardRun, outcome: ScriptExit) -> None:
         slack_ms = None if outcome.deadline is None else (outcome.deadline - outcome.reaped_at) * 1000.0
         if outcome.kill_late_s is not None and slack_ms is not None:
-            self._log.log(
+            late: dict[str, Value] = {"hint": "reaped AFTER the kill deadline"} if slack_ms < 0 else {}
+            log_event(
+                self._log,
                 logging.WARNING if slack_ms < 0 else logging.INFO,
-                "event=script_killed pid=%s late_ms=%.3f slack_ms=%.3f requested=%s%s",
-                run.pid,
-                outcome.kill_late_s * 1000.0,
-                slack_ms,
-                outcome.requested,
-                ": reaped AFTER the kill deadline" if slack_ms < 0 else "",
+                "script_killed",
+                pid=run.pid,
+                late_ms=round(outcome.kill_late_s * 1000.0, 3),
+                slack_ms=round(slack_ms, 3),
+                requested=outcome.requested,
+                **late,
             )
-        self._log.info(
-            "event=script_exited pid=%s returncode=%s requested=%s slack_ms=%s error=%r",
-            run.pid,
-            outcome.returncode,
-            outcome.requested,
-            "-" if slack_ms is None else f"{slack_ms:.3f}",
-            outcome.error,
+        log_event(
+            self._log,
+            logging.INFO,
+            "script_reaped",
+            pid=run.pid,
+            returncode=outcome.returncode,
+            requested=outcome.requested,
+            slack_ms=None if slack_ms is None else round(slack_ms, 3),
+            error=outcome.error,
         )
 
     def _note_hardening(self, run: GuardRun) -> None:
@@ -370,7 +385,18 @@ class ScriptSupervisor:
         what = run.hardened or "unknown"
         level = logging.DEBUG if what == self._hardened else logging.INFO
         self._hardened = what
-        self._log.log(level, "event=guard_hardened guard_pid=%d %s", run.proc.pid, what)
+        log_event(self._log, level, "guard_hardened", guard_pid=run.proc.pid, **_hardening_fields(what))
+
+
+def _hardening_fields(what: str) -> dict[str, Value]:
+    # the guard's "hardened" report, "mlock=yes sched=rr:1 ...", as fields; anything else as one
+    pairs = [word.split("=", 1) for word in what.split()]
+    if pairs and all(len(p) == 2 and _FIELD.fullmatch(p[0]) and p[0] not in RESERVED_FIELDS for p in pairs):
+        return {name: value for name, value in pairs}
+    return {"hardened": what}
+
+
+_FIELD = re.compile(r"[a-z][a-z0-9_]*")
 
 
 async def _raise(error: ScriptStartError) -> None:

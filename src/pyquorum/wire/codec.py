@@ -71,12 +71,15 @@ from typing import Final, NamedTuple
 from pyquorum.core.address import NodeAddress, sort_nodes
 from pyquorum.core.errors import LocalProtocolError, RemoteProtocolError
 from pyquorum.core.messages import (
+    STEP_DOWN_REASONS,
     Heartbeat,
     HeartbeatResponse,
     Message,
     PreVoteRequest,
     PreVoteResponse,
     Resign,
+    StepDown,
+    StepDownResponse,
     VoteRequest,
     VoteResponse,
 )
@@ -189,6 +192,8 @@ MSG_TYPE: Final[dict[type[Message] | type[ClusterInfo] | type[Hello], int]] = {
     VoteRequest: 5,
     VoteResponse: 6,
     Resign: 7,
+    StepDown: 8,
+    StepDownResponse: 9,
     ClusterInfo: 64,  # runtime-level messages live at 64 and above
     Hello: 65,
 }
@@ -409,6 +414,15 @@ class Codec:
             return _term(msg.term) + _flag(msg.granted)
         if isinstance(msg, Hello):
             return b""
+        if isinstance(msg, StepDown):
+            if msg.to and msg.to not in self.members:
+                raise LocalProtocolError(f"step-down target {msg.to!r} is not a member")
+            raw = msg.to.encode("ascii")
+            return _term(msg.term) + bytes((len(raw),)) + raw + _flag(msg.preempt)
+        if isinstance(msg, StepDownResponse):
+            if msg.reason not in STEP_DOWN_REASONS:
+                raise LocalProtocolError(f"unknown step-down reason {msg.reason!r}")
+            return _term(msg.term) + _flag(msg.accepted) + bytes((STEP_DOWN_REASONS.index(msg.reason),))
         if isinstance(msg, Resign):
             if msg.successor and msg.successor not in self.members:
                 raise LocalProtocolError(f"successor {msg.successor!r} is not a member")
@@ -547,6 +561,17 @@ class Codec:
             if successor and successor not in self.members:
                 raise DatagramError("bad-field", f"successor {successor!r} is not a member")
             return Resign(term=term, successor=successor)
+        if msg_type == 8:
+            term = r.term("term")
+            to = r.text("to", r.u8("to"), ascii_only=True)
+            if to and to not in self.members:
+                raise DatagramError("bad-field", f"step-down target {to!r} is not a member")
+            return StepDown(term=term, to=to, preempt=r.flag("preempt"))
+        if msg_type == 9:
+            term, accepted, code = r.term("term"), r.flag("accepted"), r.u8("reason")
+            if code >= len(STEP_DOWN_REASONS) or (STEP_DOWN_REASONS[code] == "accepted") != accepted:
+                raise DatagramError("bad-field", f"step-down reason {code} does not fit accepted={accepted}")
+            return StepDownResponse(term=term, accepted=accepted, reason=STEP_DOWN_REASONS[code])
         if msg_type == 64:
             return self._decode_cluster_info(r)
         if msg_type == 65:

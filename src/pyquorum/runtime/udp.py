@@ -1,0 +1,279 @@
+"""The node's UDP socket: every datagram in, through the wire, to the core; every message out.
+
+What this module owns
+---------------------
+The asyncio ``DatagramProtocol`` and the socket around ``pyquorum.wire.Endpoint``: binding it (with an
+error an operator can act on), handing each datagram to ``Endpoint.receive`` and what follows from the
+answer, and sending the core's messages through ``Endpoint.send``. The core sees only ``Deliver``ed
+messages, through the ``step`` callback the daemon gives (``Daemon.step``: ``Node.step`` then the
+``Ready``).
+
+Whose fault is it
+-----------------
+A datagram that does not decode, is stale, replayed, from another cluster or from a stranger is a
+peer's fault: the endpoint refuses and counts it per reason (``Endpoint.rejected``, shown by ``pyquorum
+status`` and ``/metrics``), and this module logs it at a rate limit (``REJECT_LOG_INTERVAL_S``), never a
+crash. A member refused for longer than ``REFUSED_WARN_AFTER_S`` is a WARNING naming it and the likely
+cause. A member speaking with another cluster's fingerprint is reported with both configurations and
+answered with our ``ClusterInfo``, both rate-limited (docs/security.md §5).
+
+The datagram path, hop by hop
+-----------------------------
+::
+
+    kernel UDP socket
+    -> Udp.datagram_received(data, addr)            this module (asyncio calls it)
+    -> Endpoint.receive(data, source)               wire/endpoint.py: codec, then replay guard
+    <- Deliver | Reject | Foreign | Handshake        the one answer
+    -> Deliver: Counters.on_deliver, then the daemon's step(sender, message, now):
+         Node.step                                  core/node.py
+         Daemon._process: Node.ready() -> persist (fsync) -> Udp.send (Endpoint.send + sendto)
+         -> script actions -> log events -> Node.advance
+    -> Reject: the Hello reply if any, a rate-limited log line (counted already), a lasting refusal
+       of a member: a WARNING; Foreign: a rate-limited report and a ClusterInfo through Udp.send;
+       Handshake: nothing for the core (the wire learnt the peer's epoch)
+
+Every datagram received is counted once: accepted by type (``Counters.received``) or refused by reason
+(``Endpoint.rejected``); every datagram sent once, by type (``Counters.sent``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import logging
+import socket
+import time
+from collections.abc import Callable
+from typing import Any
+
+from pyquorum.core.errors import ConfigError
+from pyquorum.core.messages import Message
+from pyquorum.runtime.logs import log_event
+from pyquorum.runtime.status import Counters, RateLimiter
+from pyquorum.wire import ClusterInfo, Deliver, Endpoint, Foreign, Handshake, Hello, Reject
+
+__all__ = ["REFUSED_WARN_AFTER_S", "REJECT_LOG_INTERVAL_S", "Udp"]
+
+log = logging.getLogger("pyquorum.udp")
+
+# At most one log line per reason per this many seconds for rejected datagrams (an attacker must not
+# be able to fill the disk); the counters are exact.
+REJECT_LOG_INTERVAL_S = 10.0
+# A peer whose datagrams have all been refused for this long (none accepted meanwhile, no silence
+# longer than this in between) is logged as a WARNING naming it and the reason. A (re)start's
+# handshake refuses one datagram each way ("bad-echo", one heartbeat interval apart at most), and a
+# restarted peer's last datagrams in flight are "stale-epoch" for milliseconds: both stay at debug.
+REFUSED_WARN_AFTER_S = 3.0
+# (asyncio receives into a 256 KiB buffer: an oversized datagram arrives whole and is counted as
+# "too-large" by the codec, never truncated into something that might parse.) The kernel's receive
+# buffer is raised to this, so that a burst (a flood, or a pause of the loop) drops less.
+RECEIVE_BUFFER_BYTES = 1 << 20
+
+Step = Callable[[str, Message, float], None]
+
+
+class _RefusedPeers:
+    """For how long each peer's datagrams have been refused without one accepted (monotonic s).
+
+    A refusal after a silence longer than ``after_s`` starts a new episode, so one first-contact
+    refusal after a long silence is not mistaken for a long refusal.
+    """
+
+    def __init__(self, after_s: float) -> None:
+        self.after_s = after_s
+        self._episodes: dict[str, tuple[float, float]] = {}  # peer -> (first, last) refusal
+        self.warned: set[str] = set()
+
+    def refused(self, peer: str, now: float) -> float:
+        """Record one refusal of ``peer``'s datagram; return how long its refusals have lasted."""
+        first, last = self._episodes.get(peer, (now, now))
+        if now - last > self.after_s:
+            first = now
+        self._episodes[peer] = (first, now)
+        return now - first
+
+    def accepted(self, peer: str, now: float) -> float | None:
+        """Record an accepted datagram; if ``peer`` had been warned about, return for how long it
+        was refused (the caller logs the recovery), else None."""
+        if not self._episodes:  # the common case: nothing was refused
+            return None
+        episode = self._episodes.pop(peer, None)
+        if peer in self.warned:
+            self.warned.discard(peer)
+            return now - episode[0] if episode is not None else 0.0
+        return None
+
+
+class Udp(asyncio.DatagramProtocol):
+    """The socket of one node. ``await Udp.bind(...)`` opens it; ``send`` sends the core's messages;
+    every delivered message goes to ``step``; ``close()`` at shutdown."""
+
+    def __init__(
+        self,
+        endpoint: Endpoint,
+        step: Step,
+        counters: Counters,
+        *,
+        members: tuple[str, ...],
+        timing_text: str,
+    ) -> None:
+        self.endpoint = endpoint
+        self.counters = counters
+        self._step = step
+        self._members = members
+        self._timing_text = timing_text
+        self._me = endpoint.local
+        self._transport: asyncio.DatagramTransport | None = None
+        self._reject_log = RateLimiter(REJECT_LOG_INTERVAL_S)
+        self._info_sent = RateLimiter(REJECT_LOG_INTERVAL_S)
+        self._refused = _RefusedPeers(REFUSED_WARN_AFTER_S)
+
+    async def bind(self, ip: str, port: int, family: int) -> None:
+        """Bind ``ip``:``port``; a failure is a ``ConfigError`` saying what to do."""
+        loop = asyncio.get_running_loop()
+        try:
+            transport, _ = await loop.create_datagram_endpoint(
+                lambda: self, local_addr=(ip, port), family=family
+            )
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                raise ConfigError(
+                    [f"UDP port {self._me} is already in use (another pyquorum node?): stop it or use -p"]
+                ) from None
+            if exc.errno == errno.EADDRNOTAVAIL:
+                raise ConfigError([f"-b {ip} is not an address of this host"]) from None
+            raise ConfigError([f"cannot bind UDP {self._me}: {exc.strerror or exc}"]) from None
+        self._transport = transport
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, RECEIVE_BUFFER_BYTES)
+
+    def close(self) -> None:
+        if self._transport is not None:
+            self._transport.close()
+            self._transport = None
+
+    # -- out ------------------------------------------------------------------------------------
+
+    def send(self, dest: str, msg: Message | ClusterInfo) -> None:
+        """Send ``msg`` to ``dest``'s configured address (never a datagram's source)."""
+        if self._transport is None:
+            return
+        datagram = self.endpoint.send(dest, msg)
+        self.counters.on_send(msg, time.monotonic())
+        self._transport.sendto(datagram.data, datagram.address)
+
+    # -- in -------------------------------------------------------------------------------------
+
+    def datagram_received(self, data: bytes, addr: tuple[Any, ...]) -> None:
+        source = (str(addr[0]), int(addr[1]))
+        result = self.endpoint.receive(data, source)
+        now = time.monotonic()
+        if isinstance(result, Deliver):
+            self._on_accepted(result.sender, now)
+            self.counters.on_deliver(result.sender, result.message, result.key_id, now)
+            self._step(result.sender, result.message, now)
+        elif isinstance(result, Foreign):
+            self._cluster_mismatch(result.sender, result.message, now)
+        elif isinstance(result, Handshake):
+            self.counters.on_hello()
+            self._on_accepted(result.sender, now)  # its epoch is known now (protocol.md §3.2)
+        else:
+            if result.reply is not None and self._transport is not None:
+                self.counters.on_send(Hello(), now)
+                self._transport.sendto(result.reply.data, result.reply.address)
+            self._reject(result, source, now)
+
+    def error_received(self, exc: Exception) -> None:
+        # ICMP port unreachable from a peer that is down: normal, and not worth more than debug
+        log_event(log, logging.DEBUG, "socket_error", error=str(exc))
+
+    def _reject(self, rej: Reject, source: tuple[str, int], now: float) -> None:
+        # counted by the endpoint already; here only the logs
+        suppressed = self._reject_log.allow(rej.reason, now)
+        if suppressed is not None:
+            log_event(
+                log,
+                logging.DEBUG if rej.reason in _ROUTINE_REJECTS else logging.WARNING,
+                "datagram_rejected",
+                reason=rej.reason,
+                source=source[0],
+                detail=rej.detail[:200],
+                count=self.endpoint.rejected[rej.reason],
+                suppressed_since_last=suppressed,
+            )
+        # the member it names, or else the member configured at its source (to name it, not to trust it)
+        peer = rej.sender or self.endpoint.member_at(source)
+        if peer is not None and peer != self._me:
+            refused_for = self._refused.refused(peer, now)
+            lasting = refused_for >= REFUSED_WARN_AFTER_S
+            if lasting and self._reject_log.allow(f"refused:{peer}", now) is not None:
+                self._refused.warned.add(peer)
+                log_event(
+                    log,
+                    logging.WARNING,
+                    "peer_refused",
+                    peer=peer,
+                    reason=rej.reason,
+                    refused_for_s=round(refused_for, 1),
+                    detail=rej.detail[:200],
+                    hint="no datagram from this peer was accepted meanwhile"
+                    + _REFUSED_HINTS.get(rej.reason, ""),
+                )
+
+    def _on_accepted(self, peer: str, now: float) -> None:
+        refused_for = self._refused.accepted(peer, now)
+        if refused_for is not None:
+            # at the level of the warning it ends, so that whoever saw one sees the other
+            log_event(log, logging.WARNING, "peer_accepted", peer=peer, after_refused_s=round(refused_for, 1))
+
+    def _cluster_mismatch(self, sender: str, msg: Message | ClusterInfo | Hello, now: float) -> None:
+        # counted ("cluster-mismatch") by the endpoint already; here the reports and the answer
+        ours = ",".join(self._members)
+        if isinstance(msg, ClusterInfo):
+            if self._reject_log.allow(f"info:{sender}", now) is not None:
+                log_event(
+                    log,
+                    logging.ERROR,
+                    "cluster_mismatch",
+                    peer=sender,
+                    their_members=",".join(msg.members),
+                    their_timing=msg.timing,
+                    our_members=ours,
+                    our_timing=self._timing_text,
+                    hint="every node must be given the same servers and timing options",
+                )
+            return
+        if self._reject_log.allow(f"mismatch:{sender}", now) is not None:
+            log_event(
+                log,
+                logging.ERROR,
+                "cluster_mismatch",
+                peer=sender,
+                our_members=ours,
+                our_timing=self._timing_text,
+                hint="it sent a different cluster fingerprint; its own lists follow when it gets ours",
+            )
+        if self._info_sent.allow(sender, now) is not None:
+            self.send(sender, ClusterInfo(self._members, self._timing_text))
+
+
+# Rejections that happen in a healthy cluster (first contact before the epoch handshake, a peer's
+# restart, duplicated datagrams): counted, logged at debug level only, unless they last
+# (REFUSED_WARN_AFTER_S).
+_ROUTINE_REJECTS = frozenset({"bad-echo", "stale-epoch", "replayed", "too-old"})
+
+# What a lasting refusal most likely means, appended to the peer_refused warning (docs/security.md §5).
+_REFUSED_HINTS = {
+    "stale-epoch": (
+        "; it sends from an older boot epoch than one we saw from it (its state dir was lost while its "
+        "wall clock was behind, or it runs an old pyquorum): restarting this node forgets the newer one"
+    ),
+    "bad-echo": (
+        "; it echoes an epoch of ours other than this life's: it has not accepted a datagram of ours "
+        "since we started (a one-way network problem, or it refuses us: see its log)"
+    ),
+}

@@ -16,8 +16,9 @@ then measure ``--windows`` windows of ``--window-s`` seconds each:
   ``/proc/<pid>/schedstat`` (nanoseconds; utime + stime of ``/proc/<pid>/stat`` are the same kernel
   sum split into user and system and rounded to 10 ms ticks, too coarse for 0.3% of a 20 s window:
   the whole measurement's utime + stime is printed beside it as a cross-check);
-- datagrams per second per node, sent and received, from the counters in each daemon's status.json
-  (over the interval between the two writes of the status, which each carry their time);
+- datagrams per second per node, sent and received (accepted or refused), from each daemon's
+  counters, asked over its control socket (``pyquorum status --json``'s document, whose
+  ``uptime_s`` times them);
 - memory per node: VmRSS of the daemon plus that of its guard (the standby guard on a follower, the
   script's guard on the master), at the end of the windows; PSS (shared pages divided among the
   processes that map them, from ``/proc/<pid>/smaps_rollup``) beside it, for information.
@@ -112,16 +113,18 @@ class Sample:
 
 
 def sample(c: Cluster, node: Node) -> Sample:
-    st = c.status(node)
-    if st is None:
-        raise RuntimeError(f"{node} has no status")
+    # the counters are the control socket's (status.json holds only the role, term and master);
+    # the CPU is read before the request: each window carries the cost of the one that opens it
     pids = [node.pid, *guards(node)]
+    cpu, tck = sum(cpu_ns(p) for p in pids), sum(ticks(p) for p in pids)
+    doc = c.query(node)
+    counters = doc["counters"]
     return Sample(
-        sum(cpu_ns(p) for p in pids),
-        sum(ticks(p) for p in pids),
-        int(st["sent"]),
-        int(st["received"]),
-        float(st["updated_monotonic"]),
+        cpu,
+        tck,
+        sum(counters["datagrams_sent"].values()),
+        sum(counters["datagrams_received"].values()) + sum(counters["datagrams_rejected"].values()),
+        float(doc["uptime_s"]),
     )
 
 

@@ -180,6 +180,20 @@ def cpu_ns(pid: int) -> int:
     return int(Path(f"/proc/{pid}/schedstat").read_text().split()[0])
 
 
+def user_system_ticks(pid: int) -> tuple[int, int]:
+    """utime and stime of ``pid`` (clock ticks): the split of its CPU time between Python and the kernel."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return int(fields[11]), int(fields[12])
+
+
+def context_switches(pid: int) -> int:
+    """Voluntary context switches of ``pid`` so far: how often it slept (each wake-up costs CPU)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("voluntary_ctxt_switches:"):
+            return int(line.split()[1])
+    return 0
+
+
 def free_port(ips: Sequence[str]) -> int:
     for port in random.sample(range(20000, 32000), 200):
         with contextlib.ExitStack() as stack:
@@ -310,10 +324,12 @@ def daemon_path(rate: float, seconds: float, profile: Path | None) -> None:
         drain()
         spy = profiled(proc.pid, seconds, profile) if profile is not None else None
         acks0, c0 = acks, cpu_ns(proc.pid)
+        (u0, s0), w0 = user_system_ticks(proc.pid), context_switches(proc.pid)
         sent = paced(rate, seconds, heartbeat, drain)
         time.sleep(0.3)
         drain()
         flood_ns = cpu_ns(proc.pid) - c0
+        (u1, s1), w1 = user_system_ticks(proc.pid), context_switches(proc.pid)
         handled = acks - acks0
         average = flood_ns / 1000.0 / max(1, handled)
         marginal = (flood_ns - idle_ns) / 1000.0 / max(1, handled - n_idle)
@@ -326,6 +342,12 @@ def daemon_path(rate: float, seconds: float, profile: Path | None) -> None:
             f"  real daemon, whole path per datagram: {average:.1f} µs of CPU on average, "
             f"{marginal:.1f} µs beyond the idle cost (target {TARGET_US:g} µs: "
             f"{marginal / TARGET_US:.2f})"
+        )
+        user, system = u1 - u0, s1 - s0
+        print(
+            f"  real daemon, during the flood: {100 * user / max(1, user + system):.0f}% of its CPU in user "
+            f"space, {100 * system / max(1, user + system):.0f}% in the kernel; "
+            f"{(w1 - w0) / max(1, handled):.2f} sleeps (voluntary context switches) per datagram"
         )
         if spy is not None and profile is not None:
             spy.wait(30)

@@ -52,11 +52,6 @@ from pathlib import Path
 
 from pyquorum.config import LOG_FORMATS, LOG_LEVELS, RESTART_POLICIES
 
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # the dependency `tomli>=2; python_version<"3.11"` in pyproject.toml
-    import tomli as tomllib
-
 __all__ = ["KEYS", "MAX_FILE_SIZE", "Key", "Kind", "load"]
 
 # A configuration is a few hundred bytes; a file a thousand times larger is the wrong file.
@@ -197,6 +192,12 @@ def load(path: str | os.PathLike[str]) -> tuple[dict[str, object], list[str]]:
         text = data.decode("utf-8")
     except UnicodeDecodeError as exc:
         return {}, [f"{where} is not UTF-8 text (byte {exc.start}): TOML files are UTF-8"]
+    # Imported only when there is a file to read: a daemon run from its command line alone (a
+    # systemd unit, a test cluster) does not carry the parser (0.1 MB resident).
+    if sys.version_info >= (3, 11):
+        import tomllib
+    else:  # the dependency `tomli>=2; python_version<"3.11"` in pyproject.toml
+        import tomli as tomllib
     try:
         document = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:

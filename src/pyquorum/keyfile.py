@@ -26,7 +26,6 @@ import binascii
 import contextlib
 import os
 import re
-import secrets
 import stat
 from typing import Final
 
@@ -66,7 +65,7 @@ def keygen(path: str | os.PathLike[str], add: bool = False) -> int:
     through a temporary file and ``os.replace``, keeping its comments.
     """
     shown = os.fspath(path)
-    line = f"{{}} {base64.b64encode(secrets.token_bytes(KEY_SIZE)).decode('ascii')}\n"
+    line = f"{{}} {base64.b64encode(os.urandom(KEY_SIZE)).decode('ascii')}\n"
     if not add:
         _create_exclusive(shown, _HEADER + line.format(1))
         return 1
@@ -212,7 +211,7 @@ def _create_exclusive(path: str, text: str) -> None:
 
 
 def _replace(path: str, text: str) -> None:
-    tmp = f"{path}.tmp-{secrets.token_hex(4)}"
+    tmp = f"{path}.tmp-{os.urandom(4).hex()}"
     try:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
     except OSError as exc:

@@ -1,6 +1,7 @@
 """Soak mode: many randomized schedules in parallel, far more than the per-commit run.
 
     python -m tests.sim.soak --schedules 100000 --workers 2 [--first-seed 1000000] [--duration 60]
+    python -m tests.sim.soak --node-counts 25,51,101 --schedules 300   # large clusters only
     python -m tests.sim.soak --seed 342 --nodes 1        # reproduce one failing schedule, with trace
 
 Not run by CI. Prints progress, the simulated cluster-hours (simulated seconds x nodes, and plain
@@ -28,10 +29,12 @@ def _one(job: tuple[int, int, float]) -> tuple[int, int, float, int, str | None]
     return seed, n, r.simulated_s, r.faults, None
 
 
-def _jobs(first: int, count: int, duration: float) -> Iterator[tuple[int, int, float]]:
+def _jobs(
+    first: int, count: int, duration: float, sizes: tuple[int, ...]
+) -> Iterator[tuple[int, int, float]]:
     for i in range(count):
         seed = first + i
-        yield seed, NODE_COUNTS[seed % len(NODE_COUNTS)], duration
+        yield seed, sizes[seed % len(sizes)], duration
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -42,7 +45,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--workers", type=int, default=multiprocessing.cpu_count())
     ap.add_argument("--seed", type=int, help="run only this seed, printing its violation in full")
     ap.add_argument("--nodes", type=int, help="with --seed: the node count")
+    ap.add_argument(
+        "--node-counts",
+        default=",".join(map(str, NODE_COUNTS)),
+        help=f"comma-separated cluster sizes, one per seed in turn ({','.join(map(str, NODE_COUNTS))}); "
+        "25,51,101 soaks the large clusters (10-15 s of CPU per schedule at 101 nodes)",
+    )
     args = ap.parse_args(argv)
+    sizes = tuple(int(n) for n in args.node_counts.split(","))
     if args.seed is not None:
         n = args.nodes or NODE_COUNTS[args.seed % len(NODE_COUNTS)]
         try:
@@ -57,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     cluster_s = node_s = 0.0
     with multiprocessing.Pool(args.workers) as pool:
         for seed, n, simulated, nfaults, error in pool.imap_unordered(
-            _one, _jobs(args.first_seed, args.schedules, args.duration), chunksize=20
+            _one, _jobs(args.first_seed, args.schedules, args.duration, sizes), chunksize=20
         ):
             done += 1
             if error is not None:
@@ -66,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
             cluster_s += simulated
             node_s += simulated * n
             faults += nfaults
-            if done % 5000 == 0 or done == args.schedules:
+            if done % (5000 if max(sizes) < 25 else 50) == 0 or done == args.schedules:
                 wall = time.monotonic() - started
                 print(
                     f"{done} schedules, {failed} failed, {faults} faults, {cluster_s / 3600:.1f} simulated "

@@ -66,6 +66,7 @@ tokens protect against that (protocol.md §4.5). A lost state is recovered only 
 from __future__ import annotations
 
 import enum
+import math
 import random
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -358,6 +359,7 @@ class Node:
         if previous is None or now - previous > self._connection_gap_s():
             self.connected_since[sender] = now
         self.last_heard[sender] = now
+        self._skip_quiet_rounds(now)
         if self.recovering:
             self._learn_term(sender, msg)
         self._step(sender, msg, now)
@@ -367,6 +369,7 @@ class Node:
         messages. Call at ``next_wakeup()`` or later; then call ``ready()``."""
         if self.finished:
             return
+        self._skip_quiet_rounds(now)
         for kind in self._due(now):
             self._step(self.me, Timeout(kind), now)
 
@@ -440,7 +443,7 @@ class Node:
         """The latest time at which ``tick`` must be called next (infinity once finished)."""
         if self.finished:
             return float("inf")
-        t = self.next_heartbeat_at
+        t = self._heartbeat_due_at()
         if not self._promise_settled:
             t = min(t, self.started_at + self.embargo_s)
         if self.role is Role.MASTER:
@@ -615,6 +618,48 @@ class Node:
             yield TimeoutKind.ELECTION_TIMER
         if now >= self.next_heartbeat_at:
             yield TimeoutKind.HEARTBEAT_DUE
+
+    # The heartbeat duty of a quiet follower (protocol.md §3.2). A slave that follows a live master
+    # and is not recovering sends nothing when its duty is due: the duty only moves its own time h
+    # later. So it need not be woken for it: the duty instants at which it is quiet are skipped
+    # (next_wakeup), and accounted for when the node next runs (_skip_quiet_rounds, at the start of
+    # every step and tick), exactly as if it had been ticked at each of them. It is woken at the
+    # first instant at which it would send again: once E has passed since the last round it
+    # accepted (before that, every round it accepts moves that moment later, and its election timer
+    # wakes it anyway), or at once when an input ends its quiet (a Resign, a higher term, its master
+    # stepping down): its next instant is then the one it would have had. Nothing the node sends, or
+    # when, changes; only the wake-ups in which it had nothing to do go.
+
+    def _quiet_until(self) -> float | None:
+        """When the quiet of a follower of a live master ends (E after the last round it accepted);
+        None if it is not quiet: master, candidate, without a live master, or recovering (§3.9: it
+        asks the members whose terms it still needs every h)."""
+        if self.role is not Role.SLAVE or self.recovering or self.master is None:
+            return None
+        if self.last_master_heard is None:
+            return None
+        return self.last_master_heard + self.timing.election_timeout_s
+
+    def _heartbeat_due_at(self) -> float:
+        """The first duty instant (next_heartbeat_at + k h) at which the node is not quiet."""
+        t = self.next_heartbeat_at
+        quiet_until = self._quiet_until()
+        if quiet_until is not None and t < quiet_until:
+            h = self.timing.heartbeat_interval_s
+            t += math.ceil((quiet_until - t) / h) * h
+        return t
+
+    def _skip_quiet_rounds(self, now: float) -> None:
+        """Account for the duty instants before ``now`` at which the node was quiet: each would have
+        sent nothing and moved next_heartbeat_at h later (_send_heartbeats)."""
+        quiet_until = self._quiet_until()
+        if quiet_until is None:
+            return
+        limit = min(now, quiet_until)
+        t = self.next_heartbeat_at
+        if t < limit:
+            h = self.timing.heartbeat_interval_s
+            self.next_heartbeat_at = t + math.ceil((limit - t) / h) * h
 
     # ------------------------------------------------------------------ transitions
 

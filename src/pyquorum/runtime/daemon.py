@@ -27,7 +27,7 @@ The stages (``main``)
 3. the planned stop (first SIGTERM or SIGINT): the core stops the script, resigns and finishes; it
    may take ``G + K + SHUTDOWN_SLACK_S``, after which the daemon gives up waiting; a second signal
    ends the wait at once (uvicorn's rule; the guard still stops the script);
-4. exit: the ticker (at most ``h + 1`` s), the supervisor (at most ``G + 1`` s, then its guard is
+4. exit: the ticker's timer (cancelled), the supervisor (at most ``G + 1`` s, then its guard is
    killed), the socket, the state lock.
 
 Signal handlers only record the signal and wake ``main``, which does the work (uvicorn's and CPython
@@ -122,7 +122,10 @@ class Daemon:
         self.udp: Udp | None = None
         self.supervisor: ScriptSupervisor | None = None
         self._run: _ScriptRun | None = None
-        self._wake = asyncio.Event()  # the ticker's
+        # the ticker: one timer for the core's next wakeup (_schedule_tick), armed once running
+        self._ticking = False
+        self._tick_timer: asyncio.TimerHandle | None = None
+        self._tick_due = 0.0
         self._main_wake = asyncio.Event()  # main()'s: a signal, the core finished, a fatal error
         self._stop_signals: list[signal.Signals] = []
         self._reload_requested = False
@@ -130,9 +133,11 @@ class Daemon:
         self._fatal: BaseException | None = None
         self._stopped = False  # status.json says "stopped" from here on
         self._state_key: tuple[object, ...] | None = None
-        # the ticker: when its last wake-up was due and how late it came (see on_time)
+        # the ticker: when it last woke and how late that came (see on_time); it wakes at least
+        # this often (the systemd watchdog's interval, if shorter, once main() knows it)
         self.last_tick_at = self.started_at
         self.last_lag_s = 0.0
+        self.tick_every_s = config.timing.election_timeout_s
         # the script, for status
         self._starts = 0
         self._restarts = 0
@@ -179,19 +184,18 @@ class Daemon:
         # Before anything can start a process (the supervisor's standby guard): it removes
         # $NOTIFY_SOCKET from the environment the guard and the script inherit (runtime/sdnotify.py).
         self.notifier = Notifier.from_environ()
+        if self.notifier.watchdog_interval_s is not None:
+            self.tick_every_s = min(self.tick_every_s, self.notifier.watchdog_interval_s)
         state = self._open_state()
         try:
             await self._start(state)
-            ticker = asyncio.create_task(self._ticker())
+            self._ticking = True
+            self._schedule_tick()
             try:
                 await self._run_until_stopped()
             finally:
                 self._finished = True
-                self._wake.set()
-                try:
-                    await asyncio.wait_for(ticker, self.timing.heartbeat_interval_s + 1.0)
-                except (asyncio.TimeoutError, asyncio.CancelledError):
-                    ticker.cancel()
+                self._stop_ticking()
         finally:
             await self._cleanup()
         if self._fatal is not None:
@@ -523,41 +527,55 @@ class Daemon:
 
     # ------------------------------------------------------------------ the core's inputs
 
-    async def _ticker(self) -> None:
-        h = self.timing.heartbeat_interval_s
-        loop = asyncio.get_running_loop()
-        # Ends by checking the flag, not by cancellation: on Python < 3.12 a wait_for() that
-        # completes as it is cancelled swallows the cancellation (CPython gh-86296).
-        while not self._finished:
-            now = time.monotonic()
-            delay = max(0.0, min(self.node.next_wakeup() - now, h))
-            due = now + delay
-            self._wake.clear()
-            # always yield, even when a tick is overdue: the loop must never starve. A timer that
-            # sets the event, not wait_for(): no task to create and cancel on every tick, which
-            # was a sixth of an idle daemon's CPU time.
-            timer = loop.call_later(delay, self._wake.set)
-            try:
-                await self._wake.wait()
-            finally:
-                timer.cancel()
-            if self._finished:
+    def _schedule_tick(self) -> None:
+        """Arm the ticker's timer for ``Node.next_wakeup()``, or ``tick_every_s`` after its last
+        wake-up if that comes first; leave it alone if it is armed for that moment or earlier.
+
+        Called after every input (``_process``), so that the core is ticked when it asked to be and
+        not otherwise: a follower of a live master has nothing to send (protocol.md §3.2) and sleeps
+        between its master's heartbeats. No wake-up, task or timer per datagram: a timer armed for an
+        earlier moment (a follower's election timer, which each heartbeat moves later) fires for
+        nothing and is armed again, one wake-up per E, where re-arming it for every datagram would
+        cost two loop calls each. A moment already past fires at the next turn of the loop, after
+        the I/O that is ready: the loop never starves.
+        """
+        if not self._ticking:
+            return
+        at = min(self.node.next_wakeup(), self.last_tick_at + self.tick_every_s)
+        timer = self._tick_timer
+        if timer is not None:
+            if self._tick_due <= at:
                 return
-            now = time.monotonic()
-            # how late the wake-up came after it was due (an early one, from _process, is on time)
-            self.last_lag_s = max(0.0, now - due)
-            self.last_tick_at = now
-            if self.last_lag_s <= h:
-                # systemd's watchdog, only while on time: a wedged or late loop gets restarted
-                self.notifier.watchdog(now)
-            self.node.tick(now)
-            self._process()
+            timer.cancel()
+        # loop.time() is time.monotonic(), the clock of every `now` given to the core
+        self._tick_due = at
+        self._tick_timer = asyncio.get_running_loop().call_at(at, self._tick)
+
+    def _stop_ticking(self) -> None:
+        self._ticking = False
+        if self._tick_timer is not None:
+            self._tick_timer.cancel()
+            self._tick_timer = None
+
+    def _tick(self) -> None:
+        self._tick_timer = None
+        if not self._ticking:
+            return
+        now = time.monotonic()
+        self.last_lag_s = max(0.0, now - self._tick_due)  # how late the wake-up came
+        self.last_tick_at = now
+        if self.last_lag_s <= self.timing.heartbeat_interval_s:
+            # systemd's watchdog, only while on time: a wedged or late loop gets restarted
+            self.notifier.watchdog(now)
+        self.node.tick(now)
+        self._process()
 
     def on_time(self, now: float) -> bool:
         """The loop is on time: the ticker's last wake-up came at most one heartbeat interval after
-        it was due, and it woke within two intervals (it wakes at least once per interval)."""
+        it was due, and it woke within ``tick_every_s`` (E, or the systemd watchdog's interval if
+        shorter) plus one heartbeat interval: it wakes at least every ``tick_every_s``."""
         h = self.timing.heartbeat_interval_s
-        return self.last_lag_s <= h and now - self.last_tick_at <= 2 * h
+        return self.last_lag_s <= h and now - self.last_tick_at <= self.tick_every_s + h
 
     def step(self, sender: str, msg: Message, now: float) -> None:
         """A message the wire delivered (runtime/udp.py): step the core, carry out its Ready."""
@@ -572,10 +590,8 @@ class Daemon:
             return
         try:
             rd = self.node.ready()
-            if rd.empty() and not rd.finished:
-                self.node.advance(rd)
-                return
-            self._carry_out(rd)
+            if not rd.empty() or rd.finished:
+                self._carry_out(rd)
             self.node.advance(rd)
         except Exception as exc:  # our own bug or an unwritable disk: fail safe
             log_exception(log, "internal_error")
@@ -584,13 +600,15 @@ class Daemon:
         if rd.finished:
             self._finished = True
             self._main_wake.set()
-        self._wake.set()
+            self._stop_ticking()
+            return
+        self._schedule_tick()
 
     def _fail(self, exc: BaseException) -> None:
         self._fatal = exc
         self._finished = True
         self._main_wake.set()
-        self._wake.set()
+        self._stop_ticking()
 
     def _carry_out(self, rd: Ready) -> None:
         if rd.hard_state is not None:

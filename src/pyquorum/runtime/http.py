@@ -11,8 +11,9 @@ and its four paths:
 ``/leader``    200 on the master that holds a lease, 503 elsewhere (HAProxy's ``option httpchk``,
                a cloud load balancer's health check): route traffic to the master
 ``/health``    200 while the daemon's loop is on time (``Daemon.on_time``: the protocol ticker's
-               last wake-up came at most one heartbeat interval late, and it woke within two), 503
-               otherwise; a wedged loop does not answer at all, which a checker's timeout catches
+               last wake-up came at most one heartbeat interval late, and it woke within an
+               election timeout and one interval more), 503 otherwise; a wedged loop does not answer
+               at all, which a checker's timeout catches
 =============  =====================================================================================
 
 GET and HEAD are served, and OPTIONS too (HAProxy's default health-check method); every answer closes

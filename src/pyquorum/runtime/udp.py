@@ -2,9 +2,9 @@
 
 What this module owns
 ---------------------
-The asyncio ``DatagramProtocol`` and the socket around ``pyquorum.wire.Endpoint``: binding it (with an
-error an operator can act on), handing each datagram to ``Endpoint.receive`` and what follows from the
-answer, and sending the core's messages through ``Endpoint.send``. The core sees only ``Deliver``ed
+The node's UDP socket on the event loop and what surrounds ``pyquorum.wire.Endpoint``: binding it (with
+an error an operator can act on), handing each datagram to ``Endpoint.receive`` and what follows from
+the answer, and sending the core's messages through ``Endpoint.send``. The core sees only ``Deliver``ed
 messages, through the ``step`` callback the daemon gives (``Daemon.step``: ``Node.step`` then the
 ``Ready``).
 
@@ -22,7 +22,8 @@ The datagram path, hop by hop
 ::
 
     kernel UDP socket
-    -> Udp.datagram_received(data, addr)            this module (asyncio calls it)
+    -> Udp._readable(): recvfrom_into, each waiting  this module (the loop's reader callback)
+    -> Udp.datagram_received(data, addr)
     -> Endpoint.receive(data, source)               wire/endpoint.py: codec, then replay guard
     <- Deliver | Reject | Foreign | Handshake | Operate   the one answer
     -> Deliver: Counters.on_deliver, then the daemon's step(sender, message, now):
@@ -39,6 +40,19 @@ else, and counted in ``silenced_received`` / ``silenced_sent``: the node acts as
 
 Every datagram received is counted once: accepted by type (``Counters.received``) or refused by reason
 (``Endpoint.rejected``); every datagram sent once, by type (``Counters.sent``).
+
+Why not asyncio's datagram transport
+------------------------------------
+It was two thirds of the daemon's CPU per datagram (bench/hotpath.py, py-spy): for each datagram it
+allocates a 256 KiB bytes object to receive into and shrinks it, and each send goes through a layer
+of checks and buffering. Here the socket is the loop's reader (``add_reader``): when it is readable,
+every datagram waiting is read (at most ``RECEIVE_BATCH`` per turn of the loop, so that a flood cannot
+starve the timers) into one buffer larger than any UDP datagram, so an oversized one still arrives
+whole and is refused as "too-large" by the codec, never truncated into something that might parse. A
+send goes straight to ``sendto``; one the kernel refuses (no route while a link is down, a full send
+buffer) is dropped and logged at debug level, which the protocol treats as a lost datagram (asyncio
+reported the same errors to ``error_received``, logged at debug level too, and queued a send that
+would block: a datagram that late is worth no more than a lost one).
 """
 
 from __future__ import annotations
@@ -50,7 +64,7 @@ import logging
 import socket
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Final
 
 from pyquorum.core.errors import ConfigError
 from pyquorum.core.messages import Message
@@ -72,10 +86,15 @@ REJECT_LOG_INTERVAL_S = 10.0
 # handshake refuses one datagram each way ("bad-echo", one heartbeat interval apart at most), and a
 # restarted peer's last datagrams in flight are "stale-epoch" for milliseconds: both stay at debug.
 REFUSED_WARN_AFTER_S = 3.0
-# (asyncio receives into a 256 KiB buffer: an oversized datagram arrives whole and is counted as
-# "too-large" by the codec, never truncated into something that might parse.) The kernel's receive
-# buffer is raised to this, so that a burst (a flood, or a pause of the loop) drops less.
+# The kernel's receive buffer is raised to this, so that a burst (a flood, or a pause of the loop)
+# drops less.
 RECEIVE_BUFFER_BYTES = 1 << 20
+# Datagrams are received into a buffer this large: more than any UDP datagram's payload (65,507 bytes
+# over IPv4), so that an oversized one arrives whole (module docstring).
+DATAGRAM_BUFFER_BYTES: Final = 1 << 16
+# At most this many datagrams are read per turn of the event loop: a flood waits its turn behind the
+# timers and the other sockets instead of starving them.
+RECEIVE_BATCH: Final = 64
 
 Step = Callable[[str, Message, float], None]
 OnOperate = Callable[[str, OperateMessage, float], None]
@@ -113,7 +132,7 @@ class _RefusedPeers:
         return None
 
 
-class Udp(asyncio.DatagramProtocol):
+class Udp:
     """The socket of one node. ``await Udp.bind(...)`` opens it; ``send`` sends the core's messages;
     every delivered message goes to ``step``; ``close()`` at shutdown."""
 
@@ -133,7 +152,9 @@ class Udp(asyncio.DatagramProtocol):
         self._members = members
         self._timing_text = timing_text
         self._me = endpoint.local
-        self._transport: asyncio.DatagramTransport | None = None
+        self._sock: socket.socket | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._buffer = memoryview(bytearray(DATAGRAM_BUFFER_BYTES))
         self._reject_log = RateLimiter(REJECT_LOG_INTERVAL_S)
         self._info_sent = RateLimiter(REJECT_LOG_INTERVAL_S)
         self._refused = _RefusedPeers(REFUSED_WARN_AFTER_S)
@@ -145,13 +166,15 @@ class Udp(asyncio.DatagramProtocol):
         self.silenced_received = 0
 
     async def bind(self, ip: str, port: int, family: int) -> None:
-        """Bind ``ip``:``port``; a failure is a ``ConfigError`` saying what to do."""
+        """Bind ``ip``:``port``; a failure is a ``ConfigError`` saying what to do. From here on every
+        datagram that arrives is received on the running loop."""
         loop = asyncio.get_running_loop()
+        sock = socket.socket(family, socket.SOCK_DGRAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC)
         try:
-            transport, _ = await loop.create_datagram_endpoint(
-                lambda: self, local_addr=(ip, port), family=family
-            )
+            # the address as given (a literal IP: nothing to resolve), so no executor round
+            sock.bind((ip, port))
         except OSError as exc:
+            sock.close()
             if exc.errno == errno.EADDRINUSE:
                 raise ConfigError(
                     [f"UDP port {self._me} is already in use (another pyquorum node?): stop it or use -p"]
@@ -159,34 +182,57 @@ class Udp(asyncio.DatagramProtocol):
             if exc.errno == errno.EADDRNOTAVAIL:
                 raise ConfigError([f"-b {ip} is not an address of this host"]) from None
             raise ConfigError([f"cannot bind UDP {self._me}: {exc.strerror or exc}"]) from None
-        self._transport = transport
-        sock = transport.get_extra_info("socket")
-        if sock is not None:
-            with contextlib.suppress(OSError):
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, RECEIVE_BUFFER_BYTES)
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, RECEIVE_BUFFER_BYTES)
+        self._sock, self._loop = sock, loop
+        loop.add_reader(sock.fileno(), self._readable)
 
     def close(self) -> None:
-        if self._transport is not None:
-            self._transport.close()
-            self._transport = None
+        if self._sock is not None and self._loop is not None:
+            self._loop.remove_reader(self._sock.fileno())
+            self._sock.close()
+            self._sock = None
 
     # -- out ------------------------------------------------------------------------------------
 
     def send(self, dest: str, msg: WireMessage) -> None:
         """Send ``msg`` to ``dest``'s configured address (never a datagram's source); dropped while
         silent (a drill)."""
-        if self._transport is None:
+        if self._sock is None:
             return
         if self.silent_until and time.monotonic() < self.silent_until:
             self.silenced_sent += 1
             return
         datagram = self.endpoint.send(dest, msg)
         self.counters.on_send(msg, time.monotonic())
-        self._transport.sendto(datagram.data, datagram.address)
+        self._sendto(datagram.data, datagram.address)
+
+    def _sendto(self, data: bytes, address: tuple[str, int]) -> None:
+        assert self._sock is not None
+        try:
+            self._sock.sendto(data, address)
+        except OSError as exc:  # a lost datagram (module docstring)
+            log_event(log, logging.DEBUG, "send_failed", address=address[0], error=str(exc))
 
     # -- in -------------------------------------------------------------------------------------
 
+    def _readable(self) -> None:
+        # every datagram waiting, up to RECEIVE_BATCH, each copied out of the one buffer
+        sock, buffer = self._sock, self._buffer
+        for _ in range(RECEIVE_BATCH):
+            if sock is not self._sock or sock is None:  # closed by what the last one caused
+                return
+            try:
+                size, addr = sock.recvfrom_into(buffer)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                self.error_received(exc)
+                return
+            self.datagram_received(buffer[:size].tobytes(), addr)
+
     def datagram_received(self, data: bytes, addr: tuple[Any, ...]) -> None:
+        """One datagram from ``addr`` (IPv6 adds flow info and scope: the endpoint knows (ip, port))."""
         if self.silent_until and time.monotonic() < self.silent_until:
             self.silenced_received += 1  # a drill's silence: as if we had died
             return
@@ -208,13 +254,14 @@ class Udp(asyncio.DatagramProtocol):
             if self._on_operate is not None:
                 self._on_operate(result.sender, result.message, now)
         else:
-            if result.reply is not None and self._transport is not None:
+            if result.reply is not None and self._sock is not None:
                 self.counters.on_send(Hello(), now)
-                self._transport.sendto(result.reply.data, result.reply.address)
+                self._sendto(result.reply.data, result.reply.address)
             self._reject(result, source, now)
 
     def error_received(self, exc: Exception) -> None:
-        # ICMP port unreachable from a peer that is down: normal, and not worth more than debug
+        # an error queued on the socket (ICMP port unreachable from a peer that is down): normal,
+        # and not worth more than debug
         log_event(log, logging.DEBUG, "socket_error", error=str(exc))
 
     def _reject(self, rej: Reject, source: tuple[str, int], now: float) -> None:

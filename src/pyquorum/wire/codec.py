@@ -47,8 +47,9 @@ Decisions beyond the first sketch, and why:
   one flipped bit in ``VoteResponse.granted`` would be a vote nobody gave. CRC-32 detects every
   error confined to 32 consecutive bits. It is integrity against accidents only, not attackers.
 * Decoding order (docs/security.md §3): size, then magic and version, then the key id and the
-  trailer are checked (``hmac.compare_digest``) BEFORE any other byte is interpreted, then strict
-  parsing. A forged datagram therefore costs one HMAC and reaches no parser.
+  trailer are checked (``wire.mac``: HMAC-SHA256 with each key's pads hashed once, compared in
+  constant time) BEFORE any other byte is interpreted, then strict parsing. A forged datagram
+  therefore costs one HMAC and reaches no parser.
 * ``max_datagram`` defaults to 1200 bytes: IPv6 guarantees 1280-byte packets (RFC 8200 §5), minus
   40 (IPv6) and 8 (UDP) headers leaves 1232; QUIC (RFC 9000 §14) picked the same 1200. No datagram
   we send is fragmented. The runtime should receive into a larger buffer so that an oversized
@@ -60,8 +61,6 @@ authentication means "a holder of the cluster key", not "that node" (docs/securi
 
 from __future__ import annotations
 
-import hashlib
-import hmac
 import struct
 import zlib
 from collections.abc import Iterable, Mapping
@@ -84,6 +83,7 @@ from pyquorum.core.messages import (
     VoteResponse,
 )
 from pyquorum.wire.keyring import KeyRing
+from pyquorum.wire.mac import Mac, compare_digest, sha256
 from pyquorum.wire.operate import (
     MAX_ENTRIES,
     MAX_SILENCE_MS,
@@ -184,7 +184,7 @@ def cluster_fingerprint(members: Iterable[str], timing_text: str) -> bytes:
     """The 8-byte identity of a cluster configuration: SHA-256 over the sorted, de-duplicated
     members and the timing text, each length-prefixed so that no two configurations collide by
     concatenation. Nodes that disagree on either never count each other's votes."""
-    h = hashlib.sha256(b"pyquorum cluster v1\0")
+    h = sha256(b"pyquorum cluster v1\0")
     ids = sorted(set(members))
     h.update(struct.pack(">I", len(ids)))
     for node in ids:
@@ -331,10 +331,11 @@ class Codec:
         "_headers",
         "_live_cache",
         "_local_id",
+        "_macs",
         "_max_datagram",
         "_member_ids",
         "_order",
-        "_send_key",
+        "_send_mac",
         "cluster_fp",
         "keyring",
         "local",
@@ -370,7 +371,8 @@ class Codec:
         # Everything up to the epochs is fixed per receiver: packed once, not per datagram (a third
         # of encode's time). A Codec is not changed after this: build a new one for new keys.
         key_id = 0 if keyring is None else keyring.send_key_id
-        self._send_key = None if keyring is None else keyring.keys[key_id]
+        self._macs = {} if keyring is None else {kid: Mac(key) for kid, key in keyring.keys.items()}
+        self._send_mac = None if keyring is None else self._macs[key_id]
         prefix = _PREFIX.pack(MAGIC, VERSION, key_id, self.cluster_fp) + _id_field(local)
         self._headers = {peer: prefix + _id_field(peer) for peer in self.members if peer != local}
         self._member_ids = {node.encode("ascii"): node for node in self.members}
@@ -412,10 +414,10 @@ class Codec:
         if msg_type is None:
             raise LocalProtocolError(f"cannot encode {type(msg).__name__}")
         body = header + _EPOCHS.pack(sender_epoch, seq, echo_epoch, msg_type) + self._encode_payload(msg)
-        if self._send_key is None:
+        if self._send_mac is None:
             datagram = body + _CRC.pack(zlib.crc32(body))
         else:
-            datagram = body + hmac.digest(self._send_key, body, "sha256")
+            datagram = body + self._send_mac.digest(body)
         if len(datagram) > self._max_datagram:
             raise LocalProtocolError(
                 f"{type(msg).__name__} is {len(datagram)} bytes, above max_datagram {self._max_datagram}"
@@ -523,13 +525,13 @@ class Codec:
             return body
         if key_id == 0:
             raise DatagramError("unauthenticated", "peer sends without a key, we require one")
-        key = self.keyring.keys.get(key_id)
-        if key is None:
+        verifier = self._macs.get(key_id)
+        if verifier is None:
             raise DatagramError("unknown-key", f"signed with key id {key_id}, not in our key file")
         if len(data) < _MIN_BODY + MAC_SIZE:
             raise DatagramError("truncated", f"{len(data)} bytes is too short")
         body, mac = data[:-MAC_SIZE], data[-MAC_SIZE:]
-        if not hmac.compare_digest(mac, hmac.digest(key, body, "sha256")):
+        if not compare_digest(mac, verifier.digest(body)):
             raise DatagramError("bad-mac", f"HMAC with key id {key_id} does not verify")
         return body
 

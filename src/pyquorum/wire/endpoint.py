@@ -41,13 +41,12 @@ The datagram path, hop by hop
 ::
 
     kernel UDP socket
-    -> _Protocol.datagram_received(data, addr)        runtime/daemon.py (asyncio)
-    -> Daemon.on_datagram: count it, then
+    -> Udp.datagram_received(data, addr)              runtime/udp.py (the loop's reader)
     -> Endpoint.receive(data, source)                 wire/endpoint.py, checks 1-6 above:
          Codec.decode                                 wire/codec.py
          ReplayGuard.check                            wire/replay.py
     <- Deliver | Reject | Foreign                     the one return to the daemon
-    -> Deliver: Node.step(sender, message, now)       core/node.py
+    -> Deliver: Daemon.step -> Node.step(sender, message, now)   core/node.py
        then Daemon._process: Node.ready() -> persist (fsync) -> Endpoint.send + sendto -> script
        -> Node.advance
     -> Reject: Daemon._reject, a rate-limited log line (counted already) and, for a member

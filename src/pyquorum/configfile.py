@@ -156,6 +156,8 @@ KEYS: tuple[Key, ...] = (
     Key("state_dir", PATH),
     Key("key_file", PATH),
     Key("restart", _choice(RESTART_POLICIES)),
+    Key("notify", PATH),
+    Key("notify_timeout", SECONDS),
     Key("log_level", _choice(tuple(LOG_LEVELS)), covers=("verbose", "very_verbose")),
     Key("log_format", _choice(LOG_FORMATS)),
 )

@@ -240,14 +240,15 @@ def hooks(tmp_path: Path, tag: str, records: Records) -> Hooks:
     return Hooks(tmp_path, tag, records)
 
 
-def run(coro: Callable[[], Coroutine[Any, Any, None]], limit_s: float = 30.0) -> None:
+# Generous: a shared CI machine can be very loaded, and no test here is about speed.
+def run(coro: Callable[[], Coroutine[Any, Any, None]], limit_s: float = 120.0) -> None:
     async def bounded() -> None:
         await asyncio.wait_for(coro(), limit_s)
 
     asyncio.run(bounded())
 
 
-async def until(predicate: Callable[[], bool], timeout_s: float = 10.0) -> None:
+async def until(predicate: Callable[[], bool], timeout_s: float = 60.0) -> None:
     give_up = time.monotonic() + timeout_s
     while not predicate():
         assert time.monotonic() < give_up, "condition not reached in time"
@@ -265,7 +266,12 @@ rmdir "$DIR/running"
 """
 
 
-def test_hooks_run_in_order_one_at_a_time_under_a_burst(hooks: Hooks) -> None:
+@pytest.mark.parametrize("pidfd", [True, False], ids=["pidfd", "polled"])
+def test_hooks_run_in_order_one_at_a_time_under_a_burst(
+    hooks: Hooks, pidfd: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    if not pidfd:  # a kernel before 5.3: the exit is polled
+        monkeypatch.delattr(os, "pidfd_open", raising=False)
     h = hooks.make(hooks.script(RECORDER))
     sent = [(list(HookEvent)[i % 3], 1 + i // 2, OTHER if i % 3 == 1 else None) for i in range(40)]
 
@@ -348,9 +354,7 @@ echo "$PYQUORUM_SEQ $1" >> "$CALLS"
         await until(lambda: (hooks.tmp / "hook").exists() and (hooks.tmp / "grandchild").exists())
         pids.extend(int((hooks.tmp / name).read_text()) for name in ("hook", "grandchild"))
         assert all(alive(pid) for pid in pids)
-        began = time.monotonic()
         await until(lambda: h.delivered == 1)
-        assert time.monotonic() - began < 5.0
         await h.aclose(1.0)
 
     run(main)
@@ -589,7 +593,8 @@ echo "$PYQUORUM_SEQ $1" >> "$CALLS"
         await h.aclose(0.3)
         took = time.monotonic() - began
         print(f"aclose(0.3) returned after {took * 1000:.0f} ms")
-        assert 0.3 <= took < 0.3 + 1.0  # the budget, then the kill and reap (at most 1 s more)
+        # the budget, then the kill and reap: aclose gives up after 1 s more (0.5 s: scheduling)
+        assert 0.3 <= took < 0.3 + 1.0 + 0.5
 
     run(main)
     assert not any(alive(pid) for pid in pids)
@@ -608,9 +613,22 @@ def test_hooks_close_with_nothing_to_do_returns_at_once(hooks: Hooks) -> None:
         await h.aclose(10.0)
         assert time.monotonic() - began < 1.0
         await h.aclose(10.0)  # again: nothing happens
+        await h.aclose(float("nan"))
 
     run(main)
     assert h.counters() == {"seq": 0, "pending": 0, "delivered": 0, "failed": 0, "timed_out": 0, "dropped": 0}
+
+
+def test_hooks_close_without_a_limit_waits_for_the_hooks(hooks: Hooks) -> None:
+    h = hooks.make(hooks.script('sleep 0.2; echo "$PYQUORUM_SEQ" >> "$CALLS"\n'))
+
+    async def main() -> None:
+        h.notify(MASTER, 1, ME)
+        h.notify(SLAVE, 2, OTHER)
+        await h.aclose(float("inf"))
+
+    run(main)
+    assert hooks.calls() == [["1"], ["2"]]
 
 
 def test_hooks_notify_never_raises(hooks: Hooks) -> None:

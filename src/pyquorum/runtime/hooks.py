@@ -397,13 +397,14 @@ class NotifyHooks:
         after the budget, with an ERROR line naming it. Later ``notify()`` calls are dropped.
         """
         self._closing = True
-        budget_s = max(0.0, timeout_s) if math.isfinite(timeout_s) else 0.0
+        budget_s = timeout_s if timeout_s >= 0 else 0.0  # NaN too; inf: as long as the hooks take
         self._close_deadline = min(self._close_deadline, time.monotonic() + budget_s)
         self._wake.set()
         worker = self._worker
         if worker is not None and not worker.done():
+            wait_s = None if math.isinf(budget_s) else budget_s + _FORCED_CLOSE_WAIT_S
             try:
-                await asyncio.wait_for(asyncio.shield(worker), budget_s + _FORCED_CLOSE_WAIT_S)
+                await asyncio.wait_for(asyncio.shield(worker), wait_s)
             except asyncio.TimeoutError:
                 run = self._running
                 log_event(
@@ -536,6 +537,13 @@ class _Run:
         for name, fd in fds.items():
             os.set_blocking(fd, False)
             self._loop.add_reader(fd, self._readable, name)
+        # A pidfd becomes readable when the process exits (Linux 5.3): no polling while a hook runs.
+        # Opened while the process cannot have been reaped (we have not waited for it), so it is ours.
+        self._exit_seen = asyncio.Event()
+        self._pidfd: int | None = None
+        with contextlib.suppress(AttributeError, OSError):
+            self._pidfd = os.pidfd_open(self.pid)
+            self._loop.add_reader(self._pidfd, self._exit_seen.set)
 
     @classmethod
     def spawn(cls, argv: list[str], env: dict[str, str], item: _Pending, logger: logging.Logger) -> _Run:
@@ -566,13 +574,13 @@ class _Run:
         ``shutdown_at()`` (which a shutdown may bring earlier meanwhile); then SIGKILL what is left
         of the group, wait until none of it is alive, reap the main process and take the rest of
         its output."""
-        delay = 0.0002
-        killed_group = False
+        killed = False
         complain_at = math.inf
-        while True:
+        delay = 0.0002
+        while not self._exited():
             now = time.monotonic()
-            exited = self._exited()
-            if not exited and not killed_group and (now >= timeout_at or now >= shutdown_at()):
+            kill_at = min(timeout_at, shutdown_at())
+            if not killed and now >= kill_at:
                 self.killed_for = "timeout" if now >= timeout_at else "shutdown"
                 log_event(
                     self._log,
@@ -584,46 +592,73 @@ class _Run:
                     pids=",".join(map(str, group_members(self.pid))) or "-",
                 )
                 self._killpg()
-                killed_group = True
+                killed = True
                 complain_at = now + _COMPLAIN_S
-            if exited and not killed_group:
-                # What the hook left behind in its group dies with it: nothing of one run may overlap
-                # the next. The main process is a zombie until we reap it, so the group id is still
-                # ours.
-                left = [pid for pid in group_members(self.pid) if pid != self.pid]
-                if left:
-                    log_event(
-                        self._log,
-                        logging.WARNING,
-                        "hook_left_processes",
-                        seq=self.item.seq,
-                        pids=",".join(map(str, left)),
-                        action="sigkill",
-                    )
-                    self._killpg()
-                complain_at = now + _COMPLAIN_S
-                killed_group = True
-            if exited and not group_alive(self.pid):
-                break
             if now >= complain_at:
                 complain_at = now + _COMPLAIN_S
-                self._killpg()
+                self._complain(now)
+            # Woken by the pidfd at the exit; otherwise polled. At least every _POLL_MAX_S either
+            # way, for a shutdown that brings the kill earlier.
+            wait_s = _POLL_MAX_S if self._pidfd is not None else delay
+            delay = min(delay * 2, _POLL_MAX_S)
+            await self._exit_or(wait_s if killed else min(wait_s, kill_at - now))
+        if not killed:
+            # What the hook left behind in its group dies with it: nothing of one run may overlap
+            # the next. The main process is a zombie until we reap it, so the group id is still ours.
+            left = [pid for pid in group_members(self.pid) if pid != self.pid]
+            if left:
                 log_event(
                     self._log,
-                    logging.ERROR,
-                    "hook_group_alive",
+                    logging.WARNING,
+                    "hook_left_processes",
                     seq=self.item.seq,
-                    pgid=self.pid,
-                    for_s=round(now - self.started_at, 1),
-                    pids=",".join(map(str, group_members(self.pid))) or "-",
-                    reason="SIGKILLed and still alive (uninterruptible sleep?); the next hook waits",
+                    pids=",".join(map(str, left)),
+                    action="sigkill",
                 )
+                self._killpg()
+                killed = True
+                complain_at = time.monotonic() + _COMPLAIN_S
+        delay = 0.0002
+        while killed and group_alive(self.pid):
+            now = time.monotonic()
+            if now >= complain_at:
+                complain_at = now + _COMPLAIN_S
+                self._complain(now)
             await asyncio.sleep(delay)
             delay = min(delay * 2, _POLL_MAX_S)
         self.returncode = self._reap()
         self.ended_at = time.monotonic()
+        self._close_pidfd()
         self._drain()
         self._done = True
+
+    def _complain(self, now: float) -> None:
+        self._killpg()
+        log_event(
+            self._log,
+            logging.ERROR,
+            "hook_group_alive",
+            seq=self.item.seq,
+            pgid=self.pid,
+            for_s=round(now - self.started_at, 1),
+            pids=",".join(map(str, group_members(self.pid))) or "-",
+            reason="SIGKILLed and still alive (uninterruptible sleep?); the next hook waits",
+        )
+
+    async def _exit_or(self, timeout_s: float) -> None:
+        # Until the pidfd says the main process exited, or timeout_s.
+        if self._pidfd is None:
+            await asyncio.sleep(max(0.0, timeout_s))
+            return
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(self._exit_seen.wait(), max(0.0, timeout_s))
+
+    def _close_pidfd(self) -> None:
+        if self._pidfd is not None:
+            with contextlib.suppress(Exception):  # a closed loop has no readers left to remove
+                self._loop.remove_reader(self._pidfd)
+            os.close(self._pidfd)
+            self._pidfd = None
 
     def abandon(self) -> None:
         """Give up on this run (the worker was cancelled): SIGKILL its group, stop reading. The
@@ -634,6 +669,7 @@ class _Run:
         self._done = True
         if self.proc.returncode is None:
             self._killpg()
+        self._close_pidfd()
         self._close_all()
 
     def _exited(self) -> bool:

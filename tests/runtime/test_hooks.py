@@ -125,6 +125,10 @@ def test_hook_event_for_shutdown_is_stopping_and_the_last() -> None:
     assert got == ann(STOPPING, 3, ME)
     assert hook_event_for(got, status(Role.SLAVE, 3, None), [ev(EventKind.RESIGNED)]) is None
     assert hook_event_for(got, status(Role.SLAVE, 4, OTHER), []) is None
+    # a candidate's Status still names the previous term's master: not passed on
+    leaving = [ev(EventKind.RESIGNING, role="candidate", reason="shutdown")]
+    got = hook_event_for(ann(SLAVE, 3, OTHER), status(Role.CANDIDATE, 4, OTHER), leaving)
+    assert got == ann(STOPPING, 4, None)
     # a resignation on request (not a shutdown) is no stop
     asked = [ev(EventKind.RESIGNING, role="master", reason="script_failures")]
     assert hook_event_for(ann(MASTER, 3, ME), status(Role.MASTER, 3, ME), asked) is None

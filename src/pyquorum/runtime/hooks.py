@@ -179,7 +179,8 @@ _READ_BYTES: Final = 65536
 # When the group is gone, what is still in the pipes is read at once, up to this (beyond: a process
 # that left the group is writing).
 _DRAIN_MAX_BYTES: Final = 1 << 20
-# Polling the hook's exit and its group's death: from 0.2 ms, doubling, up to this (run.py does the same).
+# Polling a group's death (and a hook's exit without a pidfd): from 0.2 ms, doubling, up to this, as
+# run.py does; with a pidfd, a wake-up at least this often to see a shutdown's earlier kill.
 _POLL_MAX_S: Final = 0.02
 # While a SIGKILLed group is still alive (D state): how often to say so, and SIGKILL it again.
 _COMPLAIN_S: Final = 1.0
@@ -216,8 +217,10 @@ def hook_event_for(last: Announcement | None, status: Status, events: Sequence[E
     if last is not None and last.event is HookEvent.STOPPING:
         return None
     candidate: Announcement | None = None
+    # Node.shutdown() leaves with reason "shutdown"; a resign() on request gives its own reason.
     if any(ev.kind is EventKind.RESIGNING and ev.get("reason") == "shutdown" for ev in events):
-        candidate = Announcement(HookEvent.STOPPING, status.term, status.master)
+        known = status.master if status.role in (Role.MASTER, Role.SLAVE) else None
+        candidate = Announcement(HookEvent.STOPPING, status.term, known)
     elif status.role is Role.MASTER:
         candidate = Announcement(HookEvent.MASTER, status.term, status.node)
     elif status.role is Role.SLAVE and status.master is not None:

@@ -77,6 +77,11 @@ def test_config_valid_three_nodes(tmp_path: Path) -> None:
         ({"max_failures": 0}, "max failures"),
         ({"failure_window_s": -1.0}, "failure window"),
         ({"script": "relative/job.sh"}, "must be an absolute path"),
+        ({"notify": "relative/hook"}, "notify hook 'relative/hook' must be an absolute path"),
+        ({"notify": "/nonexistent/hook"}, "notify hook /nonexistent/hook does not exist: check the --notify"),
+        ({"notify": "/"}, "notify hook / is not a regular file"),
+        ({"notify_timeout_s": 0.0}, "--notify-timeout must be a positive number of seconds"),
+        ({"notify_timeout_s": float("nan")}, "--notify-timeout must be a positive number of seconds"),
     ],
 )
 def test_config_restart_and_script_problems(tmp_path: Path, kwargs: dict[str, object], needle: str) -> None:
@@ -93,3 +98,13 @@ def test_config_warnings(tmp_path: Path) -> None:
     assert any("6 servers: a majority needs 4, so it survives 2 failures" in w for w in six.warnings())
     keyed = make(tmp_path, "127.0.0.1:1", "127.0.0.2:1", "127.0.0.3:1", key_file=tmp_path / "k")
     assert keyed.warnings() == []
+
+
+def test_config_notify_hook_must_be_executable(tmp_path: Path) -> None:
+    hook = tmp_path / "hook.sh"
+    hook.write_text("#!/bin/sh\n")
+    hook.chmod(0o644)
+    config = make(tmp_path, "127.0.0.1:51621", "127.0.0.2:51621", "127.0.0.3:51621", notify=str(hook))
+    assert f"notify hook {hook} is not executable: run 'chmod +x {hook}'" in config.validate()
+    hook.chmod(0o755)
+    assert not [p for p in config.validate() if "notify" in p]

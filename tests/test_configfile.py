@@ -38,6 +38,9 @@ class Node:
         self.script = tmp_path / "job.sh"
         self.script.write_text("#!/bin/sh\nexec sleep 1000\n")
         self.script.chmod(0o755)
+        self.hook = tmp_path / "hook.sh"
+        self.hook.write_text("#!/bin/sh\nexit 0\n")
+        self.hook.chmod(0o755)
         self.key = tmp_path / "cluster.key"
         assert cli.main(["keygen", str(self.key)]) == 0
         state = tmp_path / "state"
@@ -56,6 +59,8 @@ class Node:
             "state_dir": (f'"{other_state}"', ["--state-dir", str(other_state)]),
             "key_file": (f'"{self.key}"', ["--key-file", str(self.key)]),
             "restart": ('"never"', ["--restart", "never"]),
+            "notify": (f'"{self.hook}"', ["--notify", str(self.hook)]),
+            "notify_timeout": ("5", ["--notify-timeout", "5"]),
             "log_level": ('"debug"', ["--log-level", "debug"]),
             "log_format": ('"json"', ["--log-format", "json"]),
             "http": (f'"127.0.0.1:{self.port}"', ["--http", f"127.0.0.1:{self.port}"]),

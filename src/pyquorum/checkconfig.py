@@ -157,6 +157,8 @@ def _describe(config: Config, running: int | None) -> list[str]:
         )
     script = f"{config.script} (restart {config.restart})" if config.script else "none: only elect"
     lines.append(_row("script", script))
+    if config.notify:
+        lines.append(_row("notify", f"{config.notify} (timeout {_s(config.notify_timeout_s)})"))
     lines.append(_row("keys", _keys(config.key_file)))
     level = next((name for name, value in LOG_LEVELS.items() if value == config.log_level), "?")
     lines.append(_row("logs", f"level {level}, format {config.log_format}"))

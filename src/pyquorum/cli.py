@@ -33,6 +33,7 @@ from typing import NoReturn
 
 from pyquorum import __version__, configfile
 from pyquorum.config import (
+    DEFAULT_NOTIFY_TIMEOUT_S,
     DEFAULT_RESTART,
     LOG_FORMATS,
     LOG_LEVELS,
@@ -41,6 +42,7 @@ from pyquorum.config import (
     LogFormat,
     RestartPolicy,
     check_key_file,
+    check_notify,
     check_script,
     check_state_dir,
 )
@@ -353,6 +355,22 @@ def _daemon_parser(prog: str = PROG, description: str | None = None) -> _Parser:
         help="a node of higher priority than the master that has been connected this long takes "
         "the role by a clean handover (default: never; a healthy master keeps its role)",
     )
+    other.add_argument(
+        "--notify",
+        type=Path,
+        metavar="PATH",
+        help="executable told of each role change of this node, one call at a time and in order, "
+        "as 'PATH EVENT TERM MASTER' (EVENT: master, slave, no-quorum, stopping); advisory: the "
+        "election never waits for it (see docs/operations.md; default: none)",
+    )
+    other.add_argument(
+        "--notify-timeout",
+        type=_seconds,
+        default=DEFAULT_NOTIFY_TIMEOUT_S,
+        metavar="SECONDS",
+        help="a --notify hook still running after this long is killed with its process group "
+        f"(default: {DEFAULT_NOTIFY_TIMEOUT_S:g})",
+    )
     logs = p.add_argument_group("logs")
     logs.add_argument(
         "--log-level",
@@ -421,6 +439,7 @@ def resolve_config(
         )
     script = resolve_script(args.script) if args.script is not None else None
     key_file = args.key_file.expanduser().absolute() if args.key_file is not None else None
+    notify = str(args.notify.expanduser().absolute()) if args.notify is not None else None
     state_dir: Path | None = None
     if args.state_dir is not None:
         state_dir = args.state_dir.expanduser().absolute()
@@ -436,6 +455,7 @@ def resolve_config(
             problems += check_state_dir(state_dir)
         problems += timing.validate()
         problems += check_key_file(key_file)
+        problems += check_notify(notify, args.notify_timeout)
         return None, problems
     me = NodeAddress(ip, args.port)
     members = {str(me), *(str(p) for p in peers)}
@@ -491,6 +511,8 @@ def resolve_config(
         priorities=tuple(sorted(priorities.items())),
         witnesses=witnesses,
         preempt_after_s=args.preempt_after,
+        notify=notify,
+        notify_timeout_s=args.notify_timeout,
     )
     return config, problems
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import math
 import os
 import socket
 from collections import Counter
@@ -52,6 +53,10 @@ DEFAULT_RESTART_BACKOFF_MAX_S = 30.0
 # perhaps with a healthier disk or network, can try.
 DEFAULT_MAX_FAILURES = 5
 DEFAULT_FAILURE_WINDOW_S = 60.0
+# A notify hook (--notify, runtime/hooks.py) is SIGKILLed with its process group after this long.
+# Pacemaker's alert agents get 30 s by default: ample for a hook that posts to a chat or updates a
+# load balancer, short enough that a hung one holds up the next event by half a minute at most.
+DEFAULT_NOTIFY_TIMEOUT_S = 30.0
 
 
 def _fmt(x: float) -> str:
@@ -94,6 +99,10 @@ class Config:
     """Member ids of the witnesses: they vote and never become master (protocol.md §3.11)."""
     preempt_after_s: float | None = None
     """Let a preferred node take the role back by a clean handover after this long (§3.10)."""
+    notify: str | None = None
+    """Absolute path of the program told of each role change (runtime/hooks.py), or None."""
+    notify_timeout_s: float = DEFAULT_NOTIFY_TIMEOUT_S
+    """A notify hook still running after this long is SIGKILLed with its process group."""
 
     @property
     def node_id(self) -> str:
@@ -176,6 +185,7 @@ class Config:
         problems += check_key_file(self.key_file)
         problems += self._check_restart()
         problems += check_http(self.http, check_port=check_port)
+        problems += check_notify(self.notify, self.notify_timeout_s)
         return problems
 
     def warnings(self) -> list[str]:
@@ -291,17 +301,29 @@ def check_http(http: NodeAddress | None, *, check_port: bool = True) -> list[str
 
 def check_script(script: str | None) -> list[str]:
     """Problems of the script path (absolute, as ``Config.script``); None has none."""
-    if script is None:
+    return _check_executable(script, "script", "-s/--script")
+
+
+def check_notify(notify: str | None, timeout_s: float) -> list[str]:
+    """Problems of the notify hook's path (absolute, executable) and of its timeout."""
+    problems = _check_executable(notify, "notify hook", "--notify")
+    if not (math.isfinite(timeout_s) and timeout_s > 0):
+        problems.append(f"--notify-timeout must be a positive number of seconds (got {timeout_s})")
+    return problems
+
+
+def _check_executable(path: str | None, what: str, option: str) -> list[str]:
+    # the script and the notify hook: an absolute path to an executable regular file
+    if path is None:
         return []
-    path = script
     if not os.path.isabs(path):
-        return [f"script {path!r} must be an absolute path"]
+        return [f"{what} {path!r} must be an absolute path"]
     if not os.path.exists(path):
-        return [f"script {path} does not exist: check the -s/--script path"]
+        return [f"{what} {path} does not exist: check the {option} path"]
     if not os.path.isfile(path):
-        return [f"script {path} is not a regular file: -s/--script takes an executable file"]
+        return [f"{what} {path} is not a regular file: {option} takes an executable file"]
     if not os.access(path, os.X_OK):
-        return [f"script {path} is not executable: run 'chmod +x {path}'"]
+        return [f"{what} {path} is not executable: run 'chmod +x {path}'"]
     return []
 
 

@@ -168,6 +168,8 @@ KEYS: tuple[Key, ...] = (
     Key("priorities", PRIORITIES, dest="priority"),
     Key("witnesses", SERVERS, dest="witness"),
     Key("preempt_after", SECONDS),
+    Key("notify", PATH),
+    Key("notify_timeout", SECONDS),
     Key("log_level", _choice(tuple(LOG_LEVELS)), covers=("verbose", "very_verbose")),
     Key("log_format", _choice(LOG_FORMATS)),
     Key("http", Kind('a string "ADDRESS:PORT" (e.g. "127.0.0.1:9621")', _text)),

@@ -14,6 +14,7 @@ send, act on the script, log, ``advance()``. Every protocol decision is the core
 * ``runtime.reload``: reading the configuration again, and what a reload refuses;
 * ``runtime.control``: the control socket (the commands are ``COMMANDS`` below, one function each);
 * ``runtime.handover``: step-down answers, this node's transition record and a drill's silence;
+* ``runtime.hooks``: the notify hook (``--notify``): when each event fires, and its runs, in order;
 * ``runtime.http`` and ``runtime.metrics``: the opt-in HTTP listener and its Prometheus collector;
 * ``runtime.sdnotify``: what systemd is told, at each stage;
 * ``pyquorum.supervisor``: the script's runs under the kill deadline (and its guard process).
@@ -28,7 +29,9 @@ The stages (``main``)
    may take ``G + K + SHUTDOWN_SLACK_S``, after which the daemon gives up waiting; a second signal
    ends the wait at once (uvicorn's rule; the guard still stops the script);
 4. exit: the ticker's timer (cancelled), the supervisor (at most ``G + 1`` s, then its guard is
-   killed), the socket, the state lock.
+   killed), the notify hook (at most ``HOOK_DRAIN_S`` more, none after a second signal; its
+   ``stopping`` was queued when the stop began, so it ran beside the script's stop), the socket, the
+   state lock.
 
 Signal handlers only record the signal and wake ``main``, which does the work (uvicorn's and CPython
 asyncio.runners' rule): nothing runs inside a handler that could meet the loop half-way through a
@@ -68,6 +71,7 @@ from pyquorum.core.node import Event, EventKind, HardState, Node, Ready, Role, S
 from pyquorum.keyfile import load_keyring
 from pyquorum.runtime.control import CONTROL_SOCKET_NAME, CommandFailed, ControlServer
 from pyquorum.runtime.handover import Handover
+from pyquorum.runtime.hooks import Announcement, HookEvent, NotifyHooks, hook_event_for, queue_bound
 from pyquorum.runtime.logs import RESERVED_FIELDS, Value, configure_logging, log_event, log_exception
 from pyquorum.runtime.reload import needs_restart, read_config, restart_settings
 from pyquorum.runtime.restart import Action, Decision, RestartPolicy
@@ -75,6 +79,7 @@ from pyquorum.runtime.sdnotify import Notifier, status_text
 from pyquorum.runtime.status import (
     DATAGRAM_TYPES,
     Counters,
+    HookStatus,
     ScriptStatus,
     Snapshot,
     fresh_master,
@@ -93,6 +98,10 @@ script_log = logging.getLogger("pyquorum.script")
 
 # How long a planned shutdown may take beyond the script's own stop grace before we give up waiting.
 SHUTDOWN_SLACK_S = 2.0
+# At exit, once the script has stopped and the resignation has gone out: how much longer the notify
+# hook may run (its `stopping`, queued when the stop began) before its process group is SIGKILLed.
+# It never delays the script's stop or the handover, only the daemon's exit, by at most this much.
+HOOK_DRAIN_S = 2.0
 
 
 @dataclass
@@ -149,6 +158,11 @@ class Daemon:
         self._reload_lock = asyncio.Lock()
         self._reloads: set[asyncio.Task[Any]] = set()
         self._notify_status = False  # STATUS= on changes: after READY=1, until STOPPING=1
+        # the notify hook: made when --notify is first set, then kept (its SEQ runs for the daemon's
+        # life); a reload that removes --notify pauses it (_hooks_on False)
+        self.hooks: NotifyHooks | None = None
+        self._hooks_on = False
+        self._announced: Announcement | None = None  # the last event given to the hook
         # step-down, the timeline and a drill's silence (runtime/handover.py)
         self.handover = Handover(
             self.me,
@@ -235,6 +249,7 @@ class Daemon:
             witnesses=frozenset(self.config.witnesses),
             preempt_after_s=self.config.preempt_after_s,
         )
+        self._configure_hooks(self.config)
         if self.config.script and not self.config.is_witness:  # a witness never runs it (§3.11)
             self.supervisor = ScriptSupervisor(
                 [self.config.script],
@@ -358,6 +373,13 @@ class Daemon:
             await self.supervisor.aclose(timeout=self.timing.stop_timeout_s + 1.0)
         if self._run is not None:
             self._run.task.cancel()
+        if self.hooks is not None:
+            if self._hooks_on and hasattr(self, "node"):
+                # a stop the core did not announce (a fatal error, a forced exit): the hook still
+                # hears it; a second `stopping` is ignored by the runner
+                master = self._announced.master if self._announced is not None else None
+                self.hooks.notify(HookEvent.STOPPING, self.node.term, master)
+            await self.hooks.aclose(0.0 if len(self._stop_signals) > 1 else HOOK_DRAIN_S)
         if self.udp is not None:
             self.udp.close()
         self._stopped = True
@@ -452,8 +474,9 @@ class Daemon:
             changes.append(
                 f"logs {old_level.lower()}/{old.log_format} -> {new_level.lower()}/{new.log_format}"
             )
-        # (Notify hooks, runtime/hooks.py, are applied here once they exist: after everything that
-        # can fail, and before the new configuration becomes self.config.)
+        hook_change = self._configure_hooks(new)  # validated with the rest: it does not fail
+        if hook_change is not None:
+            changes.append(hook_change)
         if new_http is not self.http:
             if self.http is not None:
                 await self.http.close()
@@ -633,7 +656,39 @@ class Daemon:
                 self.counters.on_event(ev, now)
                 self.handover.on_event(ev, now)
                 log_core_event(log, ev)
+            self._announce(rd.events)
             self._note_state()
+
+    # ------------------------------------------------------------------ notify hooks
+
+    def _configure_hooks(self, config: Config) -> str | None:
+        """Start, change or pause the notify hook as ``config`` says (at start-up and on a reload);
+        what changed, in words, or None."""
+        before = f"{self.hooks.path} ({self.hooks.timeout_s:g} s)" if self.hooks and self._hooks_on else "off"
+        if config.notify is None:
+            self._hooks_on = False  # what waits still runs; nothing new is given to it
+        else:
+            bound = queue_bound(config.notify_timeout_s, self.timing.election_timeout_s)
+            if self.hooks is None:
+                self.hooks = NotifyHooks(config.notify, self.me, config.notify_timeout_s, bound)
+            else:
+                self.hooks.reconfigure(config.notify, config.notify_timeout_s, bound)
+            if not self._hooks_on:
+                self._hooks_on = True
+                self._announced = None  # a hook turned on hears where this node stands now
+                if hasattr(self, "node"):
+                    self._announce(())
+        after = f"{self.hooks.path} ({self.hooks.timeout_s:g} s)" if self.hooks and self._hooks_on else "off"
+        return None if after == before else f"notify {before} -> {after}"
+
+    def _announce(self, events: Sequence[Event]) -> None:
+        # the hook's event for this Ready, if one fires (runtime/hooks.py: the rule); never raises
+        if self.hooks is None or not self._hooks_on:
+            return
+        announcement = hook_event_for(self._announced, self.node.status(), events)
+        if announcement is not None:
+            self._announced = announcement
+            self.hooks.notify(announcement.event, announcement.term, announcement.master)
 
     # ------------------------------------------------------------------ the script
 
@@ -857,7 +912,28 @@ class Daemon:
             script_exits=dict(self.counters.script_exits),
             election_histogram=tuple(self.counters.election_histogram()),
             election_sum_s=self.counters.election_sum_s,
+            hooks=self._hook_status(),
             taken_at=now,
+        )
+
+    def _hook_status(self) -> HookStatus | None:
+        hooks = self.hooks
+        if hooks is None or not self._hooks_on:
+            return None
+        last = hooks.last
+        return HookStatus(
+            path=hooks.path,
+            timeout_s=hooks.timeout_s,
+            seq=hooks.seq,
+            last_event=None if last is None else last[1],
+            last_term=None if last is None else last[2],
+            last_master=None if last is None else last[3],
+            pending=hooks.pending,
+            running_pid=hooks.running_pid,
+            delivered=hooks.delivered,
+            failed=hooks.failed,
+            timed_out=hooks.timed_out,
+            dropped=hooks.dropped,
         )
 
     def _note_state(self) -> None:

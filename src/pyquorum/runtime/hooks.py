@@ -258,6 +258,16 @@ class _Pending:
     queued_at: float  # time.monotonic()
 
 
+def _checked(path: str, timeout_s: float, queue_max: int) -> tuple[str, float, int]:
+    if not os.path.isabs(path):
+        raise ValueError(f"the notify hook must be an absolute path, not {path!r}")
+    if not (math.isfinite(timeout_s) and timeout_s > 0):
+        raise ValueError(f"the notify timeout must be a positive number of seconds, not {timeout_s!r}")
+    if queue_max < 1:
+        raise ValueError(f"the notify queue must hold at least one event, not {queue_max!r}")
+    return path, timeout_s, queue_max
+
+
 def _wall_clock_text() -> str:
     return datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
@@ -281,22 +291,15 @@ class NotifyHooks:
         *,
         environ: Mapping[str, str] | None = None,
     ) -> None:
-        if not os.path.isabs(path):
-            raise ValueError(f"the notify hook must be an absolute path, not {path!r}")
-        if not (math.isfinite(timeout_s) and timeout_s > 0):
-            raise ValueError(f"the notify timeout must be a positive number of seconds, not {timeout_s!r}")
-        if queue_max < 1:
-            raise ValueError(f"the notify queue must hold at least one event, not {queue_max!r}")
-        self.path = path
+        self.path, self.timeout_s, self.queue_max = _checked(path, timeout_s, queue_max)
         self.node = node
-        self.timeout_s = timeout_s
-        self.queue_max = queue_max
         self._log = logger or logging.getLogger("pyquorum.hooks")
         self._environ = environ
         self._queue: deque[_Pending] = deque()
         self._wake = asyncio.Event()
         self._worker: asyncio.Task[None] | None = None
         self._seq = 0
+        self._last: tuple[int, str, int, str | None] | None = None
         self._stopping = False  # notify(stopping) was called: nothing else is taken
         self._closing = False  # aclose() was called
         self._close_deadline = math.inf
@@ -305,6 +308,19 @@ class NotifyHooks:
         self.failed = 0
         self.timed_out = 0
         self.dropped = 0
+
+    def reconfigure(self, path: str, timeout_s: float, queue_max: int) -> None:
+        """A reload: the next run is of ``path`` under ``timeout_s``; the one running now keeps its
+        own. SEQ goes on, and the queue keeps its events (the oldest are dropped, logged, if it
+        holds more than ``queue_max``). Raises ValueError, changing nothing, on a bad value."""
+        self.path, self.timeout_s, self.queue_max = _checked(path, timeout_s, queue_max)
+        while len(self._queue) > self.queue_max:
+            self._drop(self._queue.popleft(), "queue_full")
+
+    @property
+    def last(self) -> tuple[int, str, int, str | None] | None:
+        """SEQ, EVENT, TERM and MASTER of the last ``notify()`` (None before the first)."""
+        return self._last
 
     @property
     def seq(self) -> int:
@@ -348,6 +364,7 @@ class NotifyHooks:
             self._log.debug("event=hook_repeated_stopping_ignored")
             return
         self._seq += 1
+        self._last = (self._seq, event.value, term, master)
         item = _Pending(self._seq, event, term, master, _wall_clock_text(), time.monotonic())
         if self._closing or self._stopping:
             self._drop(item, "closed" if self._closing else "after_stopping")

@@ -38,6 +38,8 @@ from pyquorum.runtime.status import ROLES, Snapshot
 
 __all__ = ["CONTENT_TYPE_LATEST", "SnapshotCollector", "render"]
 
+HOOK_RESULTS = ("ok", "failed", "timeout")
+
 
 class SnapshotCollector(Collector):
     """Yields every pyquorum metric from ``snapshot()``, called once per scrape."""
@@ -120,6 +122,21 @@ class SnapshotCollector(Collector):
             "Datagrams refused by the wire, by reason (docs/security.md §3).",
             "reason",
             s.datagrams_rejected,
+        )
+        h = s.hooks
+        yield _counter(
+            "pyquorum_hook_runs",
+            "Notify hook runs (--notify), by result: ok, failed (exit status not 0, or it could not "
+            "start), timeout (killed at --notify-timeout).",
+            "result",
+            {} if h is None else {"ok": h.delivered, "failed": h.failed, "timeout": h.timed_out},
+            HOOK_RESULTS,
+        )
+        yield CounterMetricFamily(
+            "pyquorum_hook_events_dropped",
+            "Notify hook events never run: the queue was full, the daemon was stopping, or a "
+            "later event superseded them.",
+            value=0 if h is None else h.dropped,
         )
         buckets = [("+Inf" if math.isinf(b) else repr(b), float(n)) for b, n in s.election_histogram]
         hist = HistogramMetricFamily(

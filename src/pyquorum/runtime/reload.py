@@ -11,15 +11,16 @@ the rest (runtime/daemon.py ``Daemon.reload``; docs/operations.md §10).
 
 The rule
 --------
-Live: the key file and its keys, the log level and format, the HTTP listener, the restart policy
-(and notify hooks, once they exist). Refused, changing nothing: the members and this node's address
-(they make the cluster: protocol.md §1, §8), the timing (every node must have the same, and the
-lease arithmetic of a sitting master rests on it), the state dir (the lock, the term and the vote
-live there), turning authentication on or off (the wire's source check depends on it), and the
-script path: the running script would keep running under the old path while the status named the
-new one, and from none to some (or back) a sitting master would start or stop a script in the middle
-of its term outside the core's rules; a new file at the same path needs no reload (each start runs
-the file as it is then).
+Live: the key file and its keys, the log level and format, the HTTP listener, the restart policy and
+the notify hook (its path and timeout: the next run uses them; removing it lets what waits run and
+gives it nothing new; adding it tells it where the node stands). Refused, changing nothing: the
+members and this node's address (they make the cluster: protocol.md §1, §8), the timing (every node
+must have the same, and the lease arithmetic of a sitting master rests on it), the state dir (the
+lock, the term and the vote live there), turning authentication on or off (the wire's source check
+depends on it), and the script path: the running script would keep running under the old path while
+the status named the new one, and from none to some (or back) a sitting master would start or stop a
+script in the middle of its term outside the core's rules; a new file at the same path needs no
+reload (each start runs the file as it is then).
 """
 
 from __future__ import annotations

@@ -256,6 +256,24 @@ class ScriptStatus:
 
 
 @dataclass(frozen=True, slots=True)
+class HookStatus:
+    """The notify hook (runtime/hooks.py), when ``--notify`` is set."""
+
+    path: str
+    timeout_s: float
+    seq: int  # of the last event queued (0: none yet)
+    last_event: str | None
+    last_term: int | None
+    last_master: str | None
+    pending: int  # waiting, not counting the one that runs
+    running_pid: int | None
+    delivered: int
+    failed: int
+    timed_out: int
+    dropped: int
+
+
+@dataclass(frozen=True, slots=True)
 class Snapshot:
     """The node at one moment. Build one with ``Daemon.snapshot()``; read it, never change it."""
 
@@ -287,6 +305,7 @@ class Snapshot:
     script_exits: Mapping[str, int]
     election_histogram: tuple[tuple[float, int], ...]
     election_sum_s: float
+    hooks: HookStatus | None = None
     taken_at: float = field(default_factory=time.monotonic)
 
     @property
@@ -350,6 +369,22 @@ class Snapshot:
                 "role_changes": dict(self.role_changes),
                 "elections": dict(self.elections),
                 "script_exits": dict(self.script_exits),
+            },
+            "hooks": None
+            if self.hooks is None
+            else {
+                "path": self.hooks.path,
+                "timeout_s": self.hooks.timeout_s,
+                "seq": self.hooks.seq,
+                "last_event": self.hooks.last_event,
+                "last_term": self.hooks.last_term,
+                "last_master": self.hooks.last_master,
+                "pending": self.hooks.pending,
+                "running_pid": self.hooks.running_pid,
+                "delivered": self.hooks.delivered,
+                "failed": self.hooks.failed,
+                "timed_out": self.hooks.timed_out,
+                "dropped": self.hooks.dropped,
             },
             "election_durations": {
                 "buckets": [["+Inf" if math.isinf(b) else b, n] for b, n in self.election_histogram],
@@ -462,7 +497,22 @@ def render_text(doc: Mapping[str, Any]) -> str:
         "  " + "  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip() for row in table
     ]
     lines += ["", "Script: " + _script_line(script)]
+    hooks = doc.get("hooks")
+    if hooks is not None:
+        lines.append("Notify hook: " + _hook_line(hooks))
     return "\n".join(lines)
+
+
+def _hook_line(hooks: Mapping[str, Any]) -> str:
+    if hooks["last_event"] is None:
+        last = "no event yet"
+    else:
+        last = f"last {hooks['last_event']} (seq {hooks['seq']}, term {hooks['last_term']})"
+    running = "" if hooks["running_pid"] is None else f", running pid {hooks['running_pid']}"
+    return (
+        f"{hooks['path']}: {last}{running}, {hooks['pending']} waiting; {hooks['delivered']} ok, "
+        f"{hooks['failed']} failed, {hooks['timed_out']} timed out, {hooks['dropped']} dropped"
+    )
 
 
 def _script_line(script: Mapping[str, Any]) -> str:

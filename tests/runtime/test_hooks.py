@@ -20,7 +20,6 @@ import signal
 import time
 import uuid
 from collections.abc import Callable, Coroutine, Iterator
-from contextlib import suppress
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +37,7 @@ from pyquorum.runtime.hooks import (
     queue_bound,
 )
 from pyquorum.runtime.logs import EVENT_ATTR, FIELDS_ATTR
+from tests.harness.procfs import TAG_VAR, alive, sweep, tagged_pids
 
 ME, OTHER = "10.0.0.1:51621", "10.0.0.2:51621"
 MASTER, SLAVE, NO_QUORUM, STOPPING = (
@@ -46,7 +46,6 @@ MASTER, SLAVE, NO_QUORUM, STOPPING = (
     HookEvent.NO_QUORUM,
     HookEvent.STOPPING,
 )
-TAG_VAR = "PYQUORUM_TEST_TAG"
 
 
 # -- when each event fires ------------------------------------------------------------------------
@@ -144,42 +143,16 @@ def test_queue_bound_holds_two_events_per_election_timeout() -> None:
 # -- real hook processes --------------------------------------------------------------------------
 
 
-def alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            state = f.read().rsplit(b")", 1)[1].split()[0]
-    except OSError:
-        return False
-    return state not in (b"Z", b"X")
-
-
 def tagged(tag: str) -> list[int]:
-    needle = f"{TAG_VAR}={tag}".encode()
-    found = []
-    for name in os.listdir("/proc"):
-        if not name.isdigit() or int(name) == os.getpid():
-            continue
-        try:
-            environ = Path(f"/proc/{name}/environ").read_bytes()
-        except OSError:
-            continue
-        if needle in environ.split(b"\0") and alive(int(name)):
-            found.append(int(name))
-    return found
+    """Live processes that carry ``tag`` in their environment."""
+    return sorted(tagged_pids(tag))
 
 
 @pytest.fixture
 def tag() -> Iterator[str]:
     value = uuid.uuid4().hex
     yield value
-    for _ in range(200):
-        pids = tagged(value)
-        if not pids:
-            return
-        for pid in pids:
-            with suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-        time.sleep(0.01)
+    sweep(value)
 
 
 class Records(logging.Handler):

@@ -37,10 +37,10 @@ from typing import BinaryIO
 import pytest
 
 from pyquorum.supervisor import GUARD_PATH, ScriptExit, ScriptStartError, ScriptSupervisor
+from tests.harness.procfs import TAG_VAR, alive, sweep, tagged_pids
 
 G = 0.2  # stop_timeout_s: small, so that the file runs quickly
 K = 0.025  # kill_margin_s: the production default (core/lease.py DEFAULT_KILL_MARGIN_S)
-TAG_VAR = "PYQUORUM_TEST_TAG"
 SRC = str(Path(__file__).resolve().parents[2] / "src")
 LOG = logging.getLogger("test_supervisor")
 
@@ -102,25 +102,9 @@ def _state(pid: int) -> str | None:
     return data[data.rfind(b")") + 2 :].split()[0].decode()
 
 
-def alive(pid: int) -> bool:
-    """Running (or stopped): not gone, not a zombie waiting for its parent."""
-    return _state(pid) not in (None, "Z", "X")
-
-
 def tagged(tag: str) -> list[int]:
     """Live processes that carry ``tag`` in their environment."""
-    needle = f"{TAG_VAR}={tag}".encode()
-    found = []
-    for name in os.listdir("/proc"):
-        if not name.isdigit() or int(name) == os.getpid():
-            continue
-        try:
-            environ = Path(f"/proc/{name}/environ").read_bytes()
-        except OSError:
-            continue
-        if needle in environ.split(b"\0") and alive(int(name)):
-            found.append(int(name))
-    return found
+    return sorted(tagged_pids(tag))
 
 
 @pytest.fixture
@@ -128,14 +112,7 @@ def tag(monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
     value = uuid.uuid4().hex
     monkeypatch.setenv(TAG_VAR, value)  # for standby guards, which get the supervisor's environment
     yield value
-    for _ in range(100):
-        pids = tagged(value)
-        if not pids:
-            return
-        for pid in pids:
-            with suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-        time.sleep(0.01)
+    sweep(value)
 
 
 @pytest.fixture

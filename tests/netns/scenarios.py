@@ -37,7 +37,9 @@ from pathlib import Path
 from typing import Any
 
 from pyquorum.config import DEFAULT_RESTART_BACKOFF_S
+from tests.harness import hookrecord
 from tests.harness.cluster import Cluster, ClusterError, FaultFailed, Netns, Node
+from tests.harness.hookrecord import calls, check_order, last_call
 from tests.netns.checker import SPAWN_ALLOWANCE_S
 from tests.netns.hosts import Network
 
@@ -60,6 +62,7 @@ class Scenario:
     stable: bool = False  # no election may happen after the steady mark (no faults, 5% loss)
     doc: str = ""
     witness: bool = False  # the lowest host is a --witness (protocol.md §3.11)
+    hooks: bool = False  # every node runs a recording --notify hook (tests/harness/hookrecord.py)
 
 
 class Harness:
@@ -386,6 +389,27 @@ def witness_partition(h: Harness) -> None:
     assert witness.name not in ran, f"the witness {witness} ran the script: {sorted(ran)}"
 
 
+def hooks_flapping(h: Harness) -> None:
+    """docs/operations.md §13: the master's links flap (as ``flapping``) while every node's notify
+    hook records its calls, each taking 0.3 s so that events queue. Healed, each node's last call
+    names its role under the master, and every node's calls are in order: SEQ 1, 2, 3... with none
+    dropped, one at a time, never the same event twice in a row (checked again with ``stopping``
+    last once the daemons have stopped: run_scenario)."""
+    flapping(h)
+    m = h.master()
+    records = h.c.dir / "records"  # hookrecord.install(workdir), in run_scenario
+    for n in h.c.nodes:
+        want = ("master", m.name) if n is m else ("slave", m.name)
+        h.c.wait_for(
+            lambda n=n, want=want: last_call(records, n) == want or None,  # type: ignore[misc]
+            h.liveness_bound + 5.0,
+            f"{n}'s hook to hear {want}",
+            watch_exits=False,
+        )
+        check_order(records, n, stopped=False)
+    assert any(len(calls(records, n)) >= 3 for n in h.c.nodes), "the flapping changed no role"
+
+
 def split(h: Harness) -> None:
     """Majority/minority: the master and floor(n/2) - 1 others on the minority side."""
     m = h.master()
@@ -605,6 +629,7 @@ SCENARIOS_3 = [
     Scenario("restart-cluster-3", 3, restart_cluster),
     Scenario("pause-partition-3", 3, pause_partition),
     Scenario("witness-partition-3", 3, witness_partition, witness=True, doc="protocol.md §3.11"),
+    Scenario("hooks-flapping-3", 3, hooks_flapping, hooks=True, doc="docs/operations.md §13"),
 ]
 
 SCENARIOS_5 = [
@@ -632,12 +657,16 @@ def run_scenario(
     checker. ``broken``: run broken_daemon.py with these variants instead (testing the tester)."""
     net.heal()
     net.apply()
+    env = {"PQT_BROKEN": broken} if broken else {}
+    if scenario.hooks:
+        hook, records = hookrecord.install(workdir)
+        env |= {"HOOK_DIR": str(records), "HOOK_MODE": "slow"}
     cluster = Cluster(
         net.n,
         Netns(net),
         keys=key_file,
         daemon=[sys.executable, str(Path(__file__).with_name("broken_daemon.py"))] if broken else (),
-        env={"PQT_BROKEN": broken} if broken else None,
+        env=env,
         verbosity=2 if os.environ.get("PYQUORUM_NETNS_DEBUG") else 1,
         directory=workdir,
         journal=True,
@@ -645,6 +674,8 @@ def run_scenario(
     )
     if scenario.witness:
         cluster.add_args("--witness", cluster.nodes[0].name)
+    if scenario.hooks:
+        cluster.add_args("--notify", str(hook))
     t = cluster.timing
     meta = {"scenario": scenario.name, "n": net.n, "nodes": cluster.members, "stable": scenario.stable}
     meta |= {"seed": seed, "doc": scenario.doc, "broken": broken, "start_delay_s": t.start_delay_s}
@@ -671,6 +702,9 @@ def run_scenario(
             h.wait_running(h.liveness_bound)
             h.sleep(SETTLE_S)
         final = h.stop_all()
+        if scenario.hooks:
+            for node in cluster.nodes:
+                hookrecord.check_order(records, node)
     finally:
         left = cluster.close()
         gap = round(cluster.monitor.max_gap_s, 4)

@@ -2,17 +2,13 @@
 hook that hangs or fails, a stop while a hook runs, and a reload that adds and removes ``--notify``.
 Reference: docs/operations.md §13, runtime/hooks.py (the rules), runtime/daemon.py (``HOOK_DRAIN_S``).
 
-The hook (``HOOK``, a shell script) appends to ``<dir>/<node>.log`` one ``start`` line when it begins
-and one ``end`` line when it ends, with its SEQ, its arguments, the daemon's pid and the wall clock;
-``HOOK_MODE`` makes it slow, hang (with a ``pids`` line naming itself and its child) or fail. The
-hooks inherit the cluster's tag, so the harness kills whatever is left of them, pass or fail.
+The hook records its calls (tests/harness/hookrecord.py). The hooks inherit the cluster's tag, so the
+harness kills whatever is left of them, pass or fail.
 """
 
 from __future__ import annotations
 
-import itertools
 import time
-from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
@@ -20,6 +16,7 @@ import pytest
 
 from pyquorum.runtime.daemon import HOOK_DRAIN_S, SHUTDOWN_SLACK_S
 from tests.harness.cluster import Cluster, Loopback, Node
+from tests.harness.hookrecord import Call, calls, check_order, install, last_call
 from tests.harness.procfs import alive
 from tests.runtime.test_operate import cli, metrics_of
 from tests.timing import TEST_TIMING
@@ -30,61 +27,6 @@ E, G, K = TEST_TIMING.election_timeout_s, TEST_TIMING.stop_timeout_s, TEST_TIMIN
 WAIT_S = 20.0
 SCRIPT_START_SLACK_S = 0.5  # as tests/runtime/test_cluster.py: a loaded host starts a script late
 
-HOOK = """#!/bin/sh
-rec="$HOOK_DIR/$PYQUORUM_NODE.log"
-now() { date +%s.%N; }
-echo "start $PYQUORUM_SEQ $1 $2 $3 $PPID $(now)" >> "$rec"
-case "$HOOK_MODE:$1" in
-    slow:*) sleep 0.3 ;;
-    hang:slave|hangall:*) sleep 60 & echo "pids $PYQUORUM_SEQ $$ $!" >> "$rec"; wait ;;
-    fail:*) echo "failing on purpose" >&2; echo "end $PYQUORUM_SEQ $PPID $(now)" >> "$rec"; exit 3 ;;
-esac
-echo "end $PYQUORUM_SEQ $PPID $(now)" >> "$rec"
-"""
-
-
-@dataclass
-class Call:
-    seq: int
-    event: str
-    term: int
-    master: str
-    daemon: int
-    start: float
-    end: float | None = None
-    pids: tuple[int, ...] = ()
-
-
-def install(tmp_path: Path) -> tuple[Path, Path]:
-    hook, records = tmp_path / "notify-hook", tmp_path / "records"
-    hook.write_text(HOOK, encoding="utf-8")
-    hook.chmod(0o755)
-    records.mkdir()
-    return hook, records
-
-
-def calls(records: Path, node: Node) -> list[Call]:
-    """The node's hook calls, in the order they began."""
-    path = records / f"{node.name}.log"
-    out: list[Call] = []
-    by_key: dict[tuple[int, int], Call] = {}
-    for line in path.read_text(encoding="utf-8").splitlines() if path.exists() else []:
-        f = line.split()
-        if f[0] == "start" and len(f) == 7:
-            call = Call(int(f[1]), f[2], int(f[3]), f[4], int(f[5]), float(f[6]))
-            out.append(call)
-            by_key[(call.daemon, call.seq)] = call
-        elif f[0] == "end" and len(f) == 4:
-            by_key[(int(f[2]), int(f[1]))].end = float(f[3])
-        elif f[0] == "pids" and len(f) == 4:
-            out[-1].pids = (int(f[2]), int(f[3]))
-    return out
-
-
-def last_call(records: Path, node: Node) -> tuple[str, str] | None:
-    got = calls(records, node)
-    return (got[-1].event, got[-1].master) if got else None
-
 
 def wait_last(c: Cluster, records: Path, node: Node, event: str, master: Node) -> None:
     """Until the node's last hook call is ``event`` naming ``master``."""
@@ -94,23 +36,6 @@ def wait_last(c: Cluster, records: Path, node: Node, event: str, master: Node) -
 
 def wait_log(c: Cluster, node: Node, text: str) -> None:
     c.wait_for(lambda: text in c.log(node) or None, WAIT_S, f"{text!r} in {node}'s log")
-
-
-def check_order(records: Path, node: Node) -> list[Call]:
-    """Per daemon life: SEQ 1, 2, 3... with nothing dropped, one run at a time, never the same event
-    twice in a row, and ``stopping`` the last. The node's calls."""
-    got = calls(records, node)
-    lives: dict[int, list[Call]] = {}
-    for call in got:
-        lives.setdefault(call.daemon, []).append(call)
-    for daemon, life in lives.items():
-        assert [c.seq for c in life] == list(range(1, len(life) + 1)), (node, daemon, life)
-        for before, after in itertools.pairwise(life):
-            assert before.end is not None and before.end <= after.start, f"two at once: {before} {after}"
-            assert (before.event, before.term, before.master) != (after.event, after.term, after.master)
-        assert life[-1].event == "stopping", life
-        assert all(c.event != "stopping" for c in life[:-1]), life
-    return got
 
 
 def test_hooks_follow_failovers_in_order_and_stopping_comes_last(tmp_path: Path) -> None:

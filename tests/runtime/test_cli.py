@@ -13,6 +13,7 @@ import socket
 import stat
 import subprocess
 import sys
+import time
 import types
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -690,3 +691,20 @@ def test_cli_process_bad_bind(tmp_path: Path) -> None:
         "-b/--bind must be an IP address, not 'localhost': give this node's own address (host names "
         "are not accepted, so that the node's identity cannot change)"
     ]
+
+
+def test_pid_alive_counts_a_zombie_as_gone() -> None:
+    """A daemon that exited and was not yet reaped holds no lock and answers nothing: check-config
+    must not call it running, although os.kill(pid, 0) still finds it."""
+    proc = subprocess.Popen(["true"])
+    try:
+        assert cli.pid_alive(os.getpid())
+        deadline = time.monotonic() + 10.0
+        while cli.pid_alive(proc.pid) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        os.kill(proc.pid, 0)  # the zombie is still there: it has not been reaped
+        assert not cli.pid_alive(proc.pid)
+        assert not cli.pid_alive(0) and not cli.pid_alive(True) and not cli.pid_alive("1")
+    finally:
+        proc.wait()
+    assert not cli.pid_alive(proc.pid)

@@ -198,3 +198,26 @@ def test_every_message_type_is_counted() -> None:
     counters = Counters([B, C])
     for cls in MESSAGE_TYPES:
         assert counters.sent[cls] == 0 and counters.received[cls] == 0
+
+
+def test_a_bug_in_the_hook_rule_is_logged_and_reaches_no_further(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Hooks are advisory (docs/operations.md §13): an exception in choosing the hook's event must not
+    reach _process, which would take it for a broken core and stop the daemon."""
+    import pyquorum.runtime.daemon as daemon_module
+
+    d, _ = daemon_with(A, tmp_path)
+    hook = tmp_path / "hook"
+    hook.write_text("#!/bin/sh\n", encoding="utf-8")
+    hook.chmod(0o755)
+
+    def broken(*args: object) -> None:
+        raise RuntimeError("a bug in the rule")
+
+    monkeypatch.setattr(daemon_module, "hook_event_for", broken)
+    d._configure_hooks(replace(d.config, notify=str(hook)))
+    with caplog.at_level(logging.ERROR):
+        d._announce([Event(EventKind.BECAME_MASTER, 1, ())])
+    assert "event=hook_internal_error" in caplog.text and "a bug in the rule" in caplog.text
+    assert d.hooks is not None and d.hooks.seq == 0  # nothing was queued

@@ -685,7 +685,11 @@ class Daemon:
         # the hook's event for this Ready, if one fires (runtime/hooks.py: the rule); never raises
         if self.hooks is None or not self._hooks_on:
             return
-        announcement = hook_event_for(self._announced, self.node.status(), events)
+        try:
+            announcement = hook_event_for(self._announced, self.node.status(), events)
+        except Exception:  # a bug of ours in an advisory path: logged, and the core goes on
+            log_exception(log, "hook_internal_error", where="hook_event_for")
+            return
         if announcement is not None:
             self._announced = announcement
             self.hooks.notify(announcement.event, announcement.term, announcement.master)

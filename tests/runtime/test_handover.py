@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import json
 import re
-import subprocess
-import sys
 import time
 from typing import Any
 
@@ -19,25 +17,13 @@ import pytest
 
 from pyquorum.core.address import sort_nodes
 from tests.harness.cluster import Cluster, Loopback, Node
+from tests.runtime.test_operate import cli
 from tests.timing import TEST_TIMING
 
 slow = pytest.mark.slow
 E = TEST_TIMING.election_timeout_s
 WAIT_S = 20.0
 GAP = re.compile(r"old script reaped -> new script started: (-?[\d.]+) ms ± ([\d.]+) ms")
-
-
-def cli(c: Cluster, node: Node, command: str, *extra: str) -> tuple[int, str, str]:
-    """``pyquorum COMMAND`` with the node's own daemon arguments, as an operator would run it."""
-    own = node.argv[node.argv.index("pyquorum") + 1 :]
-    proc = subprocess.run(
-        [sys.executable, "-m", "pyquorum", command, *own, *extra],
-        capture_output=True,
-        text=True,
-        env=c.node_env(node),
-        timeout=120,
-    )
-    return proc.returncode, proc.stdout, proc.stderr
 
 
 def settled(c: Cluster) -> Node:

@@ -46,7 +46,7 @@ def cli(c: Cluster, node: Node, command: str, *extra: str) -> tuple[int, str, st
         capture_output=True,
         text=True,
         env=c.node_env(node),
-        timeout=60,
+        timeout=120,  # step-down --wait and drill (tests/runtime/test_handover.py) take the longest
     )
     return proc.returncode, proc.stdout, proc.stderr
 

@@ -214,6 +214,7 @@ class Cluster:
         self.messages_sent = 0
         self.events: Counter[str] = Counter()  # the core's events, by kind
         self.sent_by = [0] * n  # datagrams each node sent (the cost of idling, protocol.md §5.4)
+        self.plain_sent_by = [0] * n  # of them, plain heartbeats: the keep-alive of protocol.md §3.2
         self.master_changes: list[tuple[float, int, int]] = []  # (time, node, term)
         for node in self.nodes:
             self._boot(node)
@@ -358,6 +359,8 @@ class Cluster:
                 self.preemptions.append(self.now)
             self.log(f"{node.name} {ev}")
         for dest, msg in rd.messages:
+            if isinstance(msg, Heartbeat) and not msg.master:
+                self.plain_sent_by[node.idx] += 1
             self._observe_send(node, self.index[dest], msg, t_local)
             self._send(node.idx, self.index[dest], msg)
         for act in rd.script:

@@ -73,6 +73,9 @@ VARIANTS: dict[str, Rules] = {
     "no_live_report": replace(RULES, report_e=0.0),
     # a quiet follower never answers a plain heartbeat: a node with no master hears only the master (§3.2)
     "no_plain_answer": replace(RULES, answer_plain=False),
+    # a node with no master keeps alive the first two proposers before it even when they are dead:
+    # behind two dead ones nobody hears anybody, and every live node thinks it proposes first (§3.2)
+    "keepalive_stops_at_the_dead": replace(RULES, keepalive_past_the_dead=False),
     # a witness campaigns like any member, and may become master (§3.11)
     "witness_campaigns": replace(RULES, witness_abstains=False),
     # the master grants a pre-emption to a preferred node however briefly connected (§3.10)

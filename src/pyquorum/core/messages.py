@@ -16,7 +16,8 @@ from dataclasses import dataclass
 @dataclass(frozen=True, slots=True)
 class Heartbeat:
     """A keep-alive (protocol.md §3.2): the master's, each ``heartbeat_interval``, to every peer; a plain
-    one from a node that follows no live master, to every peer.
+    one from a node that follows no live master, to the first live proposers ranked before it (and
+    in answer to a peer that keeps it alive).
 
     ``master`` is true when the sender is the master of ``term``; then ``round`` numbers the
     heartbeat round, every node that accepts the master answers with a ``HeartbeatResponse`` for that

@@ -87,7 +87,7 @@ from pyquorum.core.messages import (
     VoteResponse,
 )
 from pyquorum.core.quorum import quorum_size
-from pyquorum.core.rules import RULES, Rules
+from pyquorum.core.rules import KEEPALIVE_PROPOSERS, RULES, Rules
 
 
 class Role(enum.Enum):
@@ -288,6 +288,14 @@ class Node:
         self.preempt_after_s = preempt_after_s
         self.order = sort_nodes(self.members)  # protocol.md §3.3: lowest address proposes first
         self.peers = [m for m in self.order if m != me]
+        # protocol.md §3.2: whom a node with no live master keeps alive, in this order: the proposers
+        # (priority, then address; witnesses never propose) ranked before it; all of them if it
+        # does not propose itself
+        proposers = sorted(
+            (m for m in self.order if m not in self.witnesses or not rules.witness_abstains),
+            key=lambda m: -self.priority[m],
+        )
+        self.keepalive_order = proposers[: proposers.index(me)] if me in proposers else proposers
         self.quorum = quorum_size(len(self.members))
         self.timing = timing
         self.rng = rng
@@ -738,17 +746,11 @@ class Node:
             self._send(p, msg)
 
     def _alive(self, now: float) -> list[str]:
-        """Ourselves, the members heard from within E, and those the master reported live within 2E
-        (followers do not hear each other while they have a master: protocol.md §3.2), in protocol
-        order. The report is at most E old when a master is lost; the second E covers the slots."""
-        e = self.timing.election_timeout_s
-        fresh = self.reported_at is not None and now - self.reported_at < self.rules.report_e * e
-        reported = self.reported if fresh else frozenset()
-        return [
-            m
-            for m in self.order
-            if m == self.me or (m in self.last_heard and now - self.last_heard[m] < e) or m in reported
-        ]
+        """Ourselves and the live members (``_is_live``), in protocol order. Followers do not hear each
+        other while they have a master, nor all of each other without one (protocol.md §3.2): the
+        master's report fills in. It is at most E old when a master is lost; the second E covers the
+        slots."""
+        return [m for m in self.order if m == self.me or self._is_live(m, now)]
 
     def _proposal_order(self, now: float, exclude: str = "") -> list[str]:
         """protocol.md §3.3, §3.10, §3.11: the live members that may propose, in the order they do:
@@ -759,6 +761,33 @@ class Node:
             if m != exclude and (m not in self.witnesses or not self.rules.witness_abstains)
         ]
         return sorted(live, key=lambda m: -self.priority[m])  # stable: address order within a priority
+
+    def _is_live(self, member: str, now: float) -> bool:
+        """Heard from within E, or named live by a master's report less than ``report_e`` E old (§3.2)."""
+        e = self.timing.election_timeout_s
+        heard = self.last_heard.get(member)
+        if heard is not None and now - heard < e:
+            return True
+        fresh = self.reported_at is not None and now - self.reported_at < self.rules.report_e * e
+        return fresh and member in self.reported
+
+    def _keepalive_targets(self, now: float) -> list[str]:
+        """protocol.md §3.2: the peers this node sends a plain heartbeat to each h. None while it
+        follows a live master; otherwise the proposers before it in the proposal order up to and
+        including the ``KEEPALIVE_PROPOSERS``-th live one (the dead on the way included, so that
+        their return is noticed); and, while recovering (§3.9), every member whose term it lacks."""
+        targets: list[str] = []
+        if not self._has_live_master(now):
+            live = 0
+            for m in self.keepalive_order:
+                targets.append(m)
+                if not self.rules.keepalive_past_the_dead or self._is_live(m, now):
+                    live += 1
+                    if live == KEEPALIVE_PROPOSERS:
+                        break
+        if self.recovering:
+            targets += [p for p in self.peers if p not in self.heard_terms and p not in targets]
+        return targets
 
     def _connection_gap_s(self) -> float:
         # protocol.md §3.10: three heartbeat intervals without a word break a connection
@@ -870,10 +899,15 @@ class Node:
     def _plain_heartbeat(self, sender: str, msg: Heartbeat, now: float) -> None:
         if sender == self.master and msg.term == self.term:
             self.master = None  # it stepped down; stickiness still runs from last_master_heard (§3.2)
-        # protocol.md §3.2: a node with no master (restarted, cut off, recovering) hears from the
-        # followers only in answer: once per h, so that it learns who is alive and their terms
-        quiet = self.rules.answer_plain and self._has_live_master(now) and self.role is not Role.MASTER
-        if quiet and now - self.plain_sent.get(sender, -1e18) >= self.timing.heartbeat_interval_s:
+        # protocol.md §3.2: a node that keeps us alive but that we do not keep alive (a node with no
+        # master, a node ranked after us, a recovering node) hears from us only in answer: once per
+        # h, so that it learns that we are alive and our term. (A master's rounds already tell it.)
+        answer = self.rules.answer_plain and self.role is not Role.MASTER
+        if (
+            answer
+            and now - self.plain_sent.get(sender, -1e18) >= self.timing.heartbeat_interval_s
+            and sender not in self._keepalive_targets(now)
+        ):
             self.plain_sent[sender] = now
             self._send(sender, Heartbeat(self.term, False, 0))
 
@@ -985,13 +1019,10 @@ class Node:
         self.next_heartbeat_at = now + h
         if self.role is not Role.MASTER:
             # protocol.md §3.2: a follower of a live master keeps quiet (its acknowledgements prove it
-            # alive, the master's report tells the others); a node with none tells everyone. A
-            # recovering node asks the members whose terms it still needs (§3.9).
-            if self._has_live_master(now):
-                targets = [p for p in self.peers if self.recovering and p not in self.heard_terms]
-            else:
-                targets = self.peers
-            for p in targets:
+            # alive, the master's report tells the others); a node with none keeps alive the first
+            # live proposers before it. A recovering node asks the members whose terms it still
+            # needs (§3.9).
+            for p in self._keepalive_targets(now):
                 self.plain_sent[p] = now
                 self._send(p, Heartbeat(self.term, False, 0))
             return

@@ -26,6 +26,11 @@ from pyquorum.core.lease import Timing
 # node whose network was repaired soon ranks by its address again.
 DEMOTION_E = 10.0
 
+# protocol.md §3.2: a node with no live master keeps alive the proposers before it in the proposal
+# order, up to and including this many live ones (the dead before them included): enough to know who
+# proposes first and who after it, without a keep-alive that grows with the cluster.
+KEEPALIVE_PROPOSERS = 2
+
 
 def _one_vote_per_term(voted_for: str | None, candidate: str) -> bool:
     # protocol.md §3.4: first come, first served; a retransmission gets the same answer
@@ -80,7 +85,10 @@ class Rules:
     report_e: float = 2.0
     """How long, in E, the master's report of who is live counts for the proposal order (§3.2)."""
     answer_plain: bool = True
-    """Whether a quiet follower answers a plain heartbeat (once per h) (§3.2)."""
+    """Whether a node answers a plain heartbeat from a peer it does not keep alive (once per h) (§3.2)."""
+    keepalive_past_the_dead: bool = True
+    """Whether a node with no live master keeps alive the first live proposers before it, past the
+    dead ones (True), or just the first ones, dead or alive (§3.2)."""
     witness_abstains: bool = True
     """Whether a witness never campaigns (and so is never master) (§3.11)."""
     preempt_needs_connection: bool = True

@@ -9,9 +9,8 @@ Real daemons (``python -m pyquorum``) on 127.0.0.x, run by the test harness (tes
 guard and the master its script's guard, as in production. It measures and prints, never asserts.
 
 Cost mode, for each N: start the daemons a batch at a time (101 Python start-ups at once would take
-the two cores for a minute; above 51 nodes a majority first, until it has a master: see
-``start_staggered``), wait until one master runs its script and every other node follows it,
-then measure ``--windows`` windows of ``--window-s`` seconds each:
+the two cores for a minute: see ``start_staggered``), wait until one master runs its script and
+every other node follows it, then measure ``--windows`` windows of ``--window-s`` seconds each:
 
 - CPU per node: the daemon's and its guards' on-CPU time over the window, from
   ``/proc/<pid>/schedstat`` (nanoseconds; utime + stime of ``/proc/<pid>/stat`` are the same kernel

@@ -116,8 +116,8 @@ def test_status_of_a_master_that_hears_one_of_two(tmp_path: Path, monkeypatch: p
     assert doc["counters"]["role_changes"] == {"slave": 0, "precandidate": 1, "candidate": 1, "master": 1}
     assert doc["counters"]["elections"] == {"won": 1, "failed": 0, "yielded": 0}
     assert doc["counters"]["datagrams_received"]["heartbeat_response"] == 1
-    # one round to B and C; A proposes first, so it keeps nobody alive before it (protocol.md §3.2)
-    assert doc["counters"]["datagrams_sent"]["heartbeat"] == 2
+    # the first duty greets B and C (protocol.md §3.2), then one round
+    assert doc["counters"]["datagrams_sent"]["heartbeat"] == 4
     assert doc["election_durations"]["count"] == 1 and doc["election_durations"]["buckets"][-1] == ["+Inf", 1]
     assert set(status_file_doc(d.snapshot())) == set(STATUS_KEYS)
 

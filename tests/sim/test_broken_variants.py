@@ -35,6 +35,7 @@ CAUGHT_BY_A_SCENARIO = {
     "no_demotion": "test_scenarios.py::test_a_lowest_node_that_keeps_losing_its_lease_stops_winning",
     "no_live_report": "test_scenarios.py::test_followers_rank_each_other_by_the_masters_report",
     "keepalive_stops_at_the_dead": "test_scenarios.py::test_the_keepalive_goes_past_dead_proposers",
+    "no_first_greeting": "test_scenarios.py::test_a_restarted_node_greets_every_peer",
     "no_plain_answer": "test_scenarios.py::test_a_quiet_follower_answers_a_node_that_needs_to_hear_it",
     "preempt_while_flapping": "test_scenarios.py::test_no_handover_to_a_preferred_node_whose_link_flaps",
 }

@@ -21,11 +21,11 @@ def settled(keyed: bool, seed: int = 1) -> Cluster:
 
 
 @pytest.mark.parametrize("keyed", [False, True], ids=["crc32", "hmac"])
-def test_sim_start_costs_one_refusal_per_pair(keyed: bool) -> None:
+def test_sim_start_costs_one_refusal_per_direction(keyed: bool) -> None:
     c = settled(keyed)
-    # first contact (security.md §5): in each pair the first to speak echoes 0 and is refused; the
-    # other answers (protocol.md §3.2) with the right echo. C keeps A and B alive, B keeps A alive.
-    assert c.wire_rejects == {"bad-echo": 3}, c.wire_rejects
+    # first contact: each node greets every peer at its first duty (protocol.md §3.2); the first
+    # datagram in each direction echoes 0 (security.md §5)
+    assert c.wire_rejects == {"bad-echo": 6}, c.wire_rejects
     assert c.wire_delivered > 100
 
 

@@ -76,6 +76,9 @@ VARIANTS: dict[str, Rules] = {
     # a node with no master keeps alive the first two proposers before it even when they are dead:
     # behind two dead ones nobody hears anybody, and every live node thinks it proposes first (§3.2)
     "keepalive_stops_at_the_dead": replace(RULES, keepalive_past_the_dead=False),
+    # a node's first heartbeat duty goes only to its keep-alive targets: a pair of followers that never
+    # spoke in this life shakes hands on the first request of a handover, which is refused (§3.2)
+    "no_first_greeting": replace(RULES, greet_every_peer=False),
     # a witness campaigns like any member, and may become master (§3.11)
     "witness_campaigns": replace(RULES, witness_abstains=False),
     # the master grants a pre-emption to a preferred node however briefly connected (§3.10)

@@ -321,6 +321,8 @@ class Node:
         self.reported: frozenset[str] = frozenset()
         self.reported_at: float | None = None
         self.plain_sent: dict[str, float] = {}  # when we last sent each peer a plain heartbeat
+        # protocol.md §3.2: the first heartbeat duty of a life goes to every peer (first contact)
+        self.greeted = not rules.greet_every_peer
         # protocol.md §3.10: since when each peer has been heard without a gap of more than 3h, and
         # since when we follow our master so; a pre-emption needs --preempt-after of both
         self.connected_since: dict[str, float] = {}
@@ -640,9 +642,9 @@ class Node:
 
     def _quiet_until(self) -> float | None:
         """When the quiet of a follower of a live master ends (E after the last round it accepted);
-        None if it is not quiet: master, candidate, without a live master, or recovering (§3.9: it
-        asks the members whose terms it still needs every h)."""
-        if self.role is not Role.SLAVE or self.recovering or self.master is None:
+        None if it is not quiet: master, candidate, without a live master, recovering (§3.9: it
+        asks the members whose terms it still needs every h), or before its first duty (§3.2)."""
+        if self.role is not Role.SLAVE or self.recovering or self.master is None or not self.greeted:
             return None
         if self.last_master_heard is None:
             return None
@@ -1021,8 +1023,11 @@ class Node:
             # protocol.md §3.2: a follower of a live master keeps quiet (its acknowledgements prove it
             # alive, the master's report tells the others); a node with none keeps alive the first
             # live proposers before it. A recovering node asks the members whose terms it still
-            # needs (§3.9).
-            for p in self._keepalive_targets(now):
+            # needs (§3.9). The first duty of a life greets every peer: the first contact of
+            # docs/security.md §5 is then over with each of them before any request needs it.
+            targets = self._keepalive_targets(now) if self.greeted else self.peers
+            self.greeted = True
+            for p in targets:
                 self.plain_sent[p] = now
                 self._send(p, Heartbeat(self.term, False, 0))
             return

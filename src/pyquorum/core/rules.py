@@ -86,6 +86,8 @@ class Rules:
     """How long, in E, the master's report of who is live counts for the proposal order (§3.2)."""
     answer_plain: bool = True
     """Whether a node answers a plain heartbeat from a peer it does not keep alive (once per h) (§3.2)."""
+    greet_every_peer: bool = True
+    """Whether a node's first heartbeat duty of a life goes to every peer (the first contact) (§3.2)."""
     keepalive_past_the_dead: bool = True
     """Whether a node with no live master keeps alive the first live proposers before it, past the
     dead ones (True), or just the first ones, dead or alive (§3.2)."""

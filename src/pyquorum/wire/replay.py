@@ -28,7 +28,7 @@ they echo its old epoch (rule 3). Reordering within ``window`` sequence numbers 
 
 The first-contact handshake
 ---------------------------
-Nobody knows anybody's epoch at start-up, so the first datagram between two nodes is rejected
+Nobody knows anybody's epoch at start-up, so the first datagram in each direction is rejected
 ("bad-echo", echo 0), but it teaches the receiver the sender's epoch. The receiver's next datagram
 echoes it and is accepted, and so is every datagram after that in both directions::
 
@@ -36,10 +36,10 @@ echoes it and is accepted, and so is every datagram after that in both direction
     B (epoch 3) -> A  Heartbeat  echo=7   A: learns B=3, accepts
     A (epoch 7) -> B  Heartbeat  echo=3   B: accepts
 
-A node with no master keeps alive the proposers ranked before it and they answer it within one
-``heartbeat_interval`` (protocol.md §3.2), so a start or restart costs at most one refusal per pair
-and one heartbeat round, well inside the election timeout; pairs that have nothing to say to each
-other (two followers of a live master) shake hands through the Hello when one of them speaks (see
+A node's first heartbeat duty of each life greets every peer (protocol.md §3.2), so a start or
+restart costs one heartbeat round of refusals, well inside the election timeout, and every pair has
+shaken hands before it needs to, even two followers of a live master, which have nothing else to say
+to each other (a datagram that still meets an unknown epoch is answered with a Hello: see
 docs/security.md §5). The same handshake repeats with the restarted node after any restart.
 
 Another cluster's datagrams bypass the echo check

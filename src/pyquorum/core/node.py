@@ -774,7 +774,7 @@ class Node:
         return fresh and member in self.reported
 
     def _keepalive_targets(self, now: float) -> list[str]:
-        """protocol.md §3.2: the peers this node sends a plain heartbeat to each h. None while it
+        """protocol.md §3.2: the peers this node sends a plain heartbeat to each h. Nobody while it
         follows a live master; otherwise the proposers before it in the proposal order up to and
         including the ``KEEPALIVE_PROPOSERS``-th live one (the dead on the way included, so that
         their return is noticed); and, while recovering (§3.9), every member whose term it lacks."""

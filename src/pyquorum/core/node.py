@@ -288,14 +288,18 @@ class Node:
         self.preempt_after_s = preempt_after_s
         self.order = sort_nodes(self.members)  # protocol.md §3.3: lowest address proposes first
         self.peers = [m for m in self.order if m != me]
-        # protocol.md §3.2: whom a node with no live master keeps alive, in this order: the proposers
-        # (priority, then address; witnesses never propose) ranked before it; all of them if it
-        # does not propose itself
-        proposers = sorted(
+        # protocol.md §3.3, §3.10, §3.11: the members that may propose, in the order they do: higher
+        # priority first, then the address order (a stable sort); witnesses never propose
+        self.proposers = sorted(
             (m for m in self.order if m not in self.witnesses or not rules.witness_abstains),
             key=lambda m: -self.priority[m],
         )
-        self.keepalive_order = proposers[: proposers.index(me)] if me in proposers else proposers
+        # protocol.md §3.2: whom a node with no live master keeps alive, in this order: the proposers
+        # ranked before it; all of them if it does not propose itself
+        if me in self.proposers:
+            self.keepalive_order = self.proposers[: self.proposers.index(me)]
+        else:
+            self.keepalive_order = list(self.proposers)
         self.quorum = quorum_size(len(self.members))
         self.timing = timing
         self.rng = rng
@@ -755,14 +759,9 @@ class Node:
         return [m for m in self.order if m == self.me or self._is_live(m, now)]
 
     def _proposal_order(self, now: float, exclude: str = "") -> list[str]:
-        """protocol.md §3.3, §3.10, §3.11: the live members that may propose, in the order they do:
-        higher priority first, then the address order; witnesses never propose."""
-        live = [
-            m
-            for m in self._alive(now)
-            if m != exclude and (m not in self.witnesses or not self.rules.witness_abstains)
-        ]
-        return sorted(live, key=lambda m: -self.priority[m])  # stable: address order within a priority
+        """protocol.md §3.3, §3.10, §3.11: the live members that may propose (``self.proposers``, which
+        are ourselves and the ``_is_live`` ones), in the order they do."""
+        return [m for m in self.proposers if m != exclude and (m == self.me or self._is_live(m, now))]
 
     def _is_live(self, member: str, now: float) -> bool:
         """Heard from within E, or named live by a master's report less than ``report_e`` E old (§3.2)."""

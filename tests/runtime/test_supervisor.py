@@ -1480,6 +1480,62 @@ def test_guard_standby_line_protocol(
     assert complaints.count("ignoring a line that is not a start command") == 2
 
 
+def wakeups(pid: int) -> int:
+    """How many times ``pid`` has slept and been woken (voluntary context switches)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("voluntary_ctxt_switches:"):
+            return int(line.split()[1])
+    raise AssertionError(f"no voluntary_ctxt_switches for {pid}")
+
+
+@pytest.mark.parametrize("pipe", ["renew-fd", "stdin"])
+def test_guard_reads_renewals_on_their_own_pipe_without_waking(
+    tag: str, spawn: Callable[..., subprocess.Popen[bytes]], pipe: str
+) -> None:
+    """150 renewals 10 ms apart, each 1 s ahead: on the renewal pipe (``--renew-fd``) they wake the
+    guard a few times in all (its planned moment D - G - K, which each read moves 0.78 s on, and its
+    1 s drain), on stdin once each; either way they all count: the script outlives the first
+    deadline, and when they stop it is SIGTERMed at the last one's D - G - K, reported as the
+    deadline in force. Reference: guard.py "Renewals without a wake-up"; protocol.md §4.3, §4.4."""
+    report_r, report_w = os.pipe()
+    renew_r, renew_w = os.pipe()
+    lead_s = 1.0
+    command = guard_command(report_w, ["--deadline", repr(time.monotonic() + lead_s)], ["sleep", "100"])
+    if pipe == "renew-fd":
+        command[command.index("--stop-timeout") : command.index("--stop-timeout")] = [
+            "--renew-fd",
+            str(renew_r),
+        ]
+    guard = spawn(command, stdin=subprocess.PIPE, pass_fds=(report_w, renew_r))
+    os.close(report_w)
+    os.close(renew_r)
+    assert guard.stdin is not None
+    with os.fdopen(report_r, "rb") as report, os.fdopen(renew_w, "wb", buffering=0) as renewals:
+        pid = expect_start(report)
+        out = renewals if pipe == "renew-fd" else guard.stdin
+        before = wakeups(guard.pid)
+        first = time.monotonic()
+        last = first
+        for _ in range(150):
+            time.sleep(0.01)
+            last = time.monotonic() + lead_s
+            out.write(f"renew {last!r}\n".encode())
+            out.flush()
+        woken = wakeups(guard.pid) - before
+        assert alive(pid)  # past the first deadline's D - G - K, and its D
+        assert time.monotonic() > first + lead_s
+        returncode, reaped_at, fields = expect_exited(report)
+        assert returncode == -signal.SIGTERM
+        assert float(fields["deadline"]) == last  # the newest renewal was read
+        assert last - G - K <= reaped_at <= last - K
+        assert fields["kill_due"] == fields["kill_sent"] == "-"
+    if pipe == "renew-fd":
+        assert woken <= 10, f"the guard woke {woken} times for 150 renewals on its renewal pipe"
+    else:
+        assert woken >= 100, f"the guard woke only {woken} times for 150 renewals on stdin"
+    assert guard.wait(timeout=2.0) == 0
+
+
 @pytest.mark.parametrize(
     "order",
     ["inf {{}}", "{deadline} not-json", "{deadline} []", '{deadline} {{"env": {{"A": 1}}}}', ""],

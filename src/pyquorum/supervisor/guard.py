@@ -10,6 +10,9 @@ a fork and an exec, not the 20-80 ms of a Python interpreter's start-up::
 
     python -I -S guard.py --report-fd N --stop-timeout G --kill-margin K --standby -- argv...
 
+each with ``--renew-fd R`` before ``--`` when the daemon sends its renewals on a pipe of their own
+("Renewals without a wake-up", below).
+
 Why a separate process (protocol.md §4.4; docs/design-notes.md, "Supervising a child"): a daemon that
 is SIGKILLed or frozen (SIGSTOP, swap, a long GC pause) cannot enforce its own lease, and its script
 would run on beside a new master. The guard is small, never blocks, and enforces the kill deadline on
@@ -36,6 +39,19 @@ A standby guard reports ``ready`` and then sleeps in poll() (no timer: idle cost
 start line. EOF or SIGTERM before it, the daemon's way of closing a standby guard (EOF also comes when
 the daemon dies), make it exit 0 at once, having started nothing; other lines before it are reported
 on stderr and ignored. From the start line on, it is a guard like any other.
+
+Renewals without a wake-up (``--renew-fd R``). The daemon renews every heartbeat round (ten times a
+second at the defaults), and a renewal on stdin wakes the guard each time, for nothing: the deadline
+only matters at the moment it would act on it. So the daemon writes its ``renew <D>`` lines to a pipe
+of their own, fd R, which the guard never polls: it reads everything waiting there (non-blocking) each
+time it wakes up for any reason, before it acts, and it wakes up at least at its next planned moment
+(SIGTERM at D - G - K) and at least every ``_RENEW_DRAIN_S`` (1 s, so that the pipe does not fill at
+any heartbeat interval over about 0.5 ms, when only a page of it is granted). At that moment it takes
+the newest deadline written so far and, renewed, sleeps again until the new D - G - K: about two and
+a half wake-ups a second at the default timing instead of ten. It acts on the same deadline as if it
+had read each renewal on arrival: a renewal written before a command, or before the moment, is read
+before the guard acts on either. ``renew`` on stdin still works (it wakes the guard); lines on fd R
+other than ``renew`` are reported and ignored, and EOF there (the daemon closed it) means nothing.
 
 EOF on stdin (the daemon died, or closed the pipe) is ``stop`` with the current deadline; so is SIGTERM
 sent to the guard itself. SIGINT and SIGHUP are ignored: they are meant for the daemon. Renewals sent
@@ -127,8 +143,14 @@ _SWEEP_COMPLAIN_S = 1.0
 _RT_PRIORITY = 1
 _NICE = -10
 _MCL_CURRENT, _MCL_FUTURE = 1, 2
+# The longest the guard goes without reading the renewal pipe while its script runs ("Renewals
+# without a wake-up" above).
+_RENEW_DRAIN_S = 1.0
 _EXIT_USAGE = 2
-_USAGE = "guard.py --report-fd N --stop-timeout G --kill-margin K (--deadline D | --standby) -- argv..."
+_USAGE = (
+    "guard.py --report-fd N [--renew-fd R] --stop-timeout G --kill-margin K (--deadline D | --standby)"
+    " -- argv..."
+)
 
 
 class _UsageError(Exception):
@@ -300,8 +322,17 @@ def _harden(prctl: _Prctl) -> tuple[str, int | None, tuple[int, int] | None]:
 
 
 class _Guard:
-    def __init__(self, report_fd: int, stop_timeout_s: float, kill_margin_s: float, deadline: float) -> None:
+    def __init__(
+        self,
+        report_fd: int,
+        stop_timeout_s: float,
+        kill_margin_s: float,
+        deadline: float,
+        renew_fd: int | None = None,
+    ) -> None:
         self.report_fd = report_fd
+        self.renew_fd = renew_fd  # the renewal pipe, read on every wake-up, never polled
+        self.renew_pending = b""  # a partial line from it
         self.grace = stop_timeout_s
         self.margin = kill_margin_s
         self.deadline = deadline
@@ -379,6 +410,7 @@ class _Guard:
         loaded host can take longer than the lease's slack), so that the start-up check sees the
         current deadline. Any other command, and every one after it, waits in ``early`` for
         ``replay_early_commands``, which needs the script's pid; EOF stays for run() to see."""
+        self.take_renewals()
         self._take_early(b"")  # what a standby guard read along with its start line
         poller = select.poll()
         poller.register(0, select.POLLIN)
@@ -400,6 +432,29 @@ class _Guard:
                 self._command(line)
             else:
                 self.early.append(line)
+
+    def take_renewals(self) -> None:
+        """Apply every renewal waiting in the renewal pipe (``--renew-fd``), without blocking; a
+        no-op without one. Called on every wake-up before anything is decided."""
+        while self.renew_fd is not None:
+            try:
+                data = os.read(self.renew_fd, 65536)
+            except BlockingIOError:
+                return
+            except OSError:
+                data = b""
+            if not data:  # EOF: the daemon closed it; stdin says what that means
+                os.close(self.renew_fd)
+                self.renew_fd = None
+                return
+            lines = (self.renew_pending + data).split(b"\n")
+            self.renew_pending = lines.pop()
+            for raw in lines:
+                line = raw.decode(errors="replace")
+                if line.startswith("renew "):
+                    self._command(line)
+                else:
+                    _log(f"ignoring a line on the renewal pipe that is not a renewal: {line!r}")
 
     def replay_early_commands(self) -> None:
         """Once the script has started: act on the commands ``read_early_commands`` kept."""
@@ -498,6 +553,7 @@ class _Guard:
         """Enforce the rules until the script's main process exits; then kill and reap the rest.
         Returns (returncode, reaped_at)."""
         while True:
+            self.take_renewals()
             now = time.monotonic()
             self._enforce(now)
             if self._main_exited():
@@ -508,8 +564,12 @@ class _Guard:
                 # wait the same sub-millisecond), and act on time rather than up to 1 ms late.
                 time.sleep(max(0.0, at - now))
                 continue
+            if self.renew_fd is not None and self.term_sent_at is None:
+                at = now + _RENEW_DRAIN_S if at is None else min(at, now + _RENEW_DRAIN_S)
             timeout = -1 if at is None else _whole_ms_until(at, now)
-            for fd, events in self.poller.poll(timeout):
+            ready = self.poller.poll(timeout)
+            self.take_renewals()  # written before the command or signal that woke us: first
+            for fd, events in ready:
                 if fd == self.wake_r:
                     self._on_signals()
                 else:
@@ -679,11 +739,11 @@ class _Guard:
                 self._sweep()
 
 
-def _parse(args: list[str]) -> tuple[int, float, float, float | None, list[str]]:
-    """(report fd, G, K, the kill deadline or None for a standby guard, argv)."""
+def _parse(args: list[str]) -> tuple[int, int | None, float, float, float | None, list[str]]:
+    """(report fd, renewal fd or None, G, K, the kill deadline or None for a standby guard, argv)."""
     # Hand-rolled: argparse alone costs more start-up time than the rest of the guard.
     options: dict[str, str] = {}
-    names = ("--report-fd", "--stop-timeout", "--kill-margin", "--deadline")
+    names = ("--report-fd", "--renew-fd", "--stop-timeout", "--kill-margin", "--deadline")
     i = 0
     while i < len(args) and args[i] != "--":
         if args[i] == "--standby":
@@ -698,33 +758,38 @@ def _parse(args: list[str]) -> tuple[int, float, float, float | None, list[str]]
     standby = "--standby" in options
     if standby and "--deadline" in options:
         raise _UsageError("--deadline and --standby exclude each other")
-    missing = [name for name in names if name not in options and not (standby and name == "--deadline")]
+    optional = {"--renew-fd", *(["--deadline"] if standby else [])}
+    missing = [name for name in names if name not in options and name not in optional]
     if missing:
         raise _UsageError(f"missing {', '.join(missing)}")
     if not argv:
         raise _UsageError("no script given after --")
     try:
         report_fd = int(options["--report-fd"])
+        renew_fd = int(options["--renew-fd"]) if "--renew-fd" in options else None
         grace, margin = (float(options[name]) for name in ("--stop-timeout", "--kill-margin"))
         deadline = None if standby else float(options["--deadline"])
     except ValueError as e:
         raise _UsageError(str(e)) from None
     if not (all(map(math.isfinite, (grace, margin, deadline or 0.0))) and grace >= 0 and margin >= 0):
         raise _UsageError("--stop-timeout and --kill-margin must be >= 0, all numbers finite")
-    return report_fd, grace, margin, deadline, argv
+    return report_fd, renew_fd, grace, margin, deadline, argv
 
 
 def main(args: list[str]) -> int:
     try:
-        report_fd, grace, margin, deadline, argv = _parse(args)
+        report_fd, renew_fd, grace, margin, deadline, argv = _parse(args)
         os.set_inheritable(report_fd, False)  # the script must not hold our report pipe
+        if renew_fd is not None:  # nor our renewal pipe, which we read without blocking
+            os.set_inheritable(renew_fd, False)
+            os.set_blocking(renew_fd, False)
     except (_UsageError, OSError) as e:
         _log(f"usage: {_USAGE}: {e}")
         return _EXIT_USAGE
     for signum in _IGNORED:
         signal.signal(signum, signal.SIG_IGN)
     # A standby guard's deadline comes with its start line; until then it has no script to guard.
-    guard = _Guard(report_fd, grace, margin, -math.inf if deadline is None else deadline)
+    guard = _Guard(report_fd, grace, margin, -math.inf if deadline is None else deadline, renew_fd)
     signal.signal(signal.SIGTERM, _noop)
     signal.signal(signal.SIGCHLD, _noop)
     env: dict[str, str] | None = None

@@ -40,9 +40,11 @@ gone: an ERROR line each second names the pids still alive. Meanwhile the core s
 script as running: a master keeps its role and lease, a node that was stopping keeps waiting, and if
 it had stepped down the cluster fails over after the lease, as for any silent master.
 
-Writes to the guard never block the event loop: its stdin is non-blocking, a renewal that does not
-fit is dropped (the guard keeps the earlier, safer deadline), and a stop that does not fit closes the
-pipe, which the guard reads as "stop now".
+Writes to the guard never block the event loop: its stdin and its renewal pipe are non-blocking, a
+renewal that does not fit is dropped (the guard keeps the earlier, safer deadline), and a stop that
+does not fit closes the pipes, which the guard reads as "stop now". Renewals go to a pipe of their
+own that the guard reads whenever it wakes up but is never woken by (guard.py, "Renewals without a
+wake-up"): ten renewals a second would otherwise wake it ten times a second for nothing.
 """
 
 from __future__ import annotations
@@ -156,6 +158,7 @@ class GuardRun:
         self,
         proc: subprocess.Popen[bytes],
         stdin_fd: int,
+        renew_fd: int,
         report: io.FileIO,
         *,
         deadline: float | None,
@@ -182,7 +185,8 @@ class GuardRun:
         self.dropped_renewals = 0
         self.start_task: asyncio.Future[None] | None = None  # set by ScriptSupervisor.start()
         self.on_reaped = on_reaped
-        self._stdin_fd: int | None = stdin_fd
+        self._stdin_fd: int | None = stdin_fd  # commands: the start line and the stop
+        self._renew_fd: int | None = renew_fd  # renewals (guard.py: "Renewals without a wake-up")
         self._log = logger
         self._changed = asyncio.Event()
         self._watcher = asyncio.get_running_loop().create_task(self._watch(report))
@@ -206,12 +210,15 @@ class GuardRun:
         mode = ["--standby"] if deadline is None else ["--deadline", repr(deadline)]
         report_r, report_w = os.pipe()
         stdin_r, stdin_w = os.pipe()
+        renew_r, renew_w = os.pipe()  # renewals, which the guard reads without being woken
         args = [
             sys.executable,
             *_GUARD_FLAGS,
             GUARD_PATH,
             "--report-fd",
             str(report_w),
+            "--renew-fd",
+            str(renew_r),
             "--stop-timeout",
             repr(stop_timeout_s),
             "--kill-margin",
@@ -224,18 +231,19 @@ class GuardRun:
             if not sys.executable:
                 raise FileNotFoundError("sys.executable is empty: cannot find a Python for the guard")
             proc = subprocess.Popen(
-                args, stdin=stdin_r, pass_fds=(report_w,), env=env, start_new_session=True
+                args, stdin=stdin_r, pass_fds=(report_w, renew_r), env=env, start_new_session=True
             )
         except (OSError, ValueError) as e:
-            os.close(report_r)
-            os.close(stdin_w)
+            for fd in (report_r, stdin_w, renew_w):
+                os.close(fd)
             raise ScriptStartError(f"cannot start the guard: {e}") from e
         finally:
-            os.close(report_w)
-            os.close(stdin_r)
+            for fd in (report_w, stdin_r, renew_r):
+                os.close(fd)
         os.set_blocking(stdin_w, False)
+        os.set_blocking(renew_w, False)
         report = open(report_r, "rb", buffering=0)  # noqa: SIM115 - the watcher's transport closes it
-        return cls(proc, stdin_w, report, deadline=deadline, logger=logger, on_reaped=on_reaped)
+        return cls(proc, stdin_w, renew_w, report, deadline=deadline, logger=logger, on_reaped=on_reaped)
 
     # ---- what the owner asks --------------------------------------------------------------------
 
@@ -285,7 +293,7 @@ class GuardRun:
         if self.requested or not deadline > self.deadline:
             return
         if self.state in _LISTENING:
-            if self._send(f"renew {deadline!r}\n", urgent=False):
+            if self._send(f"renew {deadline!r}\n", urgent=False, fd=self._renew_fd):
                 self.deadline = deadline
         elif self.state in (RunState.EXITED, RunState.ORPHANED, RunState.REAPED) and not self.started:
             self.deadline = deadline
@@ -371,12 +379,14 @@ class GuardRun:
         how = "still running" if status is None else _describe(status)
         return f"the guard exited unexpectedly ({how})"
 
-    def _send(self, line: str, *, urgent: bool) -> bool:
-        if self._stdin_fd is None:
+    def _send(self, line: str, *, urgent: bool, fd: int | None = None) -> bool:
+        # To the guard's stdin, or with ``fd`` to its renewal pipe; both close together.
+        fd = self._stdin_fd if fd is None else fd
+        if self._stdin_fd is None or fd is None:
             return False
         try:
             # < PIPE_BUF bytes to a non-blocking pipe: written whole, or not at all.
-            os.write(self._stdin_fd, line.encode())
+            os.write(fd, line.encode())
             return True
         except BlockingIOError:
             if urgent:
@@ -393,6 +403,10 @@ class GuardRun:
         return False
 
     def _close_stdin(self) -> None:
+        # The renewal pipe first: a guard woken by EOF on stdin must find no renewal still coming.
+        if self._renew_fd is not None:
+            os.close(self._renew_fd)
+            self._renew_fd = None
         if self._stdin_fd is not None:
             os.close(self._stdin_fd)
             self._stdin_fd = None

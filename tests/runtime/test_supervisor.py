@@ -1184,23 +1184,7 @@ def test_guard_line_protocol(tag: str, spawn: Callable[..., subprocess.Popen[byt
     report_r, report_w = os.pipe()
     deadline = time.monotonic() + 2.0
     guard = spawn(
-        [
-            sys.executable,
-            "-I",
-            "-S",
-            GUARD_PATH,
-            "--report-fd",
-            str(report_w),
-            "--stop-timeout",
-            repr(G),
-            "--kill-margin",
-            repr(K),
-            "--deadline",
-            repr(deadline),
-            "--",
-            "sleep",
-            "100",
-        ],
+        guard_command(report_w, ["--deadline", repr(deadline)], ["sleep", "100"]),
         stdin=subprocess.PIPE,
         stderr=subprocess.PIPE,
         pass_fds=(report_w,),
@@ -1222,11 +1206,7 @@ def test_guard_line_protocol(tag: str, spawn: Callable[..., subprocess.Popen[byt
         assert float(fields["deadline"]) == deadline  # the later one in the stop did not count
         assert fields["kill_due"] == fields["kill_sent"] == "-"  # sleep obeyed the SIGTERM
         assert report.readline() == b""
-    assert guard.wait(timeout=2.0) == 0
-    assert guard.stderr is not None
-    complaints = guard.stderr.read().decode()
-    guard.stderr.close()
-    assert complaints.count("ignoring a line that is not a command") == 5
+    assert said(guard).count("ignoring a line that is not a command") == 5
 
 
 # ---- the standby guard ----------------------------------------------------------------------------
@@ -1239,8 +1219,10 @@ def cpu_time_ticks(pid: int) -> int:
     return int(fields[11]) + int(fields[12])
 
 
-def guard_command(report_w: int, mode: list[str], argv: list[str]) -> list[str]:
-    """guard.py's command line, as the supervisor builds it; ``mode`` is --deadline D or --standby."""
+def guard_command(report_w: int, mode: list[str], argv: list[str], renew_fd: int | None = None) -> list[str]:
+    """guard.py's command line, as the supervisor builds it; ``mode`` is --deadline D or --standby;
+    ``renew_fd``, the renewal pipe's read end, if any."""
+    renewals = [] if renew_fd is None else ["--renew-fd", str(renew_fd)]
     return [
         sys.executable,
         "-I",
@@ -1248,6 +1230,7 @@ def guard_command(report_w: int, mode: list[str], argv: list[str]) -> list[str]:
         GUARD_PATH,
         "--report-fd",
         str(report_w),
+        *renewals,
         "--stop-timeout",
         repr(G),
         "--kill-margin",
@@ -1256,6 +1239,14 @@ def guard_command(report_w: int, mode: list[str], argv: list[str]) -> list[str]:
         "--",
         *argv,
     ]
+
+
+def said(guard: subprocess.Popen[bytes]) -> str:
+    """Once a guard driven directly has exited 0: what it wrote on stderr."""
+    assert guard.wait(timeout=2.0) == 0
+    assert guard.stderr is not None
+    with guard.stderr:
+        return guard.stderr.read().decode()
 
 
 def test_supervisor_standby_start_is_faster_than_a_cold_start(tag: str, tmp_path: Path) -> None:
@@ -1424,9 +1415,7 @@ def test_guard_standby_exits_quietly_when_closed(
             os.kill(guard.pid, signal.SIGTERM)
         assert guard.wait(timeout=2.0) == 0
         assert report.readline() == b""
-    assert guard.stderr is not None
-    assert guard.stderr.read() == b""
-    guard.stderr.close()
+    assert said(guard) == ""
     assert not marker.exists()
     assert tagged(tag) == []
 
@@ -1473,11 +1462,7 @@ def test_guard_standby_line_protocol(
         returncode, _, _ = expect_exited(report)
         assert returncode == -signal.SIGTERM
         assert report.readline() == b""
-    assert guard.wait(timeout=2.0) == 0
-    assert guard.stderr is not None
-    complaints = guard.stderr.read().decode()
-    guard.stderr.close()
-    assert complaints.count("ignoring a line that is not a start command") == 2
+    assert said(guard).count("ignoring a line that is not a start command") == 2
 
 
 def wakeups(pid: int) -> int:
@@ -1500,12 +1485,8 @@ def test_guard_reads_renewals_on_their_own_pipe_without_waking(
     report_r, report_w = os.pipe()
     renew_r, renew_w = os.pipe()
     lead_s = 1.0
-    command = guard_command(report_w, ["--deadline", repr(time.monotonic() + lead_s)], ["sleep", "100"])
-    if pipe == "renew-fd":
-        command[command.index("--stop-timeout") : command.index("--stop-timeout")] = [
-            "--renew-fd",
-            str(renew_r),
-        ]
+    mode = ["--deadline", repr(time.monotonic() + lead_s)]
+    command = guard_command(report_w, mode, ["sleep", "100"], renew_r if pipe == "renew-fd" else None)
     guard = spawn(command, stdin=subprocess.PIPE, pass_fds=(report_w, renew_r))
     os.close(report_w)
     os.close(renew_r)

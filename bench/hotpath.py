@@ -85,6 +85,22 @@ def endpoints(keyring: KeyRing | None) -> tuple[Endpoint, Endpoint]:
     return m, f
 
 
+def whole_path(endpoint: Endpoint, node: Node, data: bytes, src: tuple[str, int], now: float) -> int:
+    """The ns one datagram takes through a daemon's whole path, as Daemon.on_datagram and
+    Daemon._process run it: receive, step, ready, send what it asks for, advance."""
+    t0 = time.perf_counter_ns()
+    result = endpoint.receive(data, src)
+    if isinstance(result, Deliver):
+        node.step(result.sender, result.message, now)
+        rd = node.ready()
+        for dest, msg in rd.messages:
+            endpoint.send(dest, msg)
+        node.advance(rd)
+    elapsed = time.perf_counter_ns() - t0
+    assert isinstance(result, Deliver), result
+    return elapsed
+
+
 def follower_path(keyring: KeyRing | None, count: int) -> dict[str, list[int]]:
     m, f = endpoints(keyring)
     node = Node(FOLLOWER, MEMBERS, TIMING, now=0.0, rng=random.Random(1), hard_state=HardState(TERM))
@@ -94,20 +110,7 @@ def follower_path(keyring: KeyRing | None, count: int) -> dict[str, list[int]]:
     rounds = range(1, count + 1)
     datagrams = [m.send(FOLLOWER, Heartbeat(TERM, True, r, live)).data for r in rounds]
     clock = time.perf_counter_ns
-    whole: list[int] = []
-    # the follower's whole path, as Daemon.on_datagram and Daemon._process run it
-    for i, data in enumerate(datagrams):
-        now = 10.0 + i * h
-        t0 = clock()
-        result = f.receive(data, src)
-        if isinstance(result, Deliver):
-            node.step(result.sender, result.message, now)
-            rd = node.ready()
-            for dest, msg in rd.messages:
-                f.send(dest, msg)
-            node.advance(rd)
-        whole.append(clock() - t0)
-        assert isinstance(result, Deliver), result
+    whole = [whole_path(f, node, data, src, 10.0 + i * h) for i, data in enumerate(datagrams)]
     # the pieces, each on fresh datagrams of its own
     m, f = endpoints(keyring)
     datagrams = [m.send(FOLLOWER, Heartbeat(TERM, True, r, live)).data for r in rounds]
@@ -150,7 +153,6 @@ def master_path(keyring: KeyRing | None, count: int) -> list[int]:
     assert node.role.value == "master" and node.term == TERM, (node.role, node.term)
     src = f.address_of(FOLLOWER)
     h = TIMING.heartbeat_interval_s
-    clock = time.perf_counter_ns
     out: list[int] = []
     for i in range(count):
         now = t + i * h / 2  # two acks per round: the follower's and one more
@@ -160,16 +162,7 @@ def master_path(keyring: KeyRing | None, count: int) -> list[int]:
             rnd = next((msg.round for _, msg in rd.messages if isinstance(msg, Heartbeat)), 0)
             node.advance(rd)
         data = f.send(MASTER, HeartbeatResponse(TERM, rnd)).data
-        t0 = clock()
-        result = m.receive(data, src)
-        if isinstance(result, Deliver):
-            node.step(result.sender, result.message, now)
-            rd = node.ready()
-            for dest, msg in rd.messages:
-                m.send(dest, msg)
-            node.advance(rd)
-        out.append(clock() - t0)
-        assert isinstance(result, Deliver), result
+        out.append(whole_path(m, node, data, src, now))
     return out
 
 

@@ -117,6 +117,11 @@ class UsageError(Exception):
     """Bad command line; the message is one line for ``pyquorum: error: ...``."""
 
 
+class NoNodeError(ConfigError):
+    """A command that asks a running daemon (status, reload, step-down, drill) cannot tell which
+    node it is: ``main`` prints ``problems`` and exits 3, those commands' code for "no daemon"."""
+
+
 class _ParserExit(Exception):
     def __init__(self, status: int) -> None:
         super().__init__(status)
@@ -142,6 +147,9 @@ def main(argv: list[str] | None = None) -> int:
         if args and args[0] in _SUBCOMMANDS:
             return _SUBCOMMANDS[args[0]](args[1:])
         return _daemon(args)
+    except NoNodeError as exc:
+        _print_errors(exc.problems)
+        return 3
     except UsageError as exc:
         _print_errors([str(exc)])
         return 2
@@ -267,44 +275,33 @@ def _daemon_parser(prog: str = PROG, description: str | None = None) -> _Parser:
     timing = p.add_argument_group(
         "timing (every server must use the same values; unsafe combinations are refused)"
     )
-    timing.add_argument(
-        "--heartbeat-interval",
-        type=_seconds,
-        default=t.heartbeat_interval_s,
-        metavar="SECONDS",
-        help=f"how often each node tells the others it is alive (default: {t.heartbeat_interval_s:g})",
-    )
-    timing.add_argument(
-        "--election-timeout",
-        type=_seconds,
-        default=t.election_timeout_s,
-        metavar="SECONDS",
-        help=f"silence from the master after which the others elect a new one; at least 5 "
-        f"heartbeat intervals (default: {t.election_timeout_s:g})",
-    )
-    timing.add_argument(
-        "--stop-timeout",
-        type=_seconds,
-        default=t.stop_timeout_s,
-        metavar="SECONDS",
-        help=f"grace between SIGTERM and SIGKILL when the script is stopped (default: {t.stop_timeout_s:g})",
-    )
-    timing.add_argument(
-        "--start-delay",
-        type=_seconds,
-        default=t.start_delay_s,
-        metavar="SECONDS",
-        help=f"extra wait before a new master starts the script, which leaves more room for "
-        f"--stop-timeout (default: {t.start_delay_s:g})",
-    )
-    timing.add_argument(
-        "--kill-margin",
-        type=_seconds,
-        default=t.kill_margin_s,
-        metavar="SECONDS",
-        help="the script's guard sends SIGKILL this long before the kill deadline, for the process "
-        f"group to die and be reaped; at least 0.005 (default: {t.kill_margin_s:g})",
-    )
+    for flag, default, text in (
+        ("--heartbeat-interval", t.heartbeat_interval_s, "how often each node tells the others it is alive"),
+        (
+            "--election-timeout",
+            t.election_timeout_s,
+            "silence from the master after which the others elect a new one; at least 5 heartbeat intervals",
+        ),
+        (
+            "--stop-timeout",
+            t.stop_timeout_s,
+            "grace between SIGTERM and SIGKILL when the script is stopped",
+        ),
+        (
+            "--start-delay",
+            t.start_delay_s,
+            "extra wait before a new master starts the script, which leaves more room for --stop-timeout",
+        ),
+        (
+            "--kill-margin",
+            t.kill_margin_s,
+            "the script's guard sends SIGKILL this long before the kill deadline, for the process "
+            "group to die and be reaped; at least 0.005",
+        ),
+    ):
+        timing.add_argument(
+            flag, type=_seconds, default=default, metavar="SECONDS", help=f"{text} (default: {default:g})"
+        )
     other = p.add_argument_group("other options")
     other.add_argument(
         "--state-dir",
@@ -792,11 +789,15 @@ def running_node(
 ) -> tuple[argparse.Namespace, Config]:
     """Parse a command that addresses a running daemon: the daemon's arguments (or --config) plus
     its own ``options``, resolved as the daemon resolves them. The ``Config`` is not validated:
-    only the node's identity and state dir matter. Raises ``UsageError`` or ``ConfigError``."""
-    args, file_problems = parse_daemon_args(argv, prog, description, options)
+    only the node's identity and state dir matter. Raises ``NoNodeError`` when the arguments name
+    no node (``main`` then exits 3)."""
+    try:
+        args, file_problems = parse_daemon_args(argv, prog, description, options)
+    except UsageError as exc:
+        raise NoNodeError([str(exc)]) from None
     config, problems = resolve_config(args, file_problems)
     if config is None:
-        raise ConfigError(problems)
+        raise NoNodeError(problems)
     return args, config
 
 
@@ -812,11 +813,7 @@ def _status(argv: list[str]) -> int:
             "--timeout", type=_seconds, default=5.0, metavar="SECONDS", help="how long to wait for the daemon"
         )
 
-    try:
-        args, config = running_node(argv, f"{PROG} status", STATUS_DESCRIPTION, options)
-    except (UsageError, ConfigError) as exc:
-        _print_errors(exc.problems if isinstance(exc, ConfigError) else [str(exc)])
-        return 3
+    args, config = running_node(argv, f"{PROG} status", STATUS_DESCRIPTION, options)
     from pyquorum.runtime import control, status
 
     def show(client: control.Client) -> int:
@@ -853,11 +850,7 @@ def _reload(argv: list[str]) -> int:
             "--timeout", type=_seconds, default=60.0, metavar="SECONDS", help="how long to wait (default: 60)"
         )
 
-    try:
-        args, config = running_node(argv, f"{PROG} reload", RELOAD_DESCRIPTION, options)
-    except (UsageError, ConfigError) as exc:
-        _print_errors(exc.problems if isinstance(exc, ConfigError) else [str(exc)])
-        return 3
+    args, config = running_node(argv, f"{PROG} reload", RELOAD_DESCRIPTION, options)
     from pyquorum.runtime import control
 
     try:

@@ -38,12 +38,11 @@ import argparse
 import json
 import socket
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any, Final
 
 from pyquorum.config import Config
-from pyquorum.core.errors import ConfigError
 from pyquorum.core.lease import Timing
 
 __all__ = ["REASON_TEXT", "Round", "drill_main", "step_down_main"]
@@ -285,30 +284,32 @@ be reached."""
 
 
 def _locate(
-    argv: Sequence[str], prog: str, description: str, options: Any
+    argv: Sequence[str], prog: str, description: str, options: Callable[[argparse.ArgumentParser], None]
 ) -> tuple[argparse.Namespace, Config]:
+    # cli.running_node, imported late (cli imports this module's commands); NoNodeError: exit 3
     from pyquorum.cli import running_node
 
     return running_node(argv, prog, description, options)
 
 
 def _member(config: Config, text: str) -> str:
-    from pyquorum.cli import resolve_server
+    from pyquorum.cli import NoNodeError, resolve_server
 
     family = socket.AF_INET6 if config.me.ip.version == 6 else socket.AF_INET
     try:
         node = str(resolve_server(text, config.me.port, family))
     except ValueError as exc:
-        raise ConfigError([f"--to {exc}"]) from None
+        raise NoNodeError([f"--to {exc}"]) from None
     if node not in config.members:
-        raise ConfigError(
+        raise NoNodeError(
             [f"--to {text} ({node}) is not a member: the members are {', '.join(config.members)}"]
         )
     return node
 
 
 def step_down_main(argv: list[str]) -> int:
-    """``pyquorum step-down``: see ``STEP_DOWN_DESCRIPTION``."""
+    """``pyquorum step-down``: see ``STEP_DOWN_DESCRIPTION``. Raises ``cli.NoNodeError`` when the
+    arguments name no node or a --to that is not a member (``cli.main`` exits 3)."""
     from pyquorum.cli import PROG, _print_errors, _seconds
 
     def options(p: argparse.ArgumentParser) -> None:
@@ -323,15 +324,8 @@ def step_down_main(argv: list[str]) -> int:
             "--timeout", type=_seconds, default=30.0, metavar="SECONDS", help="how long to wait (default: 30)"
         )
 
-    try:
-        args, config = _locate(argv, f"{PROG} step-down", STEP_DOWN_DESCRIPTION, options)
-        to = _member(config, args.to) if args.to else ""
-    except ConfigError as exc:
-        _print_errors(exc.problems)
-        return 3
-    except Exception as exc:  # UsageError
-        _print_errors([str(exc)])
-        return 3
+    args, config = _locate(argv, f"{PROG} step-down", STEP_DOWN_DESCRIPTION, options)
+    to = _member(config, args.to) if args.to else ""
     d = _Daemon(config, args.timeout)
     try:
         try:
@@ -366,7 +360,8 @@ def step_down_main(argv: list[str]) -> int:
 
 
 def drill_main(argv: list[str]) -> int:
-    """``pyquorum drill``: see ``DRILL_DESCRIPTION``."""
+    """``pyquorum drill``: see ``DRILL_DESCRIPTION``. Raises ``cli.NoNodeError`` when the arguments
+    name no node (``cli.main`` exits 3)."""
     from pyquorum.cli import PROG, _count, _print_errors, _seconds
 
     def options(p: argparse.ArgumentParser) -> None:
@@ -384,14 +379,7 @@ def drill_main(argv: list[str]) -> int:
             help="how long one round may take beyond its silence (default: 30)",
         )
 
-    try:
-        args, config = _locate(argv, f"{PROG} drill", DRILL_DESCRIPTION, options)
-    except ConfigError as exc:
-        _print_errors(exc.problems)
-        return 3
-    except Exception as exc:  # UsageError
-        _print_errors([str(exc)])
-        return 3
+    args, config = _locate(argv, f"{PROG} drill", DRILL_DESCRIPTION, options)
     timing = config.timing
     kind = "crash" if args.crash else "planned"
     rounds: list[Round] = []

@@ -187,6 +187,15 @@ class Harness:
             undo()
         self.c.note("heal", fault=fid, name=entry["name"], t_before=t_before, **extra)
 
+    def hold(
+        self, fid: int, seconds: float, undo: Callable[[], object] | None = None, *, settle_s: float = 0.5
+    ) -> None:
+        """Keep fault ``fid`` for ``seconds``, end it (``heal`` with ``undo``), then let the cluster
+        settle for ``settle_s``: how most scenarios end a fault."""
+        self.sleep(seconds)
+        self.heal(fid, undo)
+        self.sleep(settle_s)
+
     def planned_stop(self, node: Node) -> None:
         """SIGTERM to the node's daemon and wait for its exit: the checker wants code 0."""
         self.c.shutdown(node)
@@ -267,30 +276,45 @@ def baseline(h: Harness) -> None:
     h.sleep(5.0)
 
 
-def kill_host_master(h: Harness) -> None:
-    m = h.master()
-    f = h.fault(
-        f"kill -9 host {m} (master)", lambda: h.c.crash(m, host=True), hosts=[m], failover_bound=h.crash_bound
+def kill_master(host: bool) -> Callable[[Harness], None]:
+    """kill -9 the master's host, or only its daemon (a minority of one until restarted); once
+    another master runs, restart it: the restart embargo, then it follows."""
+
+    def steps(h: Harness) -> None:
+        m = h.master()
+        f = h.fault(
+            f"kill -9 {'host' if host else 'daemon'} {m} (master)",
+            lambda: h.c.crash(m, host=host),
+            hosts=[m],
+            minority=None if host else [m],
+            failover_bound=h.crash_bound,
+        )
+        h.wait_new_master(m, after=0)
+        h.hold(f, 1.0, lambda: h.c.restart(m, wait=False))
+
+    return steps
+
+
+def isolate_fault(h: Harness, node: Node, role: str, failover_bound: float | None = None) -> int:
+    """Cut ``node`` off from everyone (a minority of one) until healed; ``role`` names it in the journal."""
+    return h.net_fault(
+        f"isolate {node} ({role})",
+        lambda: h.c.isolate(node),
+        hosts=[node],
+        minority=[node],
+        failover_bound=failover_bound,
     )
-    h.wait_new_master(m, after=0)
-    h.sleep(1.0)
-    h.heal(f, lambda: h.c.restart(m, wait=False))
-    h.sleep(0.5)
 
 
-def kill_daemon_master(h: Harness) -> None:
-    m = h.master()
-    f = h.fault(
-        f"kill -9 daemon {m} (master)",
-        lambda: h.c.crash(m),
+def stop_daemon_fault(h: Harness, m: Node) -> int:
+    """SIGSTOP the master ``m``'s daemon (a minority of one) until SIGCONT: a crash, as seen by the rest."""
+    return h.fault(
+        f"SIGSTOP daemon {m} (master)",
+        lambda: h.c.pause(m),
         hosts=[m],
         minority=[m],
         failover_bound=h.crash_bound,
     )
-    h.wait_new_master(m, after=0)
-    h.sleep(1.0)
-    h.heal(f, lambda: h.c.restart(m, wait=False))  # restart a killed daemon: embargo, then it follows
-    h.sleep(0.5)
 
 
 def kill_daemon_restart_at_once(h: Harness) -> None:
@@ -310,8 +334,7 @@ def kill_daemon_restart_at_once(h: Harness) -> None:
         hosts=[m],
         failover_bound=h.crash_bound,
     )
-    h.sleep(2.0)
-    h.heal(f)
+    h.hold(f, 2.0, settle_s=0.0)
 
 
 def kill_script(h: Harness) -> None:
@@ -319,22 +342,13 @@ def kill_script(h: Harness) -> None:
     f = h.fault(
         f"kill -9 script on {m}", lambda: h.c.kill_script(m), hosts=[m], failover_bound=h.restart_bound
     )
-    h.sleep(2.0)
-    h.heal(f)
+    h.hold(f, 2.0, settle_s=0.0)
 
 
 def stop_daemon_master(h: Harness) -> None:
     m = h.master()
-    f = h.fault(
-        f"SIGSTOP daemon {m} (master)",
-        lambda: h.c.pause(m),
-        hosts=[m],
-        minority=[m],
-        failover_bound=h.crash_bound,
-    )
-    h.sleep(3 * h.timing.election_timeout_s + 0.5)
-    h.heal(f, lambda: h.c.resume(m))
-    h.sleep(0.5)
+    f = stop_daemon_fault(h, m)
+    h.hold(f, 3 * h.timing.election_timeout_s + 0.5, lambda: h.c.resume(m))
 
 
 def pause_host_master(h: Harness) -> None:
@@ -348,23 +362,12 @@ def pause_host_master(h: Harness) -> None:
         whole_host_pause=True,
     )
     h.wait_new_master(m, after=0)
-    h.sleep(0.5)
-    h.heal(f, lambda: h.c.resume(m))
-    h.sleep(0.5)
+    h.hold(f, 0.5, lambda: h.c.resume(m))
 
 
 def isolate_master(h: Harness) -> None:
-    m = h.master()
-    f = h.net_fault(
-        f"isolate {m} (master)",
-        lambda: h.c.isolate(m),
-        hosts=[m],
-        minority=[m],
-        failover_bound=h.crash_bound,
-    )
-    h.sleep(2.0)
-    h.heal(f, h.c.heal)
-    h.sleep(0.5)
+    f = isolate_fault(h, h.master(), "master", h.crash_bound)
+    h.hold(f, 2.0, h.c.heal)
 
 
 def witness_partition(h: Harness) -> None:
@@ -373,18 +376,8 @@ def witness_partition(h: Harness) -> None:
     witness = h.c.nodes[0]
     m = h.master()
     assert m is not witness, f"the witness {witness} runs the script"
-    f = h.net_fault(
-        f"isolate {m} (master)", lambda: h.c.isolate(m), hosts=[m], minority=[m], failover_bound=h.crash_bound
-    )
-    h.sleep(2.0)
-    h.heal(f, h.c.heal)
-    h.sleep(1.0)
-    f = h.net_fault(
-        f"isolate {witness} (witness)", lambda: h.c.isolate(witness), hosts=[witness], minority=[witness]
-    )
-    h.sleep(2.0)
-    h.heal(f, h.c.heal)
-    h.sleep(0.5)
+    h.hold(isolate_fault(h, m, "master", h.crash_bound), 2.0, h.c.heal, settle_s=1.0)
+    h.hold(isolate_fault(h, witness, "witness"), 2.0, h.c.heal)
     ran = {run.node for run in h.c.runs()}
     assert witness.name not in ran, f"the witness {witness} ran the script: {sorted(ran)}"
 
@@ -422,9 +415,7 @@ def split(h: Harness) -> None:
         minority=minority,
         failover_bound=h.crash_bound,
     )
-    h.sleep(2.0)
-    h.heal(f, h.c.heal)
-    h.sleep(0.5)
+    h.hold(f, 2.0, h.c.heal)
 
 
 def bridge_sides(h: Harness, x: Node) -> tuple[list[Node], Node, list[Node]]:
@@ -444,9 +435,7 @@ def bridge(h: Harness) -> None:
         lambda: h.c.partition(side_a, side_b),
         hosts=[*side_a, *side_b],
     )
-    h.sleep(3.0)
-    h.heal(f, h.c.heal)
-    h.sleep(1.0)
+    h.hold(f, 3.0, h.c.heal, settle_s=1.0)
 
 
 def ring_cuts(h: Harness, order: Sequence[Node]) -> Callable[[], None]:
@@ -476,9 +465,7 @@ def ring(h: Harness) -> None:
     order = list(h.c.nodes)
     h.rng.shuffle(order)
     f = h.net_fault(f"majorities ring {names_of(order)}", ring_cuts(h, order), hosts=order)
-    h.sleep(3.0)
-    h.heal(f, h.c.heal)
-    h.sleep(1.0)
+    h.hold(f, 3.0, h.c.heal, settle_s=1.0)
 
 
 def oneway_master(mute: bool) -> Callable[[Harness], None]:
@@ -487,9 +474,7 @@ def oneway_master(mute: bool) -> Callable[[Harness], None]:
         what, bound = (f"nobody hears {m}", h.crash_bound) if mute else (f"{m} hears nobody", h.deaf_bound)
         f = h.net_fault(f"one-way: {what} (master)", oneway_cuts(h, m, mute=mute), hosts=[m], minority=[m],
                         failover_bound=bound)  # fmt: skip
-        h.sleep(2.0)
-        h.heal(f, h.c.heal)
-        h.sleep(0.5)
+        h.hold(f, 2.0, h.c.heal)
 
     return steps
 
@@ -497,9 +482,7 @@ def oneway_master(mute: bool) -> Callable[[Harness], None]:
 def loss(percent: int, seconds: float) -> Callable[[Harness], None]:
     def steps(h: Harness) -> None:
         f = h.net_fault(f"random loss {percent}%", lambda: h.c.loss(percent), hosts=list(h.c.nodes))
-        h.sleep(seconds)
-        h.heal(f, h.c.heal)
-        h.sleep(1.0)
+        h.hold(f, seconds, h.c.heal, settle_s=1.0)
 
     return steps
 
@@ -560,13 +543,7 @@ def restart_cluster(h: Harness) -> None:
 def partition_kill(h: Harness) -> None:
     """Isolate the master; once another one runs, kill -9 that one's host too."""
     m = h.master()
-    f1 = h.net_fault(
-        f"isolate {m} (master)",
-        lambda: h.c.isolate(m),
-        hosts=[m],
-        minority=[m],
-        failover_bound=h.crash_bound,
-    )
+    f1 = isolate_fault(h, m, "master", h.crash_bound)
     m2 = h.wait_new_master(m, after=0)
     if m2 is None:
         h.heal(f1, h.c.heal)
@@ -586,18 +563,10 @@ def partition_kill(h: Harness) -> None:
 def pause_partition(h: Harness) -> None:
     """SIGSTOP the master's daemon, cut it off, SIGCONT it while still cut off, then heal."""
     m = h.master()
-    f1 = h.fault(
-        f"SIGSTOP daemon {m} (master)",
-        lambda: h.c.pause(m),
-        hosts=[m],
-        minority=[m],
-        failover_bound=h.crash_bound,
-    )
+    f1 = stop_daemon_fault(h, m)
     h.sleep(0.2)
-    f2 = h.net_fault(f"isolate {m} (stopped master)", lambda: h.c.isolate(m), hosts=[m], minority=[m])
-    h.sleep(1.5)
-    h.heal(f1, lambda: h.c.resume(m))
-    h.sleep(1.5)
+    f2 = isolate_fault(h, m, "stopped master")
+    h.hold(f1, 1.5, lambda: h.c.resume(m), settle_s=1.5)
     h.heal(f2, h.c.heal)
     h.sleep(0.5)
 
@@ -607,13 +576,13 @@ def _scenarios(n: int) -> list[Scenario]:
         Scenario(
             f"baseline-{n}", n, baseline, stable=True, doc="no faults: one election, master never changes"
         ),
-        Scenario(f"kill-host-master-{n}", n, kill_host_master),
+        Scenario(f"kill-host-master-{n}", n, kill_master(host=True)),
     ]
 
 
 SCENARIOS_3 = [
     *_scenarios(3),
-    Scenario("kill-daemon-master-3", 3, kill_daemon_master),
+    Scenario("kill-daemon-master-3", 3, kill_master(host=False)),
     Scenario("kill-daemon-restart-at-once-3", 3, kill_daemon_restart_at_once),
     Scenario("kill-script-3", 3, kill_script),
     Scenario("stop-daemon-master-3", 3, stop_daemon_master),

@@ -5,7 +5,6 @@ Loopback only. A foreign bind address is simulated (every 127/8 address is local
 
 from __future__ import annotations
 
-import errno
 import socket
 import subprocess
 import sys
@@ -17,7 +16,7 @@ from pyquorum import checkconfig, cli, configfile
 from pyquorum.core.lease import Timing
 from tests.harness.cluster import Cluster, Loopback
 
-from .test_cli import FakeDaemon, daemon, free_port  # noqa: F401  (daemon is a fixture)
+from .test_cli import FakeDaemon, daemon, free_port, refuse_every_bind  # noqa: F401  (daemon is a fixture)
 
 
 @pytest.fixture
@@ -119,10 +118,7 @@ def test_checkconfig_key_file(capsys: pytest.CaptureFixture[str], base: list[str
 def test_checkconfig_bind_address_not_local(
     capsys: pytest.CaptureFixture[str], base: list[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    def not_here(self: socket.socket, address: object) -> None:
-        raise OSError(errno.EADDRNOTAVAIL, "Cannot assign requested address")
-
-    monkeypatch.setattr(socket.socket, "bind", not_here)
+    refuse_every_bind(monkeypatch)
     code, _, errors, _ = check(capsys, [*base, *PEERS])
     assert code == 2
     assert errors == [

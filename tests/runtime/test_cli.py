@@ -62,6 +62,16 @@ def daemon(monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeDaemon]:
     logger.setLevel(level)
 
 
+def refuse_every_bind(monkeypatch: pytest.MonkeyPatch) -> None:
+    """From now on every bind fails as for an address that is not this host's: every loopback address
+    is local, so the kernel's answer for a foreign address is simulated."""
+
+    def not_here(self: socket.socket, address: object) -> None:
+        raise OSError(errno.EADDRNOTAVAIL, "Cannot assign requested address")
+
+    monkeypatch.setattr(socket.socket, "bind", not_here)
+
+
 @pytest.fixture
 def port() -> int:
     return free_port()
@@ -202,11 +212,7 @@ def test_cli_bad_bind(capsys: pytest.CaptureFixture[str], tmp_path: Path, bind: 
 def test_cli_bind_not_local(
     capsys: pytest.CaptureFixture[str], base: list[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    # Every loopback address is local, so the kernel's answer for a foreign address is simulated.
-    def not_here(self: socket.socket, address: object) -> None:
-        raise OSError(errno.EADDRNOTAVAIL, "Cannot assign requested address")
-
-    monkeypatch.setattr(socket.socket, "bind", not_here)
+    refuse_every_bind(monkeypatch)
     assert_bad_input(capsys, [*base, "127.0.0.2"], "-b/--bind 127.0.0.1 is not an address of this host")
 
 

@@ -206,6 +206,18 @@ class Hooks:
         logger: logging.Logger = self.records.logger  # type: ignore[attr-defined]
         return NotifyHooks(str(path), ME, timeout_s, queue_max, logger, environ=env)
 
+    def run_once(self, body: str) -> NotifyHooks:
+        """A hook running ``body``, called once (MASTER), waited for, then closed with a 1 s grace."""
+        h = self.make(self.script(body))
+
+        async def main() -> None:
+            h.notify(MASTER, 1, ME)
+            await until(lambda: h.delivered == 1)
+            await h.aclose(1.0)
+
+        run(main)
+        return h
+
     def calls(self) -> list[list[str]]:
         if not self.log.exists():
             return []
@@ -380,14 +392,7 @@ def test_hooks_what_a_hook_leaves_in_its_group_is_killed(hooks: Hooks) -> None:
 sh -c 'sleep 1000 > /dev/null 2>&1 & echo $! > "$DIR/orphan"'
 exit 0
 """
-    h = hooks.make(hooks.script(body))
-
-    async def main() -> None:
-        h.notify(MASTER, 1, ME)
-        await until(lambda: h.delivered == 1)
-        await h.aclose(1.0)
-
-    run(main)
+    hooks.run_once(body)
     orphan = int((hooks.tmp / "orphan").read_text())
     assert not alive(orphan)
     (left,) = hooks.records.named("hook_left_processes")
@@ -402,14 +407,7 @@ setsid sleep 1000 &
 echo $! > "$DIR/escaped"
 exit 0
 """
-    h = hooks.make(hooks.script(body))
-
-    async def main() -> None:
-        h.notify(MASTER, 1, ME)
-        await until(lambda: h.delivered == 1)
-        await h.aclose(1.0)
-
-    run(main)
+    hooks.run_once(body)
     escaped = int((hooks.tmp / "escaped").read_text())
     assert alive(escaped)  # the tag fixture kills it
     assert {f["stream"] for f in hooks.records.named("hook_escaped")} == {"stdout", "stderr"}
@@ -474,14 +472,7 @@ printf 'x%.0s' $(seq 1 {3 * MAX_LINE_BYTES}) >&2
 printf '\\n' >&2
 printf 'bad \\377 byte\\n'
 """
-    h = hooks.make(hooks.script(body))
-
-    async def main() -> None:
-        h.notify(MASTER, 1, ME)
-        await until(lambda: h.delivered == 1)
-        await h.aclose(1.0)
-
-    run(main)
+    hooks.run_once(body)
     lines = hooks.records.named("hook_output")
     assert len(lines) == MAX_OUTPUT_LINES
     stdout = [f["line"] for f in lines if f["stream"] == "stdout"]
@@ -494,14 +485,7 @@ printf 'bad \\377 byte\\n'
 
 
 def test_hooks_output_is_logged_as_text_even_when_invalid(hooks: Hooks) -> None:
-    h = hooks.make(hooks.script("printf 'bad \\377 byte\\nno newline at the end'\n"))
-
-    async def main() -> None:
-        h.notify(MASTER, 1, ME)
-        await until(lambda: h.delivered == 1)
-        await h.aclose(1.0)
-
-    run(main)
+    hooks.run_once("printf 'bad \\377 byte\\nno newline at the end'\n")
     lines = [f["line"] for f in hooks.records.named("hook_output")]
     assert lines == ["bad \ufffd byte", "no newline at the end"]
 

@@ -65,16 +65,7 @@ from typing import Any
 import pytest
 
 from pyquorum import keyfile
-from pyquorum.core.messages import (
-    Heartbeat,
-    HeartbeatResponse,
-    Message,
-    PreVoteRequest,
-    PreVoteResponse,
-    Resign,
-    VoteRequest,
-    VoteResponse,
-)
+from pyquorum.core import messages
 from pyquorum.wire.codec import VERSION, ClusterInfo, Codec, WireMessage, cluster_fingerprint
 from pyquorum.wire.keyring import KeyRing
 from tests.harness.cluster import Cluster, Loopback, Node
@@ -335,16 +326,16 @@ class Attack:
     allow: set[str] = field(default_factory=set)
 
 
-def protocol_messages(term: int, members: Sequence[str]) -> list[Message]:
+def protocol_messages(term: int, members: Sequence[str]) -> list[messages.Message]:
     """What an attacker wants a node to believe: grants, a master, a resignation, huge terms."""
     return [
-        VoteResponse(term=term, granted=True),
-        PreVoteResponse(term=term, granted=True, voter_term=term),
-        Heartbeat(term=term, master=True, round=term),
-        HeartbeatResponse(term=term, round=term),
-        VoteRequest(term=term),
-        PreVoteRequest(term=term),
-        Resign(term=term, successor=members[-1]),
+        messages.VoteResponse(term=term, granted=True),
+        messages.PreVoteResponse(term=term, granted=True, voter_term=term),
+        messages.Heartbeat(term=term, master=True, round=term),
+        messages.HeartbeatResponse(term=term, round=term),
+        messages.VoteRequest(term=term),
+        messages.PreVoteRequest(term=term),
+        messages.Resign(term=term, successor=members[-1]),
     ]
 
 
@@ -502,10 +493,10 @@ def test_flood_changes_nothing(tmp_path: Path, attacker: socket.socket) -> None:
         v_epoch = int(persisted(v)["boot_epoch"])
         other_fp = cluster_fingerprint(c.members, "heartbeat_interval_s=0.06 (a misconfigured node)")
         cross = Codec(local=v.name, cluster_fp=other_fp, members=frozenset(c.members), keyring=ring)
-        messages = itertools.cycle(protocol_messages(HUGE_TERM, c.members))
+        msgs = itertools.cycle(protocol_messages(HUGE_TERM, c.members))
         cross_cluster = [
             (cross.encode(msg, receiver=n.name, sender_epoch=v_epoch, seq=2**40 + i, echo_epoch=0), n.addr)
-            for i, msg in zip(range(PER_KIND), messages, strict=False)
+            for i, msg in zip(range(PER_KIND), msgs, strict=False)
             for n in live
         ]
         before_cross = statuses(c, live)
@@ -639,7 +630,7 @@ def test_without_key_runs_unauthenticated(attacker: socket.socket) -> None:
                 keyring=KeyRing(send_key_id=1, keys={1: secrets.token_bytes(32)}),
             )
             for i in range(PER_KIND // 4):
-                hb = Heartbeat(term=HUGE_TERM, master=True, round=i)
+                hb = messages.Heartbeat(term=HUGE_TERM, master=True, round=i)
                 env = {"sender_epoch": epochs[peer], "seq": 10**12 + i, "echo_epoch": epochs[n.name]}
                 good = plain.encode(hb, receiver=n.name, **env)
                 body = good[:-4]
@@ -728,7 +719,7 @@ def test_key_rotation_with_sighup(tmp_path: Path, attacker: socket.socket) -> No
         # The retired key is refused now, even on an otherwise fresh-looking vote grant.
         target = c.nodes[1]
         old = Codec(local=c.members[0], cluster_fp=bytes(8), members=frozenset(c.members), keyring=ring1)
-        grant = VoteResponse(term=HUGE_TERM, granted=True)
+        grant = messages.VoteResponse(term=HUGE_TERM, granted=True)
         grants = [
             old.encode(grant, receiver=target.name, sender_epoch=1, seq=i, echo_epoch=1) for i in range(50)
         ]

@@ -27,6 +27,17 @@ NODE_COUNTS = (1, 2, 3, 4, 5, 7)
 KEYED_EVERY = 8
 
 
+def _with_random_stop(rng: random.Random, h: float, e: float, d: float) -> Timing:
+    # heartbeat h, election timeout e, start delay d, and a random stop timeout G that still leaves
+    # MIN_ROUNDS_BEFORE_STOP heartbeat rounds before the lease's stop must begin: a valid timing
+    probe = Timing(heartbeat_interval_s=h, election_timeout_s=e, start_delay_s=d)
+    g_max = probe.lease_kill_s - probe.kill_margin_s - MIN_ROUNDS_BEFORE_STOP * h
+    g = rng.uniform(0, g_max)
+    t = Timing(heartbeat_interval_s=h, election_timeout_s=e, stop_timeout_s=g, start_delay_s=d)
+    assert not t.validate(), t.validate()
+    return t
+
+
 def random_timing(rng: random.Random) -> Timing:
     """A valid timing profile: the defaults, the tuned profile, or random valid values."""
     pick = rng.random()
@@ -37,12 +48,7 @@ def random_timing(rng: random.Random) -> Timing:
     h = rng.choice((0.02, 0.05, 0.1, 0.2))
     e = h * rng.uniform(5, 15)
     d = rng.choice((0.0, 0.0, rng.uniform(0, e)))
-    base = Timing(heartbeat_interval_s=h, election_timeout_s=e, start_delay_s=d)
-    g_max = base.lease_kill_s - base.kill_margin_s - MIN_ROUNDS_BEFORE_STOP * h
-    g = rng.uniform(0, g_max)
-    t = Timing(heartbeat_interval_s=h, election_timeout_s=e, stop_timeout_s=g, start_delay_s=d)
-    assert not t.validate(), t.validate()
-    return t
+    return _with_random_stop(rng, h, e, d)
 
 
 @dataclass
@@ -95,12 +101,7 @@ def lower_timing(base: Timing, rng: random.Random) -> Timing:
     d = rng.choice((0.0, base.start_delay_s * rng.uniform(0, 0.5)))
     if e + d >= base.election_timeout_s + base.start_delay_s:
         e, d = 0.8 * base.election_timeout_s, 0.0
-    probe = Timing(heartbeat_interval_s=h, election_timeout_s=e, start_delay_s=d)
-    g_max = probe.lease_kill_s - probe.kill_margin_s - MIN_ROUNDS_BEFORE_STOP * h
-    g = rng.uniform(0, g_max)
-    t = Timing(heartbeat_interval_s=h, election_timeout_s=e, stop_timeout_s=g, start_delay_s=d)
-    assert not t.validate(), t.validate()
-    return t
+    return _with_random_stop(rng, h, e, d)
 
 
 def _wipe(c: Cluster, rng: random.Random) -> None:

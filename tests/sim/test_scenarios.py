@@ -87,13 +87,18 @@ def test_rejoining_node_does_not_depose_or_inflate_terms() -> None:
     assert all(n.core is not None and n.core.term == term for n in c.nodes)
 
 
+def rejoin_under(c: Cluster, node: str, master: str, *, down_s: float) -> None:
+    """``node`` is down for ``down_s`` while the others elect ``master``, then starts again."""
+    c.crash(node)
+    c.run_for(down_s)
+    assert c.master() == master
+    c.restart(node)
+
+
 def test_lower_address_joining_later_does_not_take_over() -> None:
     """Reference: protocol.md §3.3 (no pre-emption)."""
     c = Cluster(3, seed=3)
-    c.crash(A)
-    c.run_for(5.0)
-    assert c.master() == B
-    c.restart(A)
+    rejoin_under(c, A, B, down_s=5.0)
     c.run_for(10.0)
     assert c.master() == B
 
@@ -552,10 +557,7 @@ def test_higher_priority_proposes_first() -> None:
 def test_no_preemption_by_default() -> None:
     """Reference: protocol.md §3.10: a healthy master keeps the role when a preferred node joins."""
     c = Cluster(3, seed=2, priorities={2: 5})
-    c.crash(C)
-    c.run_for(3.0)
-    assert c.master() == A
-    c.restart(C)
+    rejoin_under(c, C, A, down_s=3.0)
     c.run_for(30.0)
     assert c.master() == A
 
@@ -563,10 +565,7 @@ def test_no_preemption_by_default() -> None:
 def _preempted(broken: tuple[str, ...], flapping: bool) -> list[float]:
     after = 3.0
     c = Cluster(3, seed=5, priorities={2: 5}, preempt_after_s=after, broken=broken)
-    c.crash(C)
-    c.run_for(3.0)
-    assert c.master() == A
-    c.restart(C)
+    rejoin_under(c, C, A, down_s=3.0)
     for _ in range(40):  # 40 s: what C sends A is lost 0.5 s in every 2.5 s while flapping (C hears
         if flapping:  # A throughout, so only the master can tell: its side of the rule is tested)
             c.cut_links([(2, 0)], both=False)

@@ -13,21 +13,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from pyquorum.core import messages
 from pyquorum.core.errors import LocalProtocolError, RemoteProtocolError
-from pyquorum.core.messages import (
-    MESSAGE_TYPES,
-    STEP_DOWN_REASONS,
-    Heartbeat,
-    HeartbeatResponse,
-    Message,
-    PreVoteRequest,
-    PreVoteResponse,
-    Resign,
-    StepDown,
-    StepDownResponse,
-    VoteRequest,
-    VoteResponse,
-)
 from pyquorum.wire.codec import (
     DECODE_REASONS,
     MSG_TYPE,
@@ -59,23 +46,23 @@ MAX_TERM = 2**63 - 1
 MAX_U64 = 2**64 - 1
 
 ALL_MESSAGES: list[WireMessage] = [
-    Heartbeat(term=0, master=False, round=0),
-    Heartbeat(term=MAX_TERM, master=True, round=MAX_TERM),
-    Heartbeat(term=5, master=True, round=6, live=frozenset({C})),  # one member: a stable test id
+    messages.Heartbeat(term=0, master=False, round=0),
+    messages.Heartbeat(term=MAX_TERM, master=True, round=MAX_TERM),
+    messages.Heartbeat(term=5, master=True, round=6, live=frozenset({C})),  # one member: a stable test id
     Hello(),
-    StepDown(term=4, to=C, preempt=True),
-    StepDown(term=4),
-    StepDownResponse(term=4, accepted=True, reason="accepted"),
-    StepDownResponse(term=4, accepted=False, reason="not-connected"),
-    HeartbeatResponse(term=7, round=123456789),
-    PreVoteRequest(term=8),
-    PreVoteResponse(term=8, granted=True, voter_term=7),
-    PreVoteResponse(term=8, granted=False, voter_term=MAX_TERM),
-    VoteRequest(term=9),
-    VoteResponse(term=9, granted=True),
-    VoteResponse(term=9, granted=False),
-    Resign(term=10, successor=""),
-    Resign(term=10, successor=C),
+    messages.StepDown(term=4, to=C, preempt=True),
+    messages.StepDown(term=4),
+    messages.StepDownResponse(term=4, accepted=True, reason="accepted"),
+    messages.StepDownResponse(term=4, accepted=False, reason="not-connected"),
+    messages.HeartbeatResponse(term=7, round=123456789),
+    messages.PreVoteRequest(term=8),
+    messages.PreVoteResponse(term=8, granted=True, voter_term=7),
+    messages.PreVoteResponse(term=8, granted=False, voter_term=MAX_TERM),
+    messages.VoteRequest(term=9),
+    messages.VoteResponse(term=9, granted=True),
+    messages.VoteResponse(term=9, granted=False),
+    messages.Resign(term=10, successor=""),
+    messages.Resign(term=10, successor=C),
     ClusterInfo(members=(A, B, "10.0.0.9:51621"), timing=TIMING),
     ClusterInfo(members=("[::1]:1",), timing="é ρ=1%"),
     Timeline(request_id=MAX_U64),
@@ -172,7 +159,9 @@ def reject(c: Codec, data: bytes) -> DatagramError:
 
 @pytest.mark.parametrize("keyring", [None, RING], ids=["no-key", "key"])
 @pytest.mark.parametrize("msg", ALL_MESSAGES, ids=repr)
-def test_codec_round_trips_every_message(msg: Message | ClusterInfo | Hello, keyring: KeyRing | None):
+def test_codec_round_trips_every_message(
+    msg: messages.Message | ClusterInfo | Hello, keyring: KeyRing | None
+):
     """Reference: security.md §4."""
     data = encode(msg, keyring, sender_epoch=MAX_U64, seq=MAX_U64, echo_epoch=MAX_U64)
     env, decoded = codec(B, keyring).decode(data)
@@ -190,7 +179,7 @@ def test_codec_round_trips_every_message(msg: Message | ClusterInfo | Hello, key
 
 
 def test_codec_covers_every_core_message_type():
-    assert set(MESSAGE_TYPES) <= set(MSG_TYPE)
+    assert set(messages.MESSAGE_TYPES) <= set(MSG_TYPE)
     assert {type(m) for m in ALL_MESSAGES} == set(MSG_TYPE)
     assert len(set(MSG_TYPE.values())) == len(MSG_TYPE)
 
@@ -198,25 +187,25 @@ def test_codec_covers_every_core_message_type():
 def test_codec_wire_format_matches_the_table():
     """Every message type byte for byte against security.md §4, with and without a key."""
     payloads: list[tuple[WireMessage, int, bytes]] = [
-        (Heartbeat(term=3, master=True, round=4), 1, u64(3) + b"\x01" + u64(4) + b"\x01\x00"),
+        (messages.Heartbeat(term=3, master=True, round=4), 1, u64(3) + b"\x01" + u64(4) + b"\x01\x00"),
         # the live bitmap over the members in protocol order: 10.0.0.1, 10.0.0.2, [fd00::3]
         (
-            Heartbeat(term=3, master=True, round=4, live=frozenset({A, C})),
+            messages.Heartbeat(term=3, master=True, round=4, live=frozenset({A, C})),
             1,
             u64(3) + b"\x01" + u64(4) + b"\x01\xa0",
         ),
-        (Heartbeat(term=3, master=False), 1, u64(3) + b"\x00" + u64(0) + b"\x01\x00"),
-        (HeartbeatResponse(term=3, round=4), 2, u64(3) + u64(4)),
-        (PreVoteRequest(term=3), 3, u64(3)),
-        (PreVoteResponse(term=3, granted=True, voter_term=2), 4, u64(3) + b"\x01" + u64(2)),
-        (VoteRequest(term=3), 5, u64(3)),
-        (VoteResponse(term=3, granted=False), 6, u64(3) + b"\x00"),
-        (Resign(term=3, successor=C), 7, u64(3) + ident(C)),
-        (Resign(term=3), 7, u64(3) + b"\x00"),
+        (messages.Heartbeat(term=3, master=False), 1, u64(3) + b"\x00" + u64(0) + b"\x01\x00"),
+        (messages.HeartbeatResponse(term=3, round=4), 2, u64(3) + u64(4)),
+        (messages.PreVoteRequest(term=3), 3, u64(3)),
+        (messages.PreVoteResponse(term=3, granted=True, voter_term=2), 4, u64(3) + b"\x01" + u64(2)),
+        (messages.VoteRequest(term=3), 5, u64(3)),
+        (messages.VoteResponse(term=3, granted=False), 6, u64(3) + b"\x00"),
+        (messages.Resign(term=3, successor=C), 7, u64(3) + ident(C)),
+        (messages.Resign(term=3), 7, u64(3) + b"\x00"),
         (ClusterInfo(members=(A, C), timing="t"), 64, b"\x02" + ident(A) + ident(C) + b"\x00\x01t"),
         (Hello(), 65, b""),
-        (StepDown(term=3, to=C, preempt=True), 8, u64(3) + ident(C) + b"\x01"),
-        (StepDownResponse(term=3, accepted=False, reason="not-live"), 9, u64(3) + b"\x00\x06"),
+        (messages.StepDown(term=3, to=C, preempt=True), 8, u64(3) + ident(C) + b"\x01"),
+        (messages.StepDownResponse(term=3, accepted=False, reason="not-live"), 9, u64(3) + b"\x00\x06"),
         (Timeline(request_id=5), 66, u64(5)),
         (
             TimelineResponse(5, "candidate", 3, (("script_started", 3, 1500), ("silence_ended", 2, 1))),
@@ -235,7 +224,7 @@ def test_codec_format_is_frozen():
     """A golden datagram: if this changes, VERSION must change too. Reference: security.md §4."""
     assert FP.hex() == "6499ece97d1e9875"
     assert cluster_fingerprint([A], "x").hex() == "94d3b3c43db5c589"
-    data = encode(VoteResponse(term=2, granted=True), RING, sender_epoch=1, seq=2, echo_epoch=3)
+    data = encode(messages.VoteResponse(term=2, granted=True), RING, sender_epoch=1, seq=2, echo_epoch=3)
     assert data.hex() == (
         "5051"  # magic
         "02"  # version
@@ -254,16 +243,18 @@ def test_codec_format_is_frozen():
 
 TERMS = st.integers(0, MAX_TERM)
 MESSAGES: st.SearchStrategy[WireMessage] = st.one_of(
-    st.builds(Heartbeat, TERMS, st.just(True), TERMS, st.frozensets(st.sampled_from([A, B, C]))),
-    st.builds(Heartbeat, TERMS, st.just(False), TERMS),
-    st.builds(HeartbeatResponse, TERMS, TERMS),
-    st.builds(PreVoteRequest, TERMS),
-    st.builds(PreVoteResponse, TERMS, st.booleans(), TERMS),
-    st.builds(VoteRequest, TERMS),
-    st.builds(VoteResponse, TERMS, st.booleans()),
-    st.builds(Resign, TERMS, st.sampled_from(["", A, B, C])),
-    st.builds(StepDown, TERMS, st.sampled_from(["", A, B, C]), st.booleans()),
-    st.builds(StepDownResponse, TERMS, st.just(False), st.sampled_from(STEP_DOWN_REASONS[1:])),
+    st.builds(messages.Heartbeat, TERMS, st.just(True), TERMS, st.frozensets(st.sampled_from([A, B, C]))),
+    st.builds(messages.Heartbeat, TERMS, st.just(False), TERMS),
+    st.builds(messages.HeartbeatResponse, TERMS, TERMS),
+    st.builds(messages.PreVoteRequest, TERMS),
+    st.builds(messages.PreVoteResponse, TERMS, st.booleans(), TERMS),
+    st.builds(messages.VoteRequest, TERMS),
+    st.builds(messages.VoteResponse, TERMS, st.booleans()),
+    st.builds(messages.Resign, TERMS, st.sampled_from(["", A, B, C])),
+    st.builds(messages.StepDown, TERMS, st.sampled_from(["", A, B, C]), st.booleans()),
+    st.builds(
+        messages.StepDownResponse, TERMS, st.just(False), st.sampled_from(messages.STEP_DOWN_REASONS[1:])
+    ),
     st.builds(Timeline, st.integers(0, MAX_U64)),
     st.builds(
         TimelineResponse,
@@ -315,8 +306,8 @@ def test_codec_rotation_accepts_both_keys_and_signs_with_the_first():
     everyone accepts both. Reference: security.md §6."""
     old_first = KeyRing(send_key_id=1, keys={1: KEY1, 2: KEY2})
     new_first = KeyRing(send_key_id=2, keys={2: KEY2, 1: KEY1})
-    from_old = encode(VoteRequest(term=4), old_first)
-    from_new = encode(VoteRequest(term=4), new_first)
+    from_old = encode(messages.VoteRequest(term=4), old_first)
+    from_new = encode(messages.VoteRequest(term=4), new_first)
     assert from_old[3] == 1
     assert from_new[3] == 2
     assert from_new[:-32] == from_old[:3] + b"\x02" + from_old[4:-32]
@@ -326,17 +317,17 @@ def test_codec_rotation_accepts_both_keys_and_signs_with_the_first():
     # step 3 done on the receiver (key 1 removed) before the sender moved key 2 first: refused
     only_new = KeyRing(send_key_id=2, keys={2: KEY2})
     assert reject(codec(B, only_new), from_old).reason == "unknown-key"
-    assert codec(B, only_new).decode(from_new)[1] == VoteRequest(term=4)
+    assert codec(B, only_new).decode(from_new)[1] == messages.VoteRequest(term=4)
 
 
 def test_codec_rejects_wrong_key_with_same_id():
     """Reference: security.md §3 (forgery)."""
-    forged = encode(VoteResponse(term=4, granted=True), KeyRing(send_key_id=1, keys={1: KEY3}))
+    forged = encode(messages.VoteResponse(term=4, granted=True), KeyRing(send_key_id=1, keys={1: KEY3}))
     assert reject(codec(B, RING), forged).reason == "bad-mac"
 
 
 def test_codec_rejects_unknown_key_id():
-    data = encode(VoteRequest(term=4), KeyRing(send_key_id=9, keys={9: KEY1}))
+    data = encode(messages.VoteRequest(term=4), KeyRing(send_key_id=9, keys={9: KEY1}))
     err = reject(codec(B, RING), data)
     assert err.reason == "unknown-key"
     assert "key id 9" in err.detail
@@ -344,18 +335,18 @@ def test_codec_rejects_unknown_key_id():
 
 def test_codec_with_key_rejects_unauthenticated():
     """Reference: security.md §3 (forgery): key_id 0 is refused once a key is configured."""
-    assert reject(codec(B, RING), encode(VoteRequest(term=4))).reason == "unauthenticated"
+    assert reject(codec(B, RING), encode(messages.VoteRequest(term=4))).reason == "unauthenticated"
 
 
 def test_codec_without_key_rejects_signed_datagrams_clearly():
-    err = reject(codec(B, None), encode(VoteRequest(term=4), RING))
+    err = reject(codec(B, None), encode(messages.VoteRequest(term=4), RING))
     assert err.reason == "unexpected-mac"
     assert "peer uses a key, we don't" in str(err)
 
 
 def test_codec_rejects_forged_mac():
     data = build(u64(4), msg_type=5, key_id=1, key=KEY1)
-    assert codec(B, RING).decode(data)[1] == VoteRequest(term=4)
+    assert codec(B, RING).decode(data)[1] == messages.VoteRequest(term=4)
     assert reject(codec(B, RING), data[:-32] + bytes(32)).reason == "bad-mac"
     assert reject(codec(B, RING), data[:-1] + bytes([data[-1] ^ 1])).reason == "bad-mac"
 
@@ -377,7 +368,7 @@ def _flips(data: bytes):
 
 
 @pytest.mark.parametrize("msg", ALL_MESSAGES, ids=repr)
-def test_codec_with_key_rejects_every_altered_byte(msg: Message | ClusterInfo | Hello):
+def test_codec_with_key_rejects_every_altered_byte(msg: messages.Message | ClusterInfo | Hello):
     """Every single bit, and every whole byte, flipped anywhere: rejected. Reference:
     security.md §3 (alteration)."""
     data = encode(msg, RING)
@@ -387,7 +378,7 @@ def test_codec_with_key_rejects_every_altered_byte(msg: Message | ClusterInfo | 
 
 
 @pytest.mark.parametrize("msg", ALL_MESSAGES, ids=repr)
-def test_codec_without_key_detects_every_corrupted_byte(msg: Message | ClusterInfo | Hello):
+def test_codec_without_key_detects_every_corrupted_byte(msg: messages.Message | ClusterInfo | Hello):
     """CRC-32 catches any error within one byte (accidents only, not attackers). Reference:
     security.md §4 (trailer)."""
     data = encode(msg)
@@ -425,7 +416,7 @@ def test_codec_decodes_other_cluster_and_reports_its_fingerprint():
 def test_codec_other_cluster_with_other_key_is_rejected():
     """With a key, a foreign datagram decodes only when its MAC verifies with our keys.
     Reference: security.md §3 (cross-cluster)."""
-    other = encode(VoteRequest(term=1), KeyRing(send_key_id=1, keys={1: KEY3}), fp=b"\x00" * 8)
+    other = encode(messages.VoteRequest(term=1), KeyRing(send_key_id=1, keys={1: KEY3}), fp=b"\x00" * 8)
     assert reject(codec(B, RING), other).reason == "bad-mac"
 
 
@@ -494,8 +485,8 @@ def test_codec_rejects_unknown_sender(keyed: bool):
 
 def test_codec_rejects_datagram_for_another_receiver():
     """A datagram A sent to C cannot be replayed to B. Reference: security.md §3 (replay)."""
-    data = encode(VoteResponse(term=5, granted=True), RING, receiver=C)
-    assert codec(C, RING).decode(data)[1] == VoteResponse(term=5, granted=True)
+    data = encode(messages.VoteResponse(term=5, granted=True), RING, receiver=C)
+    assert codec(C, RING).decode(data)[1] == messages.VoteResponse(term=5, granted=True)
     assert reject(codec(B, RING), data).reason == "wrong-receiver"
 
 
@@ -592,15 +583,15 @@ def test_codec_error_details_are_short_and_printable():
 @pytest.mark.parametrize(
     ("msg", "kwargs", "match"),
     [
-        (VoteRequest(term=2**63), {}, "outside 0..2\\*\\*63-1"),
-        (VoteRequest(term=-1), {}, "outside"),
-        (Heartbeat(term=1, master=True, round=2**63), {}, "outside"),
-        (VoteRequest(term=1), {"receiver": A}, "not a peer member"),
-        (VoteRequest(term=1), {"receiver": "10.0.0.99:51621"}, "not a peer member"),
-        (VoteRequest(term=1), {"sender_epoch": 0}, "sender_epoch"),
-        (VoteRequest(term=1), {"seq": -1}, "seq"),
-        (VoteRequest(term=1), {"echo_epoch": 2**64}, "echo_epoch"),
-        (Resign(term=1, successor="10.0.0.99:51621"), {}, "successor"),
+        (messages.VoteRequest(term=2**63), {}, "outside 0..2\\*\\*63-1"),
+        (messages.VoteRequest(term=-1), {}, "outside"),
+        (messages.Heartbeat(term=1, master=True, round=2**63), {}, "outside"),
+        (messages.VoteRequest(term=1), {"receiver": A}, "not a peer member"),
+        (messages.VoteRequest(term=1), {"receiver": "10.0.0.99:51621"}, "not a peer member"),
+        (messages.VoteRequest(term=1), {"sender_epoch": 0}, "sender_epoch"),
+        (messages.VoteRequest(term=1), {"seq": -1}, "seq"),
+        (messages.VoteRequest(term=1), {"echo_epoch": 2**64}, "echo_epoch"),
+        (messages.Resign(term=1, successor="10.0.0.99:51621"), {}, "successor"),
         (ClusterInfo(members=(), timing=""), {}, "1-255 distinct"),
         (ClusterInfo(members=(A, A), timing=""), {}, "1-255 distinct"),
         (ClusterInfo(members=("a:b",), timing=""), {}, "canonical"),

@@ -11,6 +11,7 @@ with the receiver's term before anything else (protocol.md §3.1).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Final
 
 
 @dataclass(frozen=True, slots=True)
@@ -133,14 +134,19 @@ Message = (
     | StepDownResponse
 )
 
-MESSAGE_TYPES: tuple[type[Message], ...] = (
-    Heartbeat,
-    HeartbeatResponse,
-    PreVoteRequest,
-    PreVoteResponse,
-    VoteRequest,
-    VoteResponse,
-    Resign,
-    StepDown,
-    StepDownResponse,
-)
+# The one list of the core's message types, each with the name it has in counters and metrics
+# (docs/operations.md: ``counters.datagrams_sent``). Whoever needs a table over every message type
+# (runtime/status.py's counters) derives it from here; the wire's msg_type numbers are written out in
+# wire/codec.py, because they are the wire format.
+MESSAGE_NAMES: Final[dict[type[Message], str]] = {
+    Heartbeat: "heartbeat",
+    HeartbeatResponse: "heartbeat_response",
+    PreVoteRequest: "prevote_request",
+    PreVoteResponse: "prevote_response",
+    VoteRequest: "vote_request",
+    VoteResponse: "vote_response",
+    Resign: "resign",
+    StepDown: "step_down",
+    StepDownResponse: "step_down_response",
+}
+MESSAGE_TYPES: Final[tuple[type[Message], ...]] = tuple(MESSAGE_NAMES)

@@ -42,16 +42,12 @@ from dataclasses import dataclass, field
 from typing import Any, Final
 
 from pyquorum.core.messages import (
+    MESSAGE_NAMES,
     Heartbeat,
     HeartbeatResponse,
     Message,
     PreVoteRequest,
     PreVoteResponse,
-    Resign,
-    StepDown,
-    StepDownResponse,
-    VoteRequest,
-    VoteResponse,
 )
 from pyquorum.core.node import Event, EventKind, Node, Role
 from pyquorum.wire import ClusterInfo, Hello
@@ -77,17 +73,9 @@ __all__ = [
 API_VERSION: Final = 1
 """The version of ``Snapshot.to_json()``: a field is only ever added within a version."""
 
-# The wire's message types as they are named in counters and metrics.
-DATAGRAM_TYPES: Final[dict[type[object], str]] = {
-    Heartbeat: "heartbeat",
-    HeartbeatResponse: "heartbeat_response",
-    PreVoteRequest: "prevote_request",
-    PreVoteResponse: "prevote_response",
-    VoteRequest: "vote_request",
-    VoteResponse: "vote_response",
-    Resign: "resign",
-    StepDown: "step_down",
-    StepDownResponse: "step_down_response",
+# The wire's message types as they are named in counters and metrics: the core's (named in
+# core/messages.py), then the runtime's own.
+DATAGRAM_TYPES: Final[dict[type[object], str]] = dict(MESSAGE_NAMES.items()) | {
     Hello: "hello",
     ClusterInfo: "cluster_info",
     Timeline: "timeline",

@@ -304,33 +304,27 @@ class Udp:
             log_event(log, logging.WARNING, "peer_accepted", peer=peer, after_refused_s=round(refused_for, 1))
 
     def _cluster_mismatch(self, sender: str, msg: WireMessage, now: float) -> None:
-        # counted ("cluster-mismatch") by the endpoint already; here the reports and the answer
-        ours = ",".join(self._members)
+        # counted ("cluster-mismatch") by the endpoint already; here the report and the answer. A
+        # ClusterInfo brings the peer's lists; any other message only its other fingerprint, so it
+        # is answered with ours (rate-limited), and its lists follow when it gets them.
         if isinstance(msg, ClusterInfo):
-            if self._reject_log.allow(f"info:{sender}", now) is not None:
-                log_event(
-                    log,
-                    logging.ERROR,
-                    "cluster_mismatch",
-                    peer=sender,
-                    their_members=",".join(msg.members),
-                    their_timing=msg.timing,
-                    our_members=ours,
-                    our_timing=self._timing_text,
-                    hint="every node must be given the same servers and timing options",
-                )
-            return
-        if self._reject_log.allow(f"mismatch:{sender}", now) is not None:
+            key, hint = f"info:{sender}", "every node must be given the same servers and timing options"
+            theirs = {"their_members": ",".join(msg.members), "their_timing": msg.timing}
+        else:
+            key, theirs = f"mismatch:{sender}", {}
+            hint = "it sent a different cluster fingerprint; its own lists follow when it gets ours"
+        if self._reject_log.allow(key, now) is not None:
             log_event(
                 log,
                 logging.ERROR,
                 "cluster_mismatch",
                 peer=sender,
-                our_members=ours,
+                **theirs,
+                our_members=",".join(self._members),
                 our_timing=self._timing_text,
-                hint="it sent a different cluster fingerprint; its own lists follow when it gets ours",
+                hint=hint,
             )
-        if self._info_sent.allow(sender, now) is not None:
+        if not isinstance(msg, ClusterInfo) and self._info_sent.allow(sender, now) is not None:
             self.send(sender, ClusterInfo(self._members, self._timing_text))
 
 

@@ -67,21 +67,9 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Final, NamedTuple
 
+from pyquorum.core import messages
 from pyquorum.core.address import NodeAddress, sort_nodes
 from pyquorum.core.errors import LocalProtocolError, RemoteProtocolError
-from pyquorum.core.messages import (
-    STEP_DOWN_REASONS,
-    Heartbeat,
-    HeartbeatResponse,
-    Message,
-    PreVoteRequest,
-    PreVoteResponse,
-    Resign,
-    StepDown,
-    StepDownResponse,
-    VoteRequest,
-    VoteResponse,
-)
 from pyquorum.wire.keyring import KeyRing
 from pyquorum.wire.mac import Mac, compare_digest, sha256
 from pyquorum.wire.operate import (
@@ -196,19 +184,19 @@ def cluster_fingerprint(members: Iterable[str], timing_text: str) -> bytes:
 
 
 # Everything the wire carries: the core's messages, and the runtime's own (never given to the core).
-WireMessage = Message | ClusterInfo | Hello | OperateMessage
+WireMessage = messages.Message | ClusterInfo | Hello | OperateMessage
 
 # msg_type numbers are part of the wire format: never renumber, only add.
 MSG_TYPE: Final[dict[type[WireMessage], int]] = {
-    Heartbeat: 1,
-    HeartbeatResponse: 2,
-    PreVoteRequest: 3,
-    PreVoteResponse: 4,
-    VoteRequest: 5,
-    VoteResponse: 6,
-    Resign: 7,
-    StepDown: 8,
-    StepDownResponse: 9,
+    messages.Heartbeat: 1,
+    messages.HeartbeatResponse: 2,
+    messages.PreVoteRequest: 3,
+    messages.PreVoteResponse: 4,
+    messages.VoteRequest: 5,
+    messages.VoteResponse: 6,
+    messages.Resign: 7,
+    messages.StepDown: 8,
+    messages.StepDownResponse: 9,
     ClusterInfo: 64,  # runtime-level messages live at 64 and above
     Hello: 65,
     Timeline: 66,  # wire/operate.py: step-down --wait and the drill
@@ -425,28 +413,30 @@ class Codec:
         return datagram
 
     def _encode_payload(self, msg: WireMessage) -> bytes:
-        if isinstance(msg, Heartbeat):
+        if isinstance(msg, messages.Heartbeat):
             return _term(msg.term) + _flag(msg.master) + _term(msg.round) + self._live_bits(msg.live)
-        if isinstance(msg, HeartbeatResponse):
+        if isinstance(msg, messages.HeartbeatResponse):
             return _term(msg.term) + _term(msg.round)
-        if isinstance(msg, (PreVoteRequest, VoteRequest)):
+        if isinstance(msg, (messages.PreVoteRequest, messages.VoteRequest)):
             return _term(msg.term)
-        if isinstance(msg, PreVoteResponse):
+        if isinstance(msg, messages.PreVoteResponse):
             return _term(msg.term) + _flag(msg.granted) + _term(msg.voter_term)
-        if isinstance(msg, VoteResponse):
+        if isinstance(msg, messages.VoteResponse):
             return _term(msg.term) + _flag(msg.granted)
         if isinstance(msg, Hello):
             return b""
-        if isinstance(msg, StepDown):
+        if isinstance(msg, messages.StepDown):
             if msg.to and msg.to not in self.members:
                 raise LocalProtocolError(f"step-down target {msg.to!r} is not a member")
             raw = msg.to.encode("ascii")
             return _term(msg.term) + bytes((len(raw),)) + raw + _flag(msg.preempt)
-        if isinstance(msg, StepDownResponse):
-            if msg.reason not in STEP_DOWN_REASONS:
+        if isinstance(msg, messages.StepDownResponse):
+            if msg.reason not in messages.STEP_DOWN_REASONS:
                 raise LocalProtocolError(f"unknown step-down reason {msg.reason!r}")
-            return _term(msg.term) + _flag(msg.accepted) + bytes((STEP_DOWN_REASONS.index(msg.reason),))
-        if isinstance(msg, Resign):
+            return (
+                _term(msg.term) + _flag(msg.accepted) + bytes((messages.STEP_DOWN_REASONS.index(msg.reason),))
+            )
+        if isinstance(msg, messages.Resign):
             if msg.successor and msg.successor not in self.members:
                 raise LocalProtocolError(f"successor {msg.successor!r} is not a member")
             raw = msg.successor.encode("ascii")
@@ -567,36 +557,41 @@ class Codec:
             live = self._read_live(r)
             if live and not master:
                 raise DatagramError("bad-field", "a plain heartbeat reports live members")
-            return Heartbeat(term=term, master=master, round=round_, live=live)
+            return messages.Heartbeat(term=term, master=master, round=round_, live=live)
         if msg_type == 2:
-            return HeartbeatResponse(term=r.term("term"), round=r.term("round"))
+            return messages.HeartbeatResponse(term=r.term("term"), round=r.term("round"))
         if msg_type == 3:
-            return PreVoteRequest(term=r.term("term"))
+            return messages.PreVoteRequest(term=r.term("term"))
         if msg_type == 4:
-            return PreVoteResponse(
+            return messages.PreVoteResponse(
                 term=r.term("term"), granted=r.flag("granted"), voter_term=r.term("voter_term")
             )
         if msg_type == 5:
-            return VoteRequest(term=r.term("term"))
+            return messages.VoteRequest(term=r.term("term"))
         if msg_type == 6:
-            return VoteResponse(term=r.term("term"), granted=r.flag("granted"))
+            return messages.VoteResponse(term=r.term("term"), granted=r.flag("granted"))
         if msg_type == 7:
             term = r.term("term")
             successor = r.text("successor", r.u8("successor"), ascii_only=True)
             if successor and successor not in self.members:
                 raise DatagramError("bad-field", f"successor {successor!r} is not a member")
-            return Resign(term=term, successor=successor)
+            return messages.Resign(term=term, successor=successor)
         if msg_type == 8:
             term = r.term("term")
             to = r.text("to", r.u8("to"), ascii_only=True)
             if to and to not in self.members:
                 raise DatagramError("bad-field", f"step-down target {to!r} is not a member")
-            return StepDown(term=term, to=to, preempt=r.flag("preempt"))
+            return messages.StepDown(term=term, to=to, preempt=r.flag("preempt"))
         if msg_type == 9:
             term, accepted, code = r.term("term"), r.flag("accepted"), r.u8("reason")
-            if code >= len(STEP_DOWN_REASONS) or (STEP_DOWN_REASONS[code] == "accepted") != accepted:
+            if (
+                code >= len(messages.STEP_DOWN_REASONS)
+                or (messages.STEP_DOWN_REASONS[code] == "accepted") != accepted
+            ):
                 raise DatagramError("bad-field", f"step-down reason {code} does not fit accepted={accepted}")
-            return StepDownResponse(term=term, accepted=accepted, reason=STEP_DOWN_REASONS[code])
+            return messages.StepDownResponse(
+                term=term, accepted=accepted, reason=messages.STEP_DOWN_REASONS[code]
+            )
         if msg_type == 64:
             return self._decode_cluster_info(r)
         if msg_type == 65:

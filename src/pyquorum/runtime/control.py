@@ -230,17 +230,15 @@ class Client:
         try:
             with _address(self.path) as address:
                 sock.connect(address)
-        except FileNotFoundError:
-            sock.close()
-            raise Unreachable(f"no control socket {self.path}: is the daemon of this node running?") from None
-        except ConnectionRefusedError:
-            sock.close()
-            raise Unreachable(
-                f"nothing listens on {self.path}: the daemon of this node is not running"
-            ) from None
         except OSError as exc:
             sock.close()
-            raise Unreachable(f"cannot connect to {self.path}: {exc.strerror or exc}") from None
+            if isinstance(exc, FileNotFoundError):
+                why = f"no control socket {self.path}: is the daemon of this node running?"
+            elif isinstance(exc, ConnectionRefusedError):
+                why = f"nothing listens on {self.path}: the daemon of this node is not running"
+            else:
+                why = f"cannot connect to {self.path}: {exc.strerror or exc}"
+            raise Unreachable(why) from None
         return sock
 
     def request(self, command: str, args: Mapping[str, Any] | None = None) -> Any:
@@ -256,14 +254,13 @@ class Client:
                 if not chunk:
                     raise Unreachable(f"the daemon closed {self.path} without answering")
                 self._buffer += chunk
-        except TimeoutError:
+        except OSError as exc:  # TimeoutError is one
             self.close()
-            raise Unreachable(
-                f"the daemon did not answer within {self.timeout_s:g} s on {self.path}"
-            ) from None
-        except OSError as exc:
-            self.close()
-            raise Unreachable(f"lost the connection to {self.path}: {exc.strerror or exc}") from None
+            if isinstance(exc, TimeoutError):
+                why = f"the daemon did not answer within {self.timeout_s:g} s on {self.path}"
+            else:
+                why = f"lost the connection to {self.path}: {exc.strerror or exc}"
+            raise Unreachable(why) from None
         line, self._buffer = self._buffer.split(b"\n", 1)
         answer = json.loads(line)
         if not answer.get("ok"):

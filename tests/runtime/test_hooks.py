@@ -402,9 +402,12 @@ exit 0
 
 def test_hooks_a_process_that_escapes_the_group_is_reported(hooks: Hooks) -> None:
     """setsid leaves the group: not killed (an honest limit), but seen holding the hook's output."""
+    # Exit only once the child has left our group: until its setsid() it is a member, and at our
+    # exit the runner SIGKILLs what is left in the group (hook_left_processes), as it should.
     body = """
 setsid sleep 1000 &
 echo $! > "$DIR/escaped"
+while [ "$(cut -d' ' -f5 /proc/$!/stat)" = "$(cut -d' ' -f5 /proc/$$/stat)" ]; do sleep 0.01; done
 exit 0
 """
     hooks.run_once(body)

@@ -45,8 +45,9 @@ second at the defaults), and a renewal on stdin wakes the guard each time, for n
 only matters at the moment it would act on it. So the daemon writes its ``renew <D>`` lines to a pipe
 of their own, fd R, which the guard never polls: it reads everything waiting there (non-blocking) each
 time it wakes up for any reason, before it acts, and it wakes up at least at its next planned moment
-(SIGTERM at D - G - K) and at least every ``_RENEW_DRAIN_S`` (1 s, so that the pipe does not fill at
-any heartbeat interval over about 0.5 ms, when only a page of it is granted). At that moment it takes
+(SIGTERM at D - G - K) and at least every ``_RENEW_DRAIN_S`` (1 s: a pipe's 64 KiB hold about 2,500
+renewals, the single page a spent pipe quota grants about 150; a renewal that does not fit is dropped
+by the daemon, which keeps the guard's earlier deadline, the safe side). At that moment it takes
 the newest deadline written so far and, renewed, sleeps again until the new D - G - K: about two and
 a half wake-ups a second at the default timing instead of ten. It acts on the same deadline as if it
 had read each renewal on arrival: a renewal written before a command, or before the moment, is read

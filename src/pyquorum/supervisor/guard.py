@@ -11,7 +11,10 @@ a fork and an exec, not the 20-80 ms of a Python interpreter's start-up::
     python -I -S guard.py --report-fd N --stop-timeout G --kill-margin K --standby -- argv...
 
 each with ``--renew-fd R`` before ``--`` when the daemon sends its renewals on a pipe of their own
-("Renewals without a wake-up", below).
+("Renewals without a wake-up", below). The daemon runs it as ``python -I -S -c <boot> .../guard.py
+<arguments>``, where the boot line imports this file as the module ``guard`` from its directory and
+calls ``main``: imported, it runs from its compiled bytecode, where a script given by path is
+compiled at every start (supervisor/run.py, ``_GUARD_BOOT``).
 
 Why a separate process (protocol.md §4.4; docs/design-notes.md, "Supervising a child"): a daemon that
 is SIGKILLed or frozen (SIGSTOP, swap, a long GC pause) cannot enforce its own lease, and its script

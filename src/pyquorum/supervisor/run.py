@@ -79,7 +79,8 @@ _GUARD_FLAGS: Final = ("-I", "-S")
 # (__pycache__) is used: a script run by its path is compiled from source at every start, a few
 # milliseconds of the guard's start-up, and the compiler's high-water memory stays in the guard's
 # image, which it then locks (1.4 MB of its 15.9). GUARD_PATH stays the first argument, so that ps
-# and the tests still see guard.py in its command line.
+# and the tests still see guard.py in its command line. Its directory goes first on the guard's
+# sys.path: no module there may take the name of one that guard.py imports (all are the stdlib's).
 _GUARD_BOOT: Final = (
     "import os, sys; sys.path.insert(0, os.path.dirname(sys.argv.pop(1))); import guard; "
     "sys.exit(guard.main(sys.argv[1:]))"

@@ -20,7 +20,6 @@ import logging
 import math
 import os
 import re
-import shutil
 import signal
 import socket
 import stat
@@ -29,7 +28,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
-from typing import NoReturn
+from typing import NoReturn, cast
 
 from pyquorum import __version__, configfile
 from pyquorum.config import (
@@ -138,6 +137,31 @@ class _Parser(argparse.ArgumentParser):
         if message:
             sys.stderr.write(message)
         raise _ParserExit(status)
+
+    # argparse makes a formatter at every add_argument() (to check the metavar), and a formatter
+    # without a width asks shutil for the terminal's, so building the parser imported shutil, and
+    # with it zlib, bz2 and lzma: 0.8 MB resident in every daemon (issue 12). Only text written for
+    # people needs the width; every other formatter gets a fixed one.
+    _writing_text = False
+
+    def _get_formatter(self) -> argparse.HelpFormatter:
+        if self._writing_text:
+            return super()._get_formatter()
+        make = cast(Callable[..., argparse.HelpFormatter], self.formatter_class)
+        return make(prog=self.prog, width=80)
+
+    def format_help(self) -> str:
+        return self._text(super().format_help)
+
+    def format_usage(self) -> str:
+        return self._text(super().format_usage)
+
+    def _text(self, format_: Callable[[], str]) -> str:
+        self._writing_text = True
+        try:
+            return format_()
+        finally:
+            self._writing_text = False
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -623,6 +647,8 @@ def resolve_script(text: str) -> str:
     """The absolute path of ``-s``: a path as given, or a bare name found on $PATH."""
     path = os.path.expanduser(text)
     if os.sep not in path and not os.path.exists(path):
+        import shutil  # only for a bare name: shutil loads zlib, bz2 and lzma (0.8 MB resident)
+
         found = shutil.which(path)
         if found is not None:
             return os.path.abspath(found)

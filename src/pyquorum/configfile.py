@@ -40,7 +40,6 @@ there (the parser cannot go on), so problems after it show on the next attempt.
 
 from __future__ import annotations
 
-import difflib
 import json
 import math
 import os
@@ -246,6 +245,8 @@ def _read(path: str) -> bytes:
 
 
 def _unknown(name: str, value: object) -> str:
+    import difflib  # only for a mistake: not loaded into every daemon (0.4 MB)
+
     message = f"unknown key '{name}'"
     close = difflib.get_close_matches(name.replace("-", "_"), list(_BY_NAME), n=1, cutoff=0.6)
     if close:

@@ -136,7 +136,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import datetime
 import enum
 import logging
 import math
@@ -150,7 +149,7 @@ from dataclasses import dataclass
 from typing import Final
 
 from pyquorum.core.node import Event, EventKind, Role, Status
-from pyquorum.runtime.logs import log_event
+from pyquorum.runtime.logs import log_event, utc_text
 from pyquorum.supervisor.guard import group_alive, group_members
 
 __all__ = [
@@ -269,7 +268,7 @@ def _checked(path: str, timeout_s: float, queue_max: int) -> tuple[str, float, i
 
 
 def _wall_clock_text() -> str:
-    return datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    return utc_text(time.time_ns(), places=6)
 
 
 class NotifyHooks:

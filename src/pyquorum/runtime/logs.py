@@ -42,13 +42,13 @@ exception``); another name is a bug of ours and raises ``ValueError`` at the cal
 
 from __future__ import annotations
 
-import datetime
 import json
 import logging
 import math
 import os
 import re
 import sys
+import time
 from collections.abc import Mapping
 from typing import IO, Any
 
@@ -177,13 +177,21 @@ class TextFormatter(_Formatter):
         return f"{self.formatTime(record)} {record.levelname} node={self.node} {message}"
 
 
+def utc_text(ns: int, *, places: int) -> str:
+    """``ns`` nanoseconds since the epoch as ISO 8601 in UTC, ``places`` digits of a second (1-9):
+    ``utc_text(0, places=3) == "1970-01-01T00:00:00.000Z"``. The time module's, not datetime's:
+    datetime stays out of the daemon (0.7 MB resident, for two timestamps)."""
+    seconds, rest = divmod(ns, 1_000_000_000)
+    fraction = f"{rest:09d}"[:places]
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds)) + f".{fraction}Z"
+
+
 class JsonFormatter(_Formatter):
     """One JSON object per line; the fields of ``log_event`` as members, never parsed from text."""
 
     def format(self, record: logging.LogRecord) -> str:
-        moment = datetime.datetime.fromtimestamp(record.created, tz=datetime.timezone.utc)
         out: dict[str, Value] = {
-            "time": moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{moment.microsecond // 1000:03d}Z",
+            "time": utc_text(round(record.created * 1e9), places=3),
             "level": record.levelname,
             "node": self.node,
             "logger": record.name,

@@ -33,7 +33,6 @@ import contextlib
 import fcntl
 import json
 import os
-import tempfile
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
@@ -148,7 +147,7 @@ class StateStore:
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         self._lock_fd = fd
-        # A crash between mkstemp and rename leaves a temp file; we hold the lock, so it is stale.
+        # A crash between writing a temp file and its rename leaves it; we hold the lock, so it is stale.
         for stale in self.state_dir.glob(f".{STATE_FILE_NAME}.*.tmp"):
             with contextlib.suppress(OSError):
                 stale.unlink()
@@ -291,7 +290,7 @@ def read_status(path: Path) -> dict[str, Any] | None:
 def _atomic_write(path: Path, text: str, *, durable: bool, mode: int) -> None:
     # The temp file lives in the same directory, so os.replace() is a rename within one file system:
     # atomic. Its name starts with a dot and ends in .tmp so acquire() can sweep leftovers.
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = _create_temp(path)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
@@ -307,6 +306,21 @@ def _atomic_write(path: Path, text: str, *, durable: bool, mode: int) -> None:
     if durable:
         # The rename is durable only once the directory entry is on disk.
         _fsync_dir(path.parent)
+
+
+def _create_temp(path: Path) -> tuple[int, str]:
+    """A new file ``.<name>.<random>.tmp`` beside ``path``, mode 0600, opened for writing: what
+    ``tempfile.mkstemp`` makes (O_EXCL, so never a file someone else made; O_NOFOLLOW). Not tempfile
+    itself: it imports shutil, which loads zlib, bz2 and lzma, 1 MB resident in every daemon for
+    one call (issue 12's memory target)."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+    for _ in range(100):  # 48 random bits: a collision is a leftover of ours, not a race
+        tmp = os.path.join(path.parent, f".{path.name}.{os.urandom(6).hex()}.tmp")
+        try:
+            return os.open(tmp, flags, 0o600), tmp
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"no free temporary file name beside {path}")
 
 
 def _fsync_dir(directory: Path) -> None:

@@ -427,19 +427,38 @@ def test_supervisor_start_counts_renewals_sent_while_the_guard_starts(
     """A lease renewed while the guard is still starting up counts: the first deadline leaves less
     room than the guard's own start-up (tens of ms on a loaded host), but the guard reads the
     renewal before its start-up check, and start() waits by the renewed deadline. With G = 0 it is
-    start()'s own wait that would give up. Reference: protocol.md §4.3."""
+    start()'s own wait that would give up. Reference: protocol.md §4.3.
 
-    async def scenario() -> None:
+    The premise is that the renewal is written within the first deadline's 3 ms of room, before
+    start()'s wait could give up and long before any guard can have started up. On a loaded host
+    this process may lose the CPU for longer between the spawn and the renewal; such an attempt
+    proves nothing either way (the guard rightly refuses a lease that it saw expire), so it is run
+    again, and only an attempt whose renewal came in time decides."""
+    room_s = 0.003
+    decided: list[bool] = []
+
+    async def attempt() -> None:
         async with harness(["sleep", "100"], tag, stop_timeout_s=stop_timeout_s) as h:
-            first = time.monotonic() + stop_timeout_s + K + 0.003
-            starting = asyncio.ensure_future(h.sup.start(first, h.env))
+            at = time.monotonic()
+            starting = asyncio.ensure_future(h.sup.start(at + stop_timeout_s + K + room_s, h.env))
             await asyncio.sleep(0)  # start() has spawned the guard and waits for it
+            renewed_after_s = time.monotonic() - at
             h.sup.renew(time.monotonic() + 5.0)
-            await starting
+            try:
+                await starting
+            except ScriptStartError:
+                if renewed_after_s <= room_s:
+                    raise
+                return  # the renewal came too late to count: no verdict
             assert h.sup.running
             assert h.sup.pid is not None
+            decided.append(True)
 
-    run(scenario)
+    for _ in range(10):
+        run(attempt)
+        if decided:
+            return
+    pytest.skip(f"this process never renewed within {room_s * 1000:g} ms of the spawn in 10 tries")
 
 
 def test_supervisor_start_that_gives_up_leaves_no_unretrieved_exception(

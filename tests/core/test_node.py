@@ -18,14 +18,7 @@ from pyquorum.core.messages import (
     VoteResponse,
 )
 from pyquorum.core.node import UNKNOWN_VOTE, EventKind, HardState, Node, Ready, Role, StartScript, StopScript
-
-A, B, C = "127.0.0.1:51621", "127.0.0.2:51621", "127.0.0.3:51621"
-T = Timing()
-E = T.election_timeout_s
-
-
-def node(me: str = B, now: float = 0.0, hs: HardState | None = None) -> Node:
-    return Node(me, [A, B, C], T, now=now, rng=random.Random(0), hard_state=hs)
+from tests.core.cluster_of_three import A, B, C, E, T, node
 
 
 def drain(n: Node) -> Ready:

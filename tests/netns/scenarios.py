@@ -282,17 +282,41 @@ def kill_master(host: bool) -> Callable[[Harness], None]:
 
     def steps(h: Harness) -> None:
         m = h.master()
-        f = h.fault(
+        master_failover(
+            h,
+            m,
             f"kill -9 {'host' if host else 'daemon'} {m} (master)",
             lambda: h.c.crash(m, host=host),
-            hosts=[m],
+            undo=lambda: h.c.restart(m, wait=False),
+            hold_s=1.0,
             minority=None if host else [m],
-            failover_bound=h.crash_bound,
         )
-        h.wait_new_master(m, after=0)
-        h.hold(f, 1.0, lambda: h.c.restart(m, wait=False))
 
     return steps
+
+
+def master_failover(
+    h: Harness,
+    m: Node,
+    name: str,
+    do: Callable[[], object],
+    *,
+    undo: Callable[[], object],
+    hold_s: float,
+    minority: list[Node] | None = None,
+    whole_host_pause: bool = False,
+) -> None:
+    """Fault the master ``m``, wait for another to run (within the crash bound), then hold and undo."""
+    f = h.fault(
+        name,
+        do,
+        hosts=[m],
+        minority=minority,
+        failover_bound=h.crash_bound,
+        whole_host_pause=whole_host_pause,
+    )
+    h.wait_new_master(m, after=0)
+    h.hold(f, hold_s, undo)
 
 
 def isolate_fault(h: Harness, node: Node, role: str, failover_bound: float | None = None) -> int:
@@ -354,15 +378,15 @@ def stop_daemon_master(h: Harness) -> None:
 def pause_host_master(h: Harness) -> None:
     """protocol.md §4.5: a VM pause. Timing cannot stop the resumed script for a moment; fencing must."""
     m = h.master()
-    f = h.fault(
+    master_failover(
+        h,
+        m,
         f"SIGSTOP host {m} (master, VM pause)",
         lambda: h.c.pause(m, host=True),
-        hosts=[m],
-        failover_bound=h.crash_bound,
+        undo=lambda: h.c.resume(m),
+        hold_s=0.5,
         whole_host_pause=True,
     )
-    h.wait_new_master(m, after=0)
-    h.hold(f, 0.5, lambda: h.c.resume(m))
 
 
 def isolate_master(h: Harness) -> None:

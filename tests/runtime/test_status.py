@@ -7,7 +7,6 @@ from __future__ import annotations
 import io
 import json
 import logging
-import random
 from dataclasses import replace
 from pathlib import Path
 
@@ -36,10 +35,7 @@ from pyquorum.runtime.status import (
 )
 from pyquorum.runtime.storage import STATUS_KEYS
 from pyquorum.wire.codec import Hello
-
-A, B, C = "127.0.0.1:51621", "127.0.0.2:51621", "127.0.0.3:51621"
-T = Timing()
-E = T.election_timeout_s
+from tests.core.cluster_of_three import A, B, C, E, T, node
 
 
 def config(me: str, tmp_path: Path) -> Config:
@@ -59,7 +55,7 @@ def drain(n: Node, counters: Counters, now: float) -> Ready:
 
 def daemon_with(me: str, tmp_path: Path) -> tuple[Daemon, Node]:
     d = Daemon(config(me, tmp_path))
-    d.node = Node(me, [A, B, C], T, now=0.0, rng=random.Random(0))
+    d.node = node(me)
     d.started_at = 0.0
     return d, d.node
 

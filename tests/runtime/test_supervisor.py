@@ -30,7 +30,7 @@ import sys
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
-from contextlib import asynccontextmanager, suppress
+from contextlib import asynccontextmanager, contextmanager, suppress
 from pathlib import Path
 from typing import BinaryIO
 
@@ -860,18 +860,9 @@ def test_guard_without_privileges_says_so_and_works(
     its report, then starts, guards and stops the script as usual."""
     if os.geteuid() != 0:
         pytest.skip("needs root, to take the privileges away")
-    report_r, report_w = os.pipe()
     deadline = time.monotonic() + 5.0
-    guard = spawn(
-        guard_command(
-            report_w, ["--standby"] if mode == "standby" else ["--deadline", repr(deadline)], ["sleep", "100"]
-        ),
-        stdin=subprocess.PIPE,
-        pass_fds=(report_w,),
-        preexec_fn=_without_privileges,
-    )
-    os.close(report_w)
-    with os.fdopen(report_r, "rb") as report:
+    how = ["--standby"] if mode == "standby" else ["--deadline", repr(deadline)]
+    with driven_guard(spawn, how, ["sleep", "100"], preexec_fn=_without_privileges) as (guard, report):
         assert report.readline() == b"hardened mlock=EPERM sched=rr-EPERM,nice-EACCES\n"
         assert guard.stdin is not None
         if mode == "standby":
@@ -1200,16 +1191,9 @@ def test_supervisor_never_blocks_on_a_guard_that_does_not_read(tag: str) -> None
 def test_guard_line_protocol(tag: str, spawn: Callable[..., subprocess.Popen[bytes]]) -> None:
     """guard.py driven directly: started, bad lines ignored (an infinite deadline too), a stop
     honoured, exited, exit status 0. Reference: protocol.md §4.3."""
-    report_r, report_w = os.pipe()
     deadline = time.monotonic() + 2.0
-    guard = spawn(
-        guard_command(report_w, ["--deadline", repr(deadline)], ["sleep", "100"]),
-        stdin=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        pass_fds=(report_w,),
-    )
-    os.close(report_w)
-    with os.fdopen(report_r, "rb") as report:
+    mode = ["--deadline", repr(deadline)]
+    with driven_guard(spawn, mode, ["sleep", "100"], stderr=subprocess.PIPE) as (guard, report):
         pid = expect_start(report)
         assert guard.stdin is not None
         guard.stdin.write(b"bogus\nrenew soon\nrenew inf\nrenew nan\nrenew 1 2\n")
@@ -1266,6 +1250,29 @@ def said(guard: subprocess.Popen[bytes]) -> str:
     assert guard.stderr is not None
     with guard.stderr:
         return guard.stderr.read().decode()
+
+
+@contextmanager
+def driven_guard(
+    spawn: Callable[..., subprocess.Popen[bytes]], mode: list[str], argv: list[str], **popen: object
+) -> Iterator[tuple[subprocess.Popen[bytes], BinaryIO]]:
+    """guard.py started directly (``guard_command``), its commands on stdin: it and its report pipe."""
+    report_r, report_w = os.pipe()
+    guard = spawn(guard_command(report_w, mode, argv), stdin=subprocess.PIPE, pass_fds=(report_w,), **popen)
+    os.close(report_w)
+    with os.fdopen(report_r, "rb") as report:
+        yield guard, report
+
+
+@contextmanager
+def ready_standby_guard(
+    spawn: Callable[..., subprocess.Popen[bytes]], argv: list[str], **popen: object
+) -> Iterator[tuple[subprocess.Popen[bytes], BinaryIO]]:
+    """A ``driven_guard`` in --standby mode, once it has reported its hardening and ready."""
+    with driven_guard(spawn, ["--standby"], argv, **popen) as (guard, report):
+        assert HARDENED.fullmatch(report.readline())
+        assert report.readline() == b"ready\n"
+        yield guard, report
 
 
 def test_supervisor_standby_start_is_faster_than_a_cold_start(tag: str, tmp_path: Path) -> None:
@@ -1412,17 +1419,8 @@ def test_guard_standby_exits_quietly_when_closed(
     """A standby guard sleeps without using the CPU; closed, by EOF on its stdin or SIGTERM, it exits
     0 at once, says and starts nothing."""
     marker = tmp_path / "ran"
-    report_r, report_w = os.pipe()
-    guard = spawn(
-        guard_command(report_w, ["--standby"], ["sh", "-c", f": > {marker}"]),
-        stdin=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        pass_fds=(report_w,),
-    )
-    os.close(report_w)
-    with os.fdopen(report_r, "rb") as report:
-        assert HARDENED.fullmatch(report.readline())
-        assert report.readline() == b"ready\n"
+    script = ["sh", "-c", f": > {marker}"]
+    with ready_standby_guard(spawn, script, stderr=subprocess.PIPE) as (guard, report):
         cpu_ticks = cpu_time_ticks(guard.pid)
         time.sleep(0.5)
         assert cpu_time_ticks(guard.pid) - cpu_ticks <= 1  # a tick is 10 ms; poll() without a timer
@@ -1447,18 +1445,9 @@ def test_guard_standby_line_protocol(
     deadline leaves no time to run); the script gets exactly the given environment; then as any
     guard: a stop, exited. Reference: protocol.md §4.3."""
     out = tmp_path / "env"
-    report_r, report_w = os.pipe()
-    guard = spawn(
-        guard_command(report_w, ["--standby"], ["sh", "-c", f"env > {out}; exec sleep 100"]),
-        stdin=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        pass_fds=(report_w,),
-    )
-    os.close(report_w)
     env = {"PATH": os.environ["PATH"], TAG_VAR: tag, "ONLY": "this"}
-    with os.fdopen(report_r, "rb") as report:
-        assert HARDENED.fullmatch(report.readline())
-        assert report.readline() == b"ready\n"
+    script = ["sh", "-c", f"env > {out}; exec sleep 100"]
+    with ready_standby_guard(spawn, script, stderr=subprocess.PIPE) as (guard, report):
         assert guard.stdin is not None
         guard.stdin.write(b"renew 1e9\nbogus\n")
         guard.stdin.flush()
@@ -1545,16 +1534,7 @@ def test_guard_standby_refuses_a_bad_start_line(
 ) -> None:
     """A start line the standby guard cannot act on is reported as an error; nothing starts."""
     marker = tmp_path / "ran"
-    report_r, report_w = os.pipe()
-    guard = spawn(
-        guard_command(report_w, ["--standby"], ["sh", "-c", f": > {marker}"]),
-        stdin=subprocess.PIPE,
-        pass_fds=(report_w,),
-    )
-    os.close(report_w)
-    with os.fdopen(report_r, "rb") as report:
-        assert HARDENED.fullmatch(report.readline())
-        assert report.readline() == b"ready\n"
+    with ready_standby_guard(spawn, ["sh", "-c", f": > {marker}"]) as (guard, report):
         assert guard.stdin is not None
         line = "start " + order.format(deadline=repr(time.monotonic() + 5.0))
         guard.stdin.write(line.encode() + b"\n")

@@ -151,6 +151,7 @@ from typing import Final
 from pyquorum.core.node import Event, EventKind, Role, Status
 from pyquorum.runtime.logs import log_event, utc_text
 from pyquorum.supervisor.guard import group_alive, group_members
+from pyquorum.supervisor.run import COMPLAIN_S, POLL_MAX_S, poll_until
 
 __all__ = [
     "DEFAULT_QUEUE_MAX",
@@ -178,11 +179,9 @@ _READ_BYTES: Final = 65536
 # When the group is gone, what is still in the pipes is read at once, up to this (beyond: a process
 # that left the group is writing).
 _DRAIN_MAX_BYTES: Final = 1 << 20
-# Polling a group's death (and a hook's exit without a pidfd): from 0.2 ms, doubling, up to this, as
-# run.py does; with a pidfd, a wake-up at least this often to see a shutdown's earlier kill.
-_POLL_MAX_S: Final = 0.02
-# While a SIGKILLed group is still alive (D state): how often to say so, and SIGKILL it again.
-_COMPLAIN_S: Final = 1.0
+# Polling a group's death (and a hook's exit without a pidfd) is run.py's: from 0.2 ms, doubling, up
+# to POLL_MAX_S; with a pidfd, a wake-up at least that often to see a shutdown's earlier kill. While
+# a SIGKILLed group is still alive (D state), every COMPLAIN_S: say so, and SIGKILL it again.
 # aclose(): how long past its budget to wait for a SIGKILLed hook to be reaped before giving up on it.
 _FORCED_CLOSE_WAIT_S: Final = 1.0
 
@@ -612,14 +611,14 @@ class _Run:
                 )
                 self._killpg()
                 killed = True
-                complain_at = now + _COMPLAIN_S
+                complain_at = now + COMPLAIN_S
             if now >= complain_at:
-                complain_at = now + _COMPLAIN_S
+                complain_at = now + COMPLAIN_S
                 self._complain(now)
-            # Woken by the pidfd at the exit; otherwise polled. At least every _POLL_MAX_S either
+            # Woken by the pidfd at the exit; otherwise polled. At least every POLL_MAX_S either
             # way, for a shutdown that brings the kill earlier.
-            wait_s = _POLL_MAX_S if self._pidfd is not None else delay
-            delay = min(delay * 2, _POLL_MAX_S)
+            wait_s = POLL_MAX_S if self._pidfd is not None else delay
+            delay = min(delay * 2, POLL_MAX_S)
             await self._exit_or(wait_s if killed else min(wait_s, kill_at - now))
         if not killed:
             # What the hook left behind in its group dies with it: nothing of one run may overlap
@@ -636,15 +635,9 @@ class _Run:
                 )
                 self._killpg()
                 killed = True
-                complain_at = time.monotonic() + _COMPLAIN_S
-        delay = 0.0002
-        while killed and group_alive(self.pid):
-            now = time.monotonic()
-            if now >= complain_at:
-                complain_at = now + _COMPLAIN_S
-                self._complain(now)
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, _POLL_MAX_S)
+                complain_at = time.monotonic() + COMPLAIN_S
+        if killed:
+            await poll_until(lambda: not group_alive(self.pid), self._complain, complain_at)
         self.returncode = self._reap()
         self.ended_at = time.monotonic()
         self._close_pidfd()

@@ -69,7 +69,17 @@ from pyquorum.core.errors import PyquorumError
 from pyquorum.runtime.logs import log_event, log_exception
 from pyquorum.supervisor.guard import group_alive, group_members
 
-__all__ = ["GUARD_PATH", "GuardLost", "GuardRun", "RunState", "ScriptExit", "ScriptStartError"]
+__all__ = [
+    "COMPLAIN_S",
+    "GUARD_PATH",
+    "POLL_MAX_S",
+    "GuardLost",
+    "GuardRun",
+    "RunState",
+    "ScriptExit",
+    "ScriptStartError",
+    "poll_until",
+]
 
 GUARD_PATH: Final = os.path.join(os.path.dirname(os.path.abspath(__file__)), "guard.py")
 # -I: ignore PYTHON* variables and the user's site directory (the script's environment is not ours
@@ -85,11 +95,26 @@ _GUARD_BOOT: Final = (
     "import os, sys; sys.path.insert(0, os.path.dirname(sys.argv.pop(1))); import guard; "
     "sys.exit(guard.main(sys.argv[1:]))"
 )
-# While a dead guard's script group, or a guard that closed its report pipe, is still alive: how
-# often to say so (ERROR) and to SIGKILL the group again.
-_COMPLAIN_S: Final = 1.0
-# Polling for a guard's exit and a group's death: from 0.2 ms, doubling, up to this.
-_POLL_MAX_S: Final = 0.02
+# While a process or group that should be gone is still alive (a dead guard's script group, a
+# guard that closed its report pipe, a SIGKILLed hook): how often to say so (ERROR), and to SIGKILL
+# it again where that applies.
+COMPLAIN_S: Final = 1.0
+# Polling for a process's exit or a group's death: from 0.2 ms, doubling, up to this.
+POLL_MAX_S: Final = 0.02
+
+
+async def poll_until(done: Callable[[], bool], complain: Callable[[float], None], complain_at: float) -> None:
+    """Return once ``done()`` is true, polling from 0.2 ms, doubling, up to ``POLL_MAX_S``, without
+    blocking the loop; while it is not, call ``complain(now)`` at ``complain_at`` and every
+    ``COMPLAIN_S`` after. The one wait for what must end (run.py's guard and script group, a hook's
+    group) however long it takes: nothing is reported gone before it is."""
+    delay = 0.0002
+    while not done():
+        await asyncio.sleep(delay)
+        delay = min(delay * 2, POLL_MAX_S)
+        if (now := time.monotonic()) >= complain_at:
+            complain_at = now + COMPLAIN_S
+            complain(now)
 
 
 class RunState(enum.Enum):
@@ -514,47 +539,41 @@ class GuardRun:
         # The report pipe is at EOF: the guard has exited or is about to (it closes the pipe only
         # by exiting). Poll without blocking the loop; this takes well under a millisecond.
         began = time.monotonic()
-        complain_at = began + _COMPLAIN_S
-        delay = 0.0002
-        while (status := self.proc.poll()) is None:
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, _POLL_MAX_S)
-            if (now := time.monotonic()) >= complain_at:
-                complain_at = now + _COMPLAIN_S
-                log_event(
-                    self._log,
-                    logging.ERROR,
-                    "guard_not_reaped",
-                    guard_pid=self.proc.pid,
-                    for_s=round(now - began),
-                    hint="its report pipe is closed but it has not exited",
-                )
-        return status
+
+        def complain(now: float) -> None:
+            log_event(
+                self._log,
+                logging.ERROR,
+                "guard_not_reaped",
+                guard_pid=self.proc.pid,
+                for_s=round(now - began),
+                hint="its report pipe is closed but it has not exited",
+            )
+
+        await poll_until(lambda: self.proc.poll() is not None, complain, began + COMPLAIN_S)
+        return self.proc.returncode
 
     async def _kill_group(self, pgid: int) -> None:
         """SIGKILL group ``pgid`` and wait until none of it is alive, however long that takes."""
         began = time.monotonic()
-        complain_at = began + _COMPLAIN_S
-        delay = 0.0002
+
+        def complain(now: float) -> None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(pgid, signal.SIGKILL)
+            log_event(
+                self._log,
+                logging.ERROR,
+                "script_group_alive",
+                pgid=pgid,
+                for_s=round(now - began),
+                pids=",".join(map(str, group_members(pgid))),
+                hint="SIGKILLed after its guard died and still alive (uninterruptible sleep?); "
+                "not reported stopped until it is gone",
+            )
+
         with contextlib.suppress(ProcessLookupError):
             os.killpg(pgid, signal.SIGKILL)
-        while group_alive(pgid):
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, _POLL_MAX_S)
-            if (now := time.monotonic()) >= complain_at:
-                complain_at = now + _COMPLAIN_S
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(pgid, signal.SIGKILL)
-                log_event(
-                    self._log,
-                    logging.ERROR,
-                    "script_group_alive",
-                    pgid=pgid,
-                    for_s=round(now - began),
-                    pids=",".join(map(str, group_members(pgid))),
-                    hint="SIGKILLed after its guard died and still alive (uninterruptible sleep?); "
-                    "not reported stopped until it is gone",
-                )
+        await poll_until(lambda: not group_alive(pgid), complain, began + COMPLAIN_S)
 
 
 def _time(word: str) -> float | None:

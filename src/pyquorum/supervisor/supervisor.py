@@ -61,7 +61,14 @@ from collections.abc import Callable
 from typing import Final
 
 from pyquorum.runtime.logs import RESERVED_FIELDS, Value, log_event, log_exception
-from pyquorum.supervisor.run import GuardLost, GuardRun, RunState, ScriptExit, ScriptStartError
+from pyquorum.supervisor.run import (
+    COMPLAIN_S,
+    GuardLost,
+    GuardRun,
+    RunState,
+    ScriptExit,
+    ScriptStartError,
+)
 from pyquorum.supervisor.standby import StandbyPool
 
 __all__ = ["ScriptSupervisor"]
@@ -71,8 +78,6 @@ _FORCED_CLOSE_WAIT_S: Final = 1.0
 # A new standby guard comes this long after a run ends (standby.py says why); a restart after a
 # failure waits longer than this anyway (config.DEFAULT_RESTART_BACKOFF_S).
 _STANDBY_AFTER_RUN_S: Final = 0.5
-# While an abandoned start's guard does not die: how often to say so.
-_COMPLAIN_S: Final = 1.0
 
 
 class ScriptSupervisor:
@@ -305,7 +310,7 @@ class ScriptSupervisor:
                 # We SIGKILLed the guard and it has not died yet: it is stuck (a frozen cgroup, D
                 # state). Nothing is reported until it has, however long that takes.
                 try:
-                    await asyncio.wait_for(run.changed(), _COMPLAIN_S)
+                    await asyncio.wait_for(run.changed(), COMPLAIN_S)  # still not dead: say so
                 except asyncio.TimeoutError:
                     log_event(
                         self._log,

@@ -104,7 +104,7 @@ def _one(h: Harness, kind: str, hold: float) -> None:
         h.sleep(hold)
         h.heal(f, c.heal)
     elif kind == "bridge":
-        a, mid, b = bridge_sides(h, x)
+        a, mid, b = bridge_sides(h, x, master=c.running())
         f = h.net_fault(
             f"bridge {names_of(a)}|{names_of(b)} via {mid}", lambda: c.partition(a, b), hosts=[*a, *b]
         )

@@ -9,14 +9,17 @@ protocol.md §3.8 (fencing), §4.2 (minority deadline), §4.5 (host pause), §5 
 from __future__ import annotations
 
 import json
+import random
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
 
+from tests.harness.cluster import Node
 from tests.netns.checker import check, timing_of
 from tests.netns.report import table
+from tests.netns.scenarios import Harness, bridge_sides
 
 META = {
     "scenario": "made-up",
@@ -334,3 +337,36 @@ def test_report_table_has_one_row_per_scenario() -> None:
     assert "4 failovers, max 800, 3 in bound" in lines[3]
     assert "0 (+1 §4.5)" in lines[3]
     assert "NOT INJECTED" in lines[3]
+
+
+class _Sides:
+    """What ``bridge_sides`` uses of a Harness: the other nodes and the seeded random source."""
+
+    def __init__(self, nodes: list[Node], seed: int) -> None:
+        self.nodes = nodes
+        self.rng = random.Random(seed)
+
+    def others(self, *nodes: Node) -> list[Node]:
+        return [n for n in self.nodes if n not in nodes]
+
+
+@pytest.mark.parametrize("size", [3, 4, 5, 7])
+def test_bridge_never_puts_the_master_in_the_middle(size: int) -> None:
+    # With the master as the bridge, the followers send to it alone (protocol.md §3.2): no datagram
+    # crosses the cut, nothing is dropped, and the fault is not injected (stop 19's CI failure).
+    nodes = [cast(Node, f"n{i}") for i in range(size)]  # bridge_sides only compares and orders them
+    middles: set[tuple[Node, Node, Node]] = set()
+    for seed in range(200):
+        for x in nodes:
+            for master in nodes:
+                h = cast(Harness, _Sides(nodes, seed))
+                a, mid, b = bridge_sides(h, x, master=master)
+                assert mid != master
+                assert a[0] == x and sorted(map(str, [*a, mid, *b])) == sorted(map(str, nodes))
+                assert a and b and not set(a) & set(b)
+                middles.add((x, master, mid))
+    # Every node other than x and the master is still chosen as the bridge now and then.
+    for x in nodes:
+        for master in nodes:
+            chosen = {mid for (x2, m2, mid) in middles if x2 == x and m2 == master}
+            assert chosen == set(nodes) - {x, master}

@@ -80,3 +80,33 @@ print(""",
 
 def storage_files(directory: Path) -> list[str]:
     return sorted(p.name for p in directory.iterdir() if p.name != "lock")
+
+
+# What a standby guard must not load for its start line: json, and the re that json brings (what
+# else json needs, enum, functools and collections, signal and contextlib load anyway): 1.3 MB locked
+# resident in every standby guard, and so in every master's guard, which was a standby guard before
+# its start (docs/benchmarks.md, "Cost").
+GUARD_NOT_LOADED = ("json", "_json", "re", "_sre")
+
+GUARD_PROBE = """
+import sys
+sys.path.insert(0, {directory!r})
+import guard
+deadline, env = guard.parse_start(guard.start_line(12.5, {{"A": "x y%\\n", "B": "\\udcff"}})[:-1])
+assert (deadline, env) == (12.5, {{"A": "x y%\\n", "B": "\\udcff"}}), (deadline, env)
+print(" ".join(sorted(sys.modules)))
+"""
+
+
+def test_the_guard_reads_its_start_line_without_json() -> None:
+    directory = str(SRC / "pyquorum" / "supervisor")
+    out = subprocess.run(
+        [sys.executable, "-I", "-S", "-c", GUARD_PROBE.format(directory=directory)],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=60,
+    )
+    modules = set(out.stdout.split())
+    assert "guard" in modules
+    assert sorted(m for m in GUARD_NOT_LOADED if m in modules) == []

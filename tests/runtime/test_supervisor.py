@@ -32,11 +32,14 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager, contextmanager, suppress
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from pyquorum.supervisor import GUARD_PATH, ScriptExit, ScriptStartError, ScriptSupervisor
+from pyquorum.supervisor.guard import parse_start, start_line
 from tests.harness.procfs import TAG_VAR, alive, sweep, tagged_pids
 
 G = 0.2  # stop_timeout_s: small, so that the file runs quickly
@@ -868,7 +871,7 @@ def test_guard_without_privileges_says_so_and_works(
         if mode == "standby":
             assert report.readline() == b"ready\n"
             env = {"PATH": os.environ["PATH"], TAG_VAR: tag}
-            guard.stdin.write(f"start {deadline!r} {json.dumps({'env': env})}\n".encode())
+            guard.stdin.write(start_line(deadline, env))
             guard.stdin.flush()
         (forked,) = expect(report, b"forked")
         (started,) = expect(report, b"started")
@@ -1452,8 +1455,7 @@ def test_guard_standby_line_protocol(
         guard.stdin.write(b"renew 1e9\nbogus\n")
         guard.stdin.flush()
         now = time.monotonic()
-        order = json.dumps({"env": env})
-        guard.stdin.write(f"start {now + G + K / 2!r} {order}\nrenew {now + 5.0!r}\n".encode())
+        guard.stdin.write(start_line(now + G + K / 2, env) + f"renew {now + 5.0!r}\n".encode())
         guard.stdin.flush()
         (forked,) = expect(report, b"forked")
         (started,) = expect(report, b"started")
@@ -1527,7 +1529,10 @@ def test_guard_reads_renewals_on_their_own_pipe_without_waking(
 
 @pytest.mark.parametrize(
     "order",
-    ["inf {{}}", "{deadline} not-json", "{deadline} []", '{deadline} {{"env": {{"A": 1}}}}', ""],
+    [
+        *("inf A=1", "nan A=1", "soon A=1", ""),
+        *("{deadline} no-equals-sign", "{deadline} =no-name", "{deadline} A=1%", "{deadline} A=%41"),
+    ],
 )
 def test_guard_standby_refuses_a_bad_start_line(
     tag: str, spawn: Callable[..., subprocess.Popen[bytes]], tmp_path: Path, order: str
@@ -1578,3 +1583,26 @@ def test_standby_guard_exits_when_the_daemon_is_killed(
     wait_dead(standby, timeout=1.0)
     daemon.wait()
     assert tagged(tag) == []
+
+
+# Environment text as os.environ holds it: any str, undecodable bytes as surrogate escapes.
+_env_text = st.one_of(st.text(), st.binary().map(lambda b: b.decode("utf-8", "surrogateescape")))
+_env_name = _env_text.filter(lambda name: name != "" and "=" not in name)
+
+
+@given(st.floats(allow_nan=False, allow_infinity=False), st.dictionaries(_env_name, _env_text, max_size=8))
+def test_start_line_round_trips_any_environment(deadline: float, env: dict[str, str]) -> None:
+    """What the daemon writes is what the standby guard reads: the deadline bit for bit, every name
+    and value, with spaces, newlines, "%" and escapes such as "%20" themselves in them."""
+    line = start_line(deadline, env)
+    assert line.endswith(b"\n") and line.count(b"\n") == 1  # one line, whatever the values hold
+    assert parse_start(line[:-1]) == (deadline, env)
+
+
+@pytest.mark.parametrize(
+    ("env", "error"),
+    [({"": "x"}, ValueError), ({"A=B": "x"}, ValueError), ({"A": 1}, TypeError), ({2: "x"}, TypeError)],
+)
+def test_start_line_refuses_an_environment_no_process_can_hold(env: dict[Any, Any], error: type) -> None:
+    with pytest.raises(error, match="environment name"):
+        start_line(1.0, env)

@@ -32,9 +32,12 @@ Rules (protocol.md §4.3, §4.4), with kill deadline D, stop timeout G and kill 
 
 Input, stdin, one command per line; deadlines are ``time.monotonic()`` values (``repr`` of a float):
 
-    start <D> <json>   standby only, and first: start the script with kill deadline D and the
-                       environment {"env": {name: value}} (JSON on one line); a standby guard runs with
-                       the daemon's environment, the script gets exactly this one
+    start <D> <env>    standby only, and first: start the script with kill deadline D and exactly
+                       the environment <env> (a standby guard runs with the daemon's): its entries
+                       NAME=VALUE, one space between two, in which "%", space and newline are written
+                       %25, %20 and %0A; bytes are the entries' own (UTF-8, undecodable bytes kept as
+                       such); ``start_line`` writes it, ``parse_start`` reads it. Not JSON: json would
+                       cost every standby guard (and so every master's) 1.3 MB of resident modules.
     renew <D>          move the kill deadline later (an earlier value is ignored)
     stop <D>           stop now; D may move the deadline earlier, never later
 
@@ -118,7 +121,8 @@ reach. A stopped guard, or a paused host or VM, enforces nothing: only fencing t
 (protocol.md §4.5).
 
 This file imports nothing from pyquorum and is never imported by the guard process itself; the daemon
-imports it only for ``group_alive``. Keep its imports few: every one delays the script's start.
+imports it only for ``group_alive``, ``group_members`` and ``start_line``. Keep its imports few:
+every one delays the script's start and stays resident in every guard, locked by ``mlockall``.
 """
 
 from __future__ import annotations
@@ -163,6 +167,54 @@ class _UsageError(Exception):
 
 class _StartError(Exception):
     """A standby guard's start line it cannot act on: reported as ``error``, nothing started."""
+
+
+# The start line's escapes, "%" first: every "%" written starts one of these three tokens, so
+# reading them back in the other order (``%25`` last) gives exactly what was written.
+_ESCAPES = (("%", "%25"), (" ", "%20"), ("\n", "%0A"))
+_ENTRY_ENCODING = ("utf-8", "surrogateescape")  # how os.environ holds undecodable bytes
+
+
+def start_line(deadline: float, env: dict[str, str]) -> bytes:
+    """The start line that gives a standby guard ``deadline`` and the script's ``env`` (the module
+    docstring); ValueError for a name that no environment can hold (empty, or with "="), TypeError
+    for a name or value that is not a string."""
+    entries = []
+    for name, value in env.items():
+        if not isinstance(name, str) or not isinstance(value, str):
+            raise TypeError(f"environment names and values must be strings, not {name!r}: {value!r}")
+        if not name or "=" in name:
+            raise ValueError(f"environment name {name!r}: want a non-empty name without '='")
+        entry = f"{name}={value}"
+        for char, token in _ESCAPES:
+            entry = entry.replace(char, token)
+        entries.append(entry)
+    return f"start {deadline!r} {' '.join(entries)}\n".encode(*_ENTRY_ENCODING)
+
+
+def parse_start(raw: bytes) -> tuple[float, dict[str, str]]:
+    """The deadline and environment of a start line (without its newline); _StartError if it is
+    not one that ``start_line`` could have written."""
+    line = raw.decode(*_ENTRY_ENCODING)
+    _, _, rest = line.partition(" ")
+    value, _, body = rest.partition(" ")
+    try:
+        deadline = float(value)
+    except ValueError:
+        raise _StartError(f"bad start command: deadline {value!r} is not a number") from None
+    if not math.isfinite(deadline):
+        raise _StartError(f"bad start command: deadline {value!r}, want a finite one")
+    env: dict[str, str] = {}
+    for entry in body.split(" ") if body else ():
+        if entry.count("%") != sum(entry.count(token) for _, token in _ESCAPES):
+            raise _StartError(f"bad start command: {entry!r}: a '%' that is not %25, %20 or %0A")
+        for char, token in reversed(_ESCAPES):
+            entry = entry.replace(token, char)
+        name, eq, env_value = entry.partition("=")
+        if not name or not eq:
+            raise _StartError(f"bad start command: {entry!r}, want NAME=VALUE with a non-empty NAME")
+        env[name] = env_value
+    return deadline, env
 
 
 def _log(message: str) -> None:
@@ -384,28 +436,11 @@ class _Guard:
                 self.pending += data
                 while b"\n" in self.pending:
                     raw, self.pending = self.pending.split(b"\n", 1)
+                    if raw.startswith(b"start "):
+                        self.deadline, env = parse_start(raw)
+                        return env
                     line = raw.decode(errors="replace")
-                    if line.startswith("start "):
-                        return self._start_order(line)
                     _log(f"standby: ignoring a line that is not a start command: {line!r}")
-
-    def _start_order(self, line: str) -> dict[str, str]:
-        # "start <deadline> <json>": the deadline as in every command, the JSON an object {"env": {}}.
-        import json  # loaded by main() before "ready": a lookup in sys.modules
-
-        _, value, body = (*line.split(None, 2), "", "")[:3]
-        try:
-            deadline = float(value)
-            order = json.loads(body)
-        except ValueError as e:  # json.JSONDecodeError is a ValueError
-            raise _StartError(f"bad start command: {e}") from None
-        env = order.get("env") if isinstance(order, dict) else None
-        if not math.isfinite(deadline) or not isinstance(env, dict):
-            raise _StartError("bad start command: want 'start <finite deadline> {\"env\": {...}}'")
-        if not all(isinstance(k, str) and isinstance(v, str) for k, v in env.items()):
-            raise _StartError("bad start command: environment names and values must be strings")
-        self.deadline = deadline
-        return env
 
     # ---- starting ---------------------------------------------------------------------------------
 
@@ -798,10 +833,8 @@ def main(args: list[str]) -> int:
     signal.signal(signal.SIGCHLD, _noop)
     env: dict[str, str] | None = None
     if deadline is None:
-        # Load now, while nothing waits, what starting the script would load: json for the start
-        # line, ctypes for prctl, and warnings, which os.execvp imports (in the forked child!) to
-        # search PATH. A guard started for one run never needs json.
-        import json  # noqa: F401
+        # Load now, while nothing waits, what starting the script would load: ctypes for prctl, and
+        # warnings, which os.execvp imports (in the forked child!) to search PATH.
         import warnings  # noqa: F401
 
         guard.harden()  # loads ctypes for prctl too

@@ -53,7 +53,6 @@ import asyncio
 import contextlib
 import enum
 import io
-import json
 import logging
 import math
 import os
@@ -67,7 +66,7 @@ from typing import Final
 
 from pyquorum.core.errors import PyquorumError
 from pyquorum.runtime.logs import log_event, log_exception
-from pyquorum.supervisor.guard import group_alive, group_members
+from pyquorum.supervisor.guard import group_alive, group_members, start_line
 
 __all__ = [
     "COMPLAIN_S",
@@ -304,8 +303,7 @@ class GuardRun:
     def give_start(self, deadline: float, env: dict[str, str]) -> bool:
         """READY -> STARTING: hand a standby guard its start line. False if it is not ready or the
         line did not fit whole; the caller then closes it and starts a fresh guard instead."""
-        order = json.dumps({"env": env}, separators=(",", ":"))  # first: it may raise (not a str)
-        line = f"start {deadline!r} {order}\n".encode()
+        line = start_line(deadline, env)  # first: it raises for a bad environment
         if self.state is not RunState.READY or self.proc.poll() is not None or self._stdin_fd is None:
             return False
         try:

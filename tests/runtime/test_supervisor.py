@@ -230,8 +230,14 @@ def expect(report: BinaryIO, verb: bytes) -> list[bytes]:
 
 
 def expect_start(report: BinaryIO) -> int:
-    """A guard started for one run reports its hardening, then forked and started; the pid."""
+    """A guard started for one run, or a standby guard given its start line, reports its hardening,
+    then forked and started; the pid."""
     assert HARDENED.fullmatch(report.readline())
+    return expect_start_after_hardening(report)
+
+
+def expect_start_after_hardening(report: BinaryIO) -> int:
+    """``forked`` and ``started``, the same pid; the pid."""
     (forked,) = expect(report, b"forked")
     (started,) = expect(report, b"started")
     assert forked == started
@@ -866,17 +872,14 @@ def test_guard_without_privileges_says_so_and_works(
     deadline = time.monotonic() + 5.0
     how = ["--standby"] if mode == "standby" else ["--deadline", repr(deadline)]
     with driven_guard(spawn, how, ["sleep", "100"], preexec_fn=_without_privileges) as (guard, report):
-        assert report.readline() == b"hardened mlock=EPERM sched=rr-EPERM,nice-EACCES\n"
         assert guard.stdin is not None
-        if mode == "standby":
+        if mode == "standby":  # it hardens itself once it has its start line
             assert report.readline() == b"ready\n"
             env = {"PATH": os.environ["PATH"], TAG_VAR: tag}
             guard.stdin.write(start_line(deadline, env))
             guard.stdin.flush()
-        (forked,) = expect(report, b"forked")
-        (started,) = expect(report, b"started")
-        assert forked == started
-        assert alive(int(started))
+        assert report.readline() == b"hardened mlock=EPERM sched=rr-EPERM,nice-EACCES\n"
+        assert alive(expect_start_after_hardening(report))
         guard.stdin.write(f"stop {deadline!r}\n".encode())
         guard.stdin.flush()
         returncode, _, _ = expect_exited(report)
@@ -1271,9 +1274,8 @@ def driven_guard(
 def ready_standby_guard(
     spawn: Callable[..., subprocess.Popen[bytes]], argv: list[str], **popen: object
 ) -> Iterator[tuple[subprocess.Popen[bytes], BinaryIO]]:
-    """A ``driven_guard`` in --standby mode, once it has reported its hardening and ready."""
+    """A ``driven_guard`` in --standby mode, once it has reported ready (not yet hardened)."""
     with driven_guard(spawn, ["--standby"], argv, **popen) as (guard, report):
-        assert HARDENED.fullmatch(report.readline())
         assert report.readline() == b"ready\n"
         yield guard, report
 
@@ -1440,6 +1442,29 @@ def test_guard_standby_exits_quietly_when_closed(
     assert tagged(tag) == []
 
 
+def test_standby_guard_locks_its_memory_only_once_it_has_a_script(
+    tag: str, spawn: Callable[..., subprocess.Popen[bytes]]
+) -> None:
+    """Idle, a standby guard holds no locked memory (locked, it would keep 3 MB more resident on
+    every follower, to guard nothing); given its start line, it locks itself before the fork and
+    says so. Reference: guard.py, "Punctuality"."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root (CAP_IPC_LOCK) to lock memory")
+    with ready_standby_guard(spawn, ["sleep", "100"]) as (guard, report):
+        assert guard.stdin is not None
+        assert locked_kb(guard.pid) == 0
+        deadline = time.monotonic() + 5.0
+        guard.stdin.write(start_line(deadline, {"PATH": os.environ["PATH"], TAG_VAR: tag}))
+        guard.stdin.flush()
+        assert report.readline().startswith(b"hardened mlock=yes ")
+        assert alive(expect_start_after_hardening(report))
+        assert locked_kb(guard.pid) > 0
+        guard.stdin.write(f"stop {deadline!r}\n".encode())
+        guard.stdin.flush()
+        returncode, _, _ = expect_exited(report)
+        assert returncode == -signal.SIGTERM
+
+
 def test_guard_standby_line_protocol(
     tag: str, spawn: Callable[..., subprocess.Popen[bytes]], tmp_path: Path
 ) -> None:
@@ -1457,9 +1482,7 @@ def test_guard_standby_line_protocol(
         now = time.monotonic()
         guard.stdin.write(start_line(now + G + K / 2, env) + f"renew {now + 5.0!r}\n".encode())
         guard.stdin.flush()
-        (forked,) = expect(report, b"forked")
-        (started,) = expect(report, b"started")
-        assert forked == started
+        started = expect_start(report)
         time.sleep(0.5)  # past the start line's own deadline: the renewal holds
         assert alive(int(started))
         lines = out.read_text().splitlines()

@@ -44,7 +44,8 @@ Input, stdin, one command per line; deadlines are ``time.monotonic()`` values (`
 A standby guard reports ``ready`` and then sleeps in poll() (no timer: idle costs no CPU) until the
 start line. EOF or SIGTERM before it, the daemon's way of closing a standby guard (EOF also comes when
 the daemon dies), make it exit 0 at once, having started nothing; other lines before it are reported
-on stderr and ignored. From the start line on, it is a guard like any other.
+on stderr and ignored. From the start line on, it is a guard like any other: only then does it harden
+itself ("Punctuality", below), since an idle standby guard guards nothing.
 
 Renewals without a wake-up (``--renew-fd R``). The daemon renews every heartbeat round (ten times a
 second at the defaults), and a renewal on stdin wakes the guard each time, for nothing: the deadline
@@ -68,9 +69,10 @@ lease's slack); other early commands wait until the script has started.
 
 Output, on the report fd, one line each, in this order:
 
-    hardened mlock=<m> sched=<s>       what ``_harden`` obtained (below); a standby guard reports it
-                                       before ``ready``, a guard started for one run before ``forked``
     ready                              standby only: waiting for the start line
+    hardened mlock=<m> sched=<s>       what ``_harden`` obtained (below), before ``forked`` or the
+                                       ``error`` of a deadline too close; a standby guard hardens
+                                       itself once it has its start line
     forked <pid>                       the script's process exists; its pid is its process group id
     started <pid>                      the script was exec'd
     exited <returncode> <reaped_at> deadline=<D> kill_due=<t> kill_sent=<t>
@@ -97,13 +99,16 @@ of -10. Neither reaches the script: the policy is set with SCHED_RESET_ON_FORK, 
 with the normal policy, and a lowered nice value is restored in the child before its exec; memory
 locks are never inherited across fork. Real-time scheduling needs root or CAP_SYS_NICE (or an
 RLIMIT_RTPRIO); locking memory needs root or CAP_IPC_LOCK (or an RLIMIT_MEMLOCK above the guard's
-16 MB: locked, its resident size grows from about 12 MB to that). An unprivileged guard gets neither,
-says so in its ``hardened`` line, and runs on as before. A guard that inherited a real-time policy (a
-daemon run under chrt) keeps it, and so does its script. The ``exited`` line says how late the
-planned SIGKILL went out, so that the daemon logs every kill's lateness and its slack against the
+16 MB: locked, its resident size grows from about 10 MB to about 13). An unprivileged guard gets
+neither, says so in its ``hardened`` line, and runs on as before. A guard that inherited a real-time
+policy (a daemon run under chrt) keeps it, and so does its script. The ``exited`` line says how late
+the planned SIGKILL went out, so that the daemon logs every kill's lateness and its slack against the
 deadline. A SIGKILLed process still has to be scheduled to die, and under load an ordinary one can
 wait 10-15 ms for a CPU (measured: bench/supervisor.py): a guard that runs at a real-time priority
-lends it to the processes it has just SIGKILLed (``_signal_all``).
+lends it to the processes it has just SIGKILLed (``_signal_all``). Every guard hardens itself before
+it checks the deadline and forks; a standby guard only once its start line has come: locked while it
+waits, it would hold those 3 MB on every follower to guard nothing. The lock costs the start about
+2 ms (more if the idle guard's pages were swapped out, time that the deadline check then counts).
 
 Containment. The script is exec'd without a shell, in a new session (its pid is its process group id),
 with stdin from /dev/null, the guard's stdout, stderr and environment, and PR_SET_PDEATHSIG=SIGKILL so
@@ -834,10 +839,12 @@ def main(args: list[str]) -> int:
     env: dict[str, str] | None = None
     if deadline is None:
         # Load now, while nothing waits, what starting the script would load: ctypes for prctl, and
-        # warnings, which os.execvp imports (in the forked child!) to search PATH.
+        # warnings, which os.execvp imports (in the forked child!) to search PATH. Not hardened yet:
+        # locked, an idle standby guard would hold 3 MB more resident on every follower, to guard
+        # nothing (docs/benchmarks.md, "Cost"); it locks itself once it has a script to guard.
         import warnings  # noqa: F401
 
-        guard.harden()  # loads ctypes for prctl too
+        guard.load_prctl()
         _report(report_fd, "ready")
         try:
             env = guard.await_start()
@@ -846,6 +853,10 @@ def main(args: list[str]) -> int:
             return 0
         if env is None:  # closed (EOF or SIGTERM) before any start: nothing to do
             return 0
+    # Before the fork, so that no page fault stands between the run and its kill, and the daemon
+    # knows what was obtained when it logs the start; and before the check of the deadline, which
+    # then counts the 2 ms that mlockall takes to map every page (more if pages were swapped out).
+    guard.harden()
     guard.read_early_commands()
     left = guard.deadline - time.monotonic()
     if left <= grace + margin:
@@ -857,11 +868,6 @@ def main(args: list[str]) -> int:
         )
         return 0
     try:
-        if deadline is not None:
-            # As a standby guard does, before the fork, so that the daemon knows what it obtained
-            # when it logs the start; a few ms (mlockall maps every page) on a path that already
-            # costs a Python start-up.
-            guard.harden()
         problem = guard.spawn(argv, env)
         if problem is not None:
             _report(report_fd, f"error {problem}")

@@ -230,13 +230,14 @@ def expect(report: BinaryIO, verb: bytes) -> list[bytes]:
 
 
 def expect_start(report: BinaryIO) -> int:
-    """A guard started for one run, or a standby guard given its start line, reports its hardening,
-    then forked and started; the pid."""
+    """A guard started for one run, or a standby guard given its start line, reports forked and
+    started, then its hardening (it locks its memory once the script runs); the pid."""
+    pid = expect_forked_and_started(report)
     assert HARDENED.fullmatch(report.readline())
-    return expect_start_after_hardening(report)
+    return pid
 
 
-def expect_start_after_hardening(report: BinaryIO) -> int:
+def expect_forked_and_started(report: BinaryIO) -> int:
     """``forked`` and ``started``, the same pid; the pid."""
     (forked,) = expect(report, b"forked")
     (started,) = expect(report, b"started")
@@ -873,13 +874,13 @@ def test_guard_without_privileges_says_so_and_works(
     how = ["--standby"] if mode == "standby" else ["--deadline", repr(deadline)]
     with driven_guard(spawn, how, ["sleep", "100"], preexec_fn=_without_privileges) as (guard, report):
         assert guard.stdin is not None
-        if mode == "standby":  # it hardens itself once it has its start line
+        if mode == "standby":
             assert report.readline() == b"ready\n"
             env = {"PATH": os.environ["PATH"], TAG_VAR: tag}
             guard.stdin.write(start_line(deadline, env))
             guard.stdin.flush()
+        assert alive(expect_forked_and_started(report))
         assert report.readline() == b"hardened mlock=EPERM sched=rr-EPERM,nice-EACCES\n"
-        assert alive(expect_start_after_hardening(report))
         guard.stdin.write(f"stop {deadline!r}\n".encode())
         guard.stdin.flush()
         returncode, _, _ = expect_exited(report)
@@ -1274,7 +1275,7 @@ def driven_guard(
 def ready_standby_guard(
     spawn: Callable[..., subprocess.Popen[bytes]], argv: list[str], **popen: object
 ) -> Iterator[tuple[subprocess.Popen[bytes], BinaryIO]]:
-    """A ``driven_guard`` in --standby mode, once it has reported ready (not yet hardened)."""
+    """A ``driven_guard`` in --standby mode, once it has reported ready (its memory not locked)."""
     with driven_guard(spawn, ["--standby"], argv, **popen) as (guard, report):
         assert report.readline() == b"ready\n"
         yield guard, report
@@ -1446,18 +1447,20 @@ def test_standby_guard_locks_its_memory_only_once_it_has_a_script(
     tag: str, spawn: Callable[..., subprocess.Popen[bytes]]
 ) -> None:
     """Idle, a standby guard holds no locked memory (locked, it would keep 3 MB more resident on
-    every follower, to guard nothing); given its start line, it locks itself before the fork and
-    says so. Reference: guard.py, "Punctuality"."""
+    every follower, to guard nothing) but has its real-time priority already, so that its start
+    line wakes it at once; given its start line, it locks itself once the script runs and says so.
+    Reference: guard.py, "Punctuality"."""
     if os.geteuid() != 0:
         pytest.skip("needs root (CAP_IPC_LOCK) to lock memory")
     with ready_standby_guard(spawn, ["sleep", "100"]) as (guard, report):
         assert guard.stdin is not None
         assert locked_kb(guard.pid) == 0
+        assert os.sched_getscheduler(guard.pid) & ~os.SCHED_RESET_ON_FORK == os.SCHED_RR
         deadline = time.monotonic() + 5.0
         guard.stdin.write(start_line(deadline, {"PATH": os.environ["PATH"], TAG_VAR: tag}))
         guard.stdin.flush()
-        assert report.readline().startswith(b"hardened mlock=yes ")
-        assert alive(expect_start_after_hardening(report))
+        assert alive(expect_forked_and_started(report))
+        assert report.readline().startswith(b"hardened mlock=yes sched=rr:")  # reported once locked
         assert locked_kb(guard.pid) > 0
         guard.stdin.write(f"stop {deadline!r}\n".encode())
         guard.stdin.flush()

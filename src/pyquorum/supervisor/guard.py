@@ -44,8 +44,7 @@ Input, stdin, one command per line; deadlines are ``time.monotonic()`` values (`
 A standby guard reports ``ready`` and then sleeps in poll() (no timer: idle costs no CPU) until the
 start line. EOF or SIGTERM before it, the daemon's way of closing a standby guard (EOF also comes when
 the daemon dies), make it exit 0 at once, having started nothing; other lines before it are reported
-on stderr and ignored. From the start line on, it is a guard like any other: only then does it harden
-itself ("Punctuality", below), since an idle standby guard guards nothing.
+on stderr and ignored. From the start line on, it is a guard like any other.
 
 Renewals without a wake-up (``--renew-fd R``). The daemon renews every heartbeat round (ten times a
 second at the defaults), and a renewal on stdin wakes the guard each time, for nothing: the deadline
@@ -70,11 +69,10 @@ lease's slack); other early commands wait until the script has started.
 Output, on the report fd, one line each, in this order:
 
     ready                              standby only: waiting for the start line
-    hardened mlock=<m> sched=<s>       what ``_harden`` obtained (below), before ``forked`` or the
-                                       ``error`` of a deadline too close; a standby guard hardens
-                                       itself once it has its start line
     forked <pid>                       the script's process exists; its pid is its process group id
     started <pid>                      the script was exec'd
+    hardened mlock=<m> sched=<s>       what hardening obtained ("Punctuality", below): the memory is
+                                       locked once the script runs
     exited <returncode> <reaped_at> deadline=<D> kill_due=<t> kill_sent=<t>
                                        returncode as in subprocess (-N: killed by signal N); reaped_at
                                        the monotonic time by which the group was dead and reaped; D the
@@ -91,24 +89,27 @@ Punctuality (protocol.md §4.4). Every planned signal goes out at its moment, no
 takes whole milliseconds, so the guard polls for the whole milliseconds left and sleeps the rest with
 ``time.sleep`` (nanosleep). What it cannot control is being scheduled: on a host with more runnable
 processes than cores a wake-up can come milliseconds late, and K is all the slack there is. So the
-guard hardens itself, best effort and never fatally (``_harden``): ``mlockall(MCL_CURRENT |
-MCL_FUTURE)``, so that no page fault (swap, a dropped page cache) stands between its timer and its
-SIGKILL; and the real-time policy SCHED_RR at priority 1, the lowest real-time priority (above every
-ordinary process, below the kernel's own real-time threads), or, where that is refused, a nice value
-of -10. Neither reaches the script: the policy is set with SCHED_RESET_ON_FORK, so the script starts
-with the normal policy, and a lowered nice value is restored in the child before its exec; memory
-locks are never inherited across fork. Real-time scheduling needs root or CAP_SYS_NICE (or an
-RLIMIT_RTPRIO); locking memory needs root or CAP_IPC_LOCK (or an RLIMIT_MEMLOCK above the guard's
-16 MB: locked, its resident size grows from about 10 MB to about 13). An unprivileged guard gets
+guard hardens itself, best effort and never fatally (``_lock_memory``, ``_raise_priority``):
+``mlockall(MCL_CURRENT | MCL_FUTURE)``, so that no page fault (swap, a dropped page cache) stands
+between its timer and its SIGKILL; and the real-time policy SCHED_RR at priority 1, the lowest
+real-time priority (above every ordinary process, below the kernel's own real-time threads), or,
+where that is refused, a nice value of -10. Neither reaches the script: the policy is set with
+SCHED_RESET_ON_FORK, so the script starts with the normal policy, and a lowered nice value is
+restored in the child before its exec; memory locks are never inherited across fork. Real-time
+scheduling needs root or CAP_SYS_NICE (or an RLIMIT_RTPRIO); locking memory needs root or
+CAP_IPC_LOCK (or an RLIMIT_MEMLOCK above the guard's 16 MB: locked, its resident size grows from
+about 10 MB to about 13). An unprivileged guard gets
 neither, says so in its ``hardened`` line, and runs on as before. A guard that inherited a real-time
 policy (a daemon run under chrt) keeps it, and so does its script. The ``exited`` line says how late
 the planned SIGKILL went out, so that the daemon logs every kill's lateness and its slack against the
 deadline. A SIGKILLed process still has to be scheduled to die, and under load an ordinary one can
 wait 10-15 ms for a CPU (measured: bench/supervisor.py): a guard that runs at a real-time priority
-lends it to the processes it has just SIGKILLed (``_signal_all``). Every guard hardens itself before
-it checks the deadline and forks; a standby guard only once its start line has come: locked while it
-waits, it would hold those 3 MB on every follower to guard nothing. The lock costs the start about
-2 ms (more if the idle guard's pages were swapped out, time that the deadline check then counts).
+lends it to the processes it has just SIGKILLed (``_signal_all``). A guard takes its priority before
+it forks the script (a standby guard while it waits: it costs nothing, and the start line then wakes
+a guard that preempts ordinary processes), and locks its memory once the script has been exec'd:
+mlockall maps every page, about 2 ms (more if pages were swapped out) that no start should wait for,
+and the first signal the lock is for is at least G + K away (the deadline check). Locked while it
+waits, an idle standby guard would hold those 3 MB on every follower to guard nothing.
 
 Containment. The script is exec'd without a shell, in a new session (its pid is its process group id),
 with stdin from /dev/null, the guard's stdout, stderr and environment, and PR_SET_PDEATHSIG=SIGKILL so
@@ -345,41 +346,43 @@ def _errno_name(e: OSError) -> str:
     return errno.errorcode.get(e.errno or 0, str(e.errno))
 
 
-def _harden(prctl: _Prctl) -> tuple[str, int | None, tuple[int, int] | None]:
-    """Best effort, never fatal (see "Punctuality" above): lock our memory and raise our scheduling
-    priority, without letting the script inherit either. Returns the ``hardened`` report's words,
-    the nice value to restore in the script's process if ours was lowered, and our real-time
-    (policy, priority) if we have one."""
+def _lock_memory(prctl: _Prctl) -> str:
+    """Best effort, never fatal (see "Punctuality" above): lock our memory, every page resident from
+    now on; the ``mlock=`` word of the ``hardened`` report."""
     try:
         prctl.mlockall(_MCL_CURRENT | _MCL_FUTURE)  # never inherited across fork
-        mlock = "yes"
+        return "yes"
     except OSError as e:  # ENOMEM: over RLIMIT_MEMLOCK; EPERM: no CAP_IPC_LOCK and a zero limit
-        mlock = _errno_name(e)
-    restore_nice = None
+        return _errno_name(e)
+
+
+def _raise_priority() -> tuple[str, int | None, tuple[int, int] | None]:
+    """Best effort, never fatal: raise our scheduling priority without letting the script inherit
+    it. Returns the ``sched=`` word of the ``hardened`` report, the nice value to restore in the
+    script's process if ours was lowered, and our real-time (policy, priority) if we have one."""
     policy = os.sched_getscheduler(0)
     if policy in (os.SCHED_FIFO, os.SCHED_RR):  # inherited: the operator's choice, left alone
         name = "fifo" if policy == os.SCHED_FIFO else "rr"
         priority = os.sched_getparam(0).sched_priority
-        return f"mlock={mlock} sched=inherited-{name}:{priority}", None, (policy, priority)
+        return f"inherited-{name}:{priority}", None, (policy, priority)
     nice = os.getpriority(os.PRIO_PROCESS, 0)
     try:
         os.sched_setscheduler(0, os.SCHED_RR | os.SCHED_RESET_ON_FORK, os.sched_param(_RT_PRIORITY))
         # From a real-time parent SCHED_RESET_ON_FORK also sets the child's nice value to 0 (not
         # only a negative one, as sched(7) says): give it back the daemon's.
         restore = nice if nice != 0 else None
-        return f"mlock={mlock} sched=rr:{_RT_PRIORITY}", restore, (os.SCHED_RR, _RT_PRIORITY)
+        return f"rr:{_RT_PRIORITY}", restore, (os.SCHED_RR, _RT_PRIORITY)
     except OSError as e:
         refused = _errno_name(e)
     if nice <= _NICE:
-        return f"mlock={mlock} sched=inherited-nice:{nice}", None, None
+        return f"inherited-nice:{nice}", None, None
     try:
         # Keep the normal policy; the flag alone makes a child start at nice 0 if ours is negative.
         os.sched_setscheduler(0, os.SCHED_OTHER | os.SCHED_RESET_ON_FORK, os.sched_param(0))
         os.setpriority(os.PRIO_PROCESS, 0, _NICE)
-        restore_nice = nice
-        return f"mlock={mlock} sched=nice:{_NICE}", restore_nice, None
+        return f"nice:{_NICE}", nice, None
     except OSError as e:
-        return f"mlock={mlock} sched=rr-{refused},nice-{_errno_name(e)}", None, None
+        return f"rr-{refused},nice-{_errno_name(e)}", None, None
 
 
 class _Guard:
@@ -403,8 +406,9 @@ class _Guard:
         # The planned SIGKILL: when it was due, and when it went out (for the ``exited`` report).
         self.kill_due_at: float | None = None
         self.kill_sent_at: float | None = None
-        self.restore_nice: int | None = None  # set by harden(): the script's nice value
-        self.realtime: tuple[int, int] | None = None  # set by harden(): our (policy, priority)
+        self.sched: str | None = None  # set by raise_priority(): what it obtained, as reported
+        self.restore_nice: int | None = None  # set by raise_priority(): the script's nice value
+        self.realtime: tuple[int, int] | None = None  # set by raise_priority(): (policy, priority)
         self.pending = b""  # a partial command line from stdin
         self.early: list[str] = []  # commands read before the script started, for run() to act on
         self.prctl: _Prctl | None = None
@@ -511,10 +515,17 @@ class _Guard:
             self.prctl = _Prctl()
         return self.prctl
 
+    def raise_priority(self) -> None:
+        """``_raise_priority``, once, before the fork: a standby guard does it while it waits (it
+        costs no memory, and the start line then wakes a guard that preempts ordinary processes)."""
+        if self.sched is None:
+            self.sched, self.restore_nice, self.realtime = _raise_priority()
+
     def harden(self) -> None:
-        """Lock memory and raise our priority (``_harden``), before the script is forked; report it."""
-        words, self.restore_nice, self.realtime = _harden(self.load_prctl())
-        _report(self.report_fd, f"hardened {words}")
+        """Lock memory (the priority is raised already), once the script runs; report both."""
+        mlock = _lock_memory(self.load_prctl())
+        self.raise_priority()
+        _report(self.report_fd, f"hardened mlock={mlock} sched={self.sched}")
 
     def spawn(self, argv: list[str], env: dict[str, str] | None) -> str | None:
         """Fork and exec the script, with environment ``env`` (None: ours); None on success, else
@@ -839,12 +850,15 @@ def main(args: list[str]) -> int:
     env: dict[str, str] | None = None
     if deadline is None:
         # Load now, while nothing waits, what starting the script would load: ctypes for prctl, and
-        # warnings, which os.execvp imports (in the forked child!) to search PATH. Not hardened yet:
-        # locked, an idle standby guard would hold 3 MB more resident on every follower, to guard
-        # nothing (docs/benchmarks.md, "Cost"); it locks itself once it has a script to guard.
+        # warnings, which os.execvp imports (in the forked child!) to search PATH. The priority
+        # now, so that the start line wakes a guard that preempts ordinary processes; the memory
+        # lock not: locked, an idle standby guard would hold 3 MB more resident on every follower,
+        # to guard nothing (docs/benchmarks.md, "Cost"); every guard locks itself once its script
+        # runs.
         import warnings  # noqa: F401
 
         guard.load_prctl()
+        guard.raise_priority()
         _report(report_fd, "ready")
         try:
             env = guard.await_start()
@@ -853,10 +867,7 @@ def main(args: list[str]) -> int:
             return 0
         if env is None:  # closed (EOF or SIGTERM) before any start: nothing to do
             return 0
-    # Before the fork, so that no page fault stands between the run and its kill, and the daemon
-    # knows what was obtained when it logs the start; and before the check of the deadline, which
-    # then counts the 2 ms that mlockall takes to map every page (more if pages were swapped out).
-    guard.harden()
+    guard.raise_priority()  # before the fork: the script's start is ours until its exec
     guard.read_early_commands()
     left = guard.deadline - time.monotonic()
     if left <= grace + margin:
@@ -874,6 +885,10 @@ def main(args: list[str]) -> int:
             return 0
         _report(report_fd, f"started {guard.pid}")
         guard.replay_early_commands()
+        # After the exec, not before the fork: mlockall maps every page, 2 ms (more if pages were
+        # swapped out) that no start should wait for, and the first signal the lock is for is
+        # G + K away at least (the check above). Then reported: ``hardened``.
+        guard.harden()
         returncode, reaped_at = guard.run()
     except BaseException:
         guard.emergency_kill()

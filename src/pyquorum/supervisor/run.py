@@ -213,7 +213,8 @@ class GuardRun:
         self.exited: _Exited | None = None
         self.guard_status: int | None = None
         self.ended_at = 0.0  # when it was REAPED
-        self.hardened: str | None = None
+        self.hardened: str | None = None  # the guard's "hardened" report, once the script runs
+        self.on_hardened: Callable[[GuardRun], None] | None = None  # called when it comes
         self.spawned_at = time.monotonic()
         self.ready_at: float | None = None
         self.dropped_renewals = 0
@@ -499,6 +500,8 @@ class GuardRun:
                 return
             if verb == "hardened":
                 self.hardened = " ".join(words[1:])
+                if self.on_hardened is not None:
+                    self.on_hardened(self)
                 return
             if verb == "forked" and len(words) == 2 and self.state is RunState.STARTING:
                 self.pgid = int(words[1])

@@ -252,6 +252,7 @@ class ScriptSupervisor:
         self, run: GuardRun, env: dict[str, str], asked_at: float, from_standby: bool
     ) -> None:
         # The start task: until the script has started, or nothing of the attempt is left.
+        run.on_hardened = self._note_hardening  # the guard locks itself once the script runs
         try:
             while True:
                 try:
@@ -271,6 +272,7 @@ class ScriptSupervisor:
                     action="start_a_fresh_guard",
                 )
                 run = self._spawn(run.deadline, env, self._on_reaped)
+                run.on_hardened = self._note_hardening
                 run.start_task = asyncio.current_task()
                 self._run = run
                 from_standby = False
@@ -283,7 +285,6 @@ class ScriptSupervisor:
             else:
                 run.abandon("start() was cancelled")  # REAPED later: _on_reaped ends it
             raise
-        self._note_hardening(run)
         log_event(
             self._log,
             logging.INFO,
@@ -385,8 +386,8 @@ class ScriptSupervisor:
         )
 
     def _note_hardening(self, run: GuardRun) -> None:
-        # What the guard obtained (guard.py, "Punctuality"): at INFO the first time and when it
-        # changes, else at DEBUG.
+        # What the guard obtained (guard.py, "Punctuality"), reported just after the script's start:
+        # at INFO the first time and when it changes, else at DEBUG.
         what = run.hardened or "unknown"
         level = logging.DEBUG if what == self._hardened else logging.INFO
         self._hardened = what

@@ -98,18 +98,18 @@ SCHED_RESET_ON_FORK, so the script starts with the normal policy, and a lowered 
 restored in the child before its exec; memory locks are never inherited across fork. Real-time
 scheduling needs root or CAP_SYS_NICE (or an RLIMIT_RTPRIO); locking memory needs root or
 CAP_IPC_LOCK (or an RLIMIT_MEMLOCK above the guard's 16 MB: locked, its resident size grows from
-about 10 MB to about 13). An unprivileged guard gets
-neither, says so in its ``hardened`` line, and runs on as before. A guard that inherited a real-time
-policy (a daemon run under chrt) keeps it, and so does its script. The ``exited`` line says how late
-the planned SIGKILL went out, so that the daemon logs every kill's lateness and its slack against the
-deadline. A SIGKILLed process still has to be scheduled to die, and under load an ordinary one can
-wait 10-15 ms for a CPU (measured: bench/supervisor.py): a guard that runs at a real-time priority
-lends it to the processes it has just SIGKILLed (``_signal_all``). A guard takes its priority before
-it forks the script (a standby guard while it waits: it costs nothing, and the start line then wakes
-a guard that preempts ordinary processes), and locks its memory once the script has been exec'd:
-mlockall maps every page, about 2 ms (more if pages were swapped out) that no start should wait for,
-and the first signal the lock is for is at least G + K away (the deadline check). Locked while it
-waits, an idle standby guard would hold those 3 MB on every follower to guard nothing.
+about 10 MB to about 13). An unprivileged guard gets neither, says so in its ``hardened`` line, and
+runs on as before. A guard that inherited a real-time policy (a daemon run under chrt) keeps it, and
+so does its script. The ``exited`` line says how late the planned SIGKILL went out, so that the
+daemon logs every kill's lateness and its slack against the deadline. A SIGKILLed process still has
+to be scheduled to die, and under load an ordinary one can wait 10-15 ms for a CPU (measured:
+bench/supervisor.py): a guard that runs at a real-time priority lends it to the processes it has
+just SIGKILLed (``_signal_all``). A guard takes its priority before it forks the script (a standby
+guard while it waits: it costs nothing, and the start line then wakes a guard that preempts ordinary
+processes), and locks its memory once the script has been exec'd: mlockall maps every page, about
+2 ms (more if pages were swapped out) that no start should wait for, and the first signal the lock
+is for is at least G + K away (the deadline check). Locked while it waits, an idle standby guard
+would hold those 3 MB on every follower to guard nothing.
 
 Containment. The script is exec'd without a shell, in a new session (its pid is its process group id),
 with stdin from /dev/null, the guard's stdout, stderr and environment, and PR_SET_PDEATHSIG=SIGKILL so

@@ -149,7 +149,7 @@ from dataclasses import dataclass
 from typing import Final
 
 from pyquorum.core.node import Event, EventKind, Role, Status
-from pyquorum.runtime.logs import log_event, utc_text
+from pyquorum.runtime.logs import Value, log_event, utc_text
 from pyquorum.supervisor.guard import group_alive, group_members
 from pyquorum.supervisor.run import COMPLAIN_S, POLL_MAX_S, poll_until
 
@@ -254,6 +254,15 @@ class _Pending:
     master: str | None
     timestamp: str  # wall clock, for the hook's PYQUORUM_TIMESTAMP only
     queued_at: float  # time.monotonic()
+
+    @property
+    def master_text(self) -> str:
+        # MASTER as the hook gets it and the log shows it: "-" for none
+        return self.master or "-"
+
+    def fields(self) -> dict[str, Value]:
+        # what names this event in every line about it, from its queueing to its hook's end
+        return {"seq": self.seq, "hook_event": self.event.value, "term": self.term}
 
 
 def _checked(path: str, timeout_s: float, queue_max: int) -> tuple[str, float, int]:
@@ -383,10 +392,8 @@ class NotifyHooks:
             self._log,
             logging.DEBUG,
             "hook_queued",
-            seq=item.seq,
-            hook_event=event.value,
-            term=term,
-            master=master or "-",
+            **item.fields(),
+            master=item.master_text,
             pending=len(self._queue),
         )
         if self._worker is None or self._worker.done():
@@ -399,10 +406,8 @@ class NotifyHooks:
             self._log,
             logging.WARNING,
             "hook_dropped",
-            seq=item.seq,
-            hook_event=item.event.value,
-            term=item.term,
-            master=item.master or "-",
+            **item.fields(),
+            master=item.master_text,
             reason=reason,
             dropped=self.dropped,
         )
@@ -465,7 +470,7 @@ class NotifyHooks:
                 self._log.exception("event=hook_internal_error where=worker seq=%d", item.seq)
 
     def _argv_env(self, item: _Pending) -> tuple[list[str], dict[str, str]]:
-        master = item.master or "-"
+        master = item.master_text
         env = dict(os.environ if self._environ is None else self._environ)
         env.update(
             PYQUORUM_EVENT=item.event.value,
@@ -479,7 +484,7 @@ class NotifyHooks:
 
     async def _deliver(self, item: _Pending) -> None:
         argv, env = self._argv_env(item)
-        fields = {"seq": item.seq, "hook_event": item.event.value, "term": item.term}
+        fields = item.fields()
         try:
             run = _Run.spawn(argv, env, item, self._log)
         except (OSError, ValueError) as exc:
@@ -493,7 +498,7 @@ class NotifyHooks:
                 logging.INFO,
                 "hook_started",
                 **fields,
-                master=item.master or "-",
+                master=item.master_text,
                 pid=run.pid,
                 queued_ms=round((run.started_at - item.queued_at) * 1000.0, 3),
             )

@@ -590,6 +590,10 @@ class _Run:
             os.close(w)
         return cls(proc, {name: r for name, (r, _) in pipes.items()}, item, logger)
 
+    def _report(self, level: int, event: str, **fields: Value) -> None:
+        # Every line about a run names its event's SEQ first, as the worker's lines do.
+        log_event(self._log, level, event, seq=self.item.seq, **fields)
+
     # ---- the end of a run ----------------------------------------------------------------------
 
     async def finish(self, timeout_at: float, shutdown_at: Callable[[], float]) -> None:
@@ -605,11 +609,9 @@ class _Run:
             kill_at = min(timeout_at, shutdown_at())
             if not killed and now >= kill_at:
                 self.killed_for = "timeout" if now >= timeout_at else "shutdown"
-                log_event(
-                    self._log,
+                self._report(
                     logging.WARNING,
                     "hook_killed",
-                    seq=self.item.seq,
                     reason=self.killed_for,
                     after_s=round(now - self.started_at, 3),
                     pids=",".join(map(str, group_members(self.pid))) or "-",
@@ -630,11 +632,9 @@ class _Run:
             # the next. The main process is a zombie until we reap it, so the group id is still ours.
             left = [pid for pid in group_members(self.pid) if pid != self.pid]
             if left:
-                log_event(
-                    self._log,
+                self._report(
                     logging.WARNING,
                     "hook_left_processes",
-                    seq=self.item.seq,
                     pids=",".join(map(str, left)),
                     action="sigkill",
                 )
@@ -651,11 +651,9 @@ class _Run:
 
     def _complain(self, now: float) -> None:
         self._killpg()
-        log_event(
-            self._log,
+        self._report(
             logging.ERROR,
             "hook_group_alive",
-            seq=self.item.seq,
             pgid=self.pid,
             for_s=round(now - self.started_at, 1),
             pids=",".join(map(str, group_members(self.pid))) or "-",
@@ -746,22 +744,18 @@ class _Run:
                 taken += len(data)
                 self._feed(name, data)
             if name in self._fds:
-                log_event(
-                    self._log,
+                self._report(
                     logging.WARNING,
                     "hook_escaped",
-                    seq=self.item.seq,
                     stream=name,
                     reason="a process that left the hook's process group (setsid) still holds its "
                     "output; it is not killed and no longer read",
                 )
                 self._close(name)
         if self._lines_dropped:
-            log_event(
-                self._log,
+            self._report(
                 logging.WARNING,
                 "hook_output_truncated",
-                seq=self.item.seq,
                 lines_dropped=self._lines_dropped,
                 bytes_dropped=self._bytes_dropped,
                 max_lines=MAX_OUTPUT_LINES,
@@ -805,10 +799,10 @@ class _Run:
             return
         self._lines_left -= 1
         text = line.decode("utf-8", "replace").rstrip("\r")
-        fields: dict[str, str | int | bool] = {"seq": self.item.seq, "stream": name, "line": text}
+        fields: dict[str, Value] = {"stream": name, "line": text}
         if cut:
             fields["cut"] = True
-        log_event(self._log, logging.INFO, "hook_output", **fields)
+        self._report(logging.INFO, "hook_output", **fields)
 
     def _close(self, name: str) -> None:
         fd = self._fds.pop(name, None)

@@ -260,10 +260,6 @@ class _Pending:
         # MASTER as the hook gets it and the log shows it: "-" for none
         return self.master or "-"
 
-    def fields(self) -> dict[str, Value]:
-        # what names this event in every line about it, from its queueing to its hook's end
-        return {"seq": self.seq, "hook_event": self.event.value, "term": self.term}
-
 
 def _checked(path: str, timeout_s: float, queue_max: int) -> tuple[str, float, int]:
     if not os.path.isabs(path):
@@ -388,11 +384,10 @@ class NotifyHooks:
             self._drop(item, "no_event_loop")
             return
         self._queue.append(item)
-        log_event(
-            self._log,
+        self._report(
             logging.DEBUG,
             "hook_queued",
-            **item.fields(),
+            item,
             master=item.master_text,
             pending=len(self._queue),
         )
@@ -400,13 +395,18 @@ class NotifyHooks:
             self._worker = loop.create_task(self._work(), name="pyquorum-notify-hooks")
         self._wake.set()
 
+    def _report(self, level: int, event: str, item: _Pending, **fields: Value) -> None:
+        # Every line about an event names it first, from its queueing to its hook's end.
+        log_event(
+            self._log, level, event, seq=item.seq, hook_event=item.event.value, term=item.term, **fields
+        )
+
     def _drop(self, item: _Pending, reason: str) -> None:
         self.dropped += 1
-        log_event(
-            self._log,
+        self._report(
             logging.WARNING,
             "hook_dropped",
-            **item.fields(),
+            item,
             master=item.master_text,
             reason=reason,
             dropped=self.dropped,
@@ -484,20 +484,18 @@ class NotifyHooks:
 
     async def _deliver(self, item: _Pending) -> None:
         argv, env = self._argv_env(item)
-        fields = item.fields()
         try:
             run = _Run.spawn(argv, env, item, self._log)
         except (OSError, ValueError) as exc:
             self.failed += 1
-            log_event(self._log, logging.ERROR, "hook_start_failed", **fields, error=str(exc))
+            self._report(logging.ERROR, "hook_start_failed", item, error=str(exc))
             return
         self._running = run
         try:
-            log_event(
-                self._log,
+            self._report(
                 logging.INFO,
                 "hook_started",
-                **fields,
+                item,
                 master=item.master_text,
                 pid=run.pid,
                 queued_ms=round((run.started_at - item.queued_at) * 1000.0, 3),
@@ -520,11 +518,10 @@ class NotifyHooks:
         else:
             result = "failed"
             self.failed += 1
-        log_event(
-            self._log,
+        self._report(
             logging.INFO if result == "ok" else logging.WARNING,
             "hook_finished",
-            **fields,
+            item,
             result=result,
             status=status,
             duration_ms=duration_ms,

@@ -50,6 +50,7 @@ from pathlib import Path
 from typing import Any, Final
 
 from pyquorum.core.errors import ConfigError
+from pyquorum.runtime.connections import ConnectionLimit
 from pyquorum.runtime.logs import log_event, log_exception
 
 __all__ = [
@@ -107,7 +108,7 @@ class ControlServer:
         self.path = path
         self._commands = commands
         self._server: asyncio.base_events.Server | None = None
-        self._active = 0
+        self._connections = ConnectionLimit(MAX_CONNECTIONS)
 
     async def start(self) -> None:
         """Create the socket (mode 0600), replacing a stale one; ``ConfigError`` if it cannot."""
@@ -144,21 +145,11 @@ class ControlServer:
             os.unlink(self.path)
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            if self._active >= MAX_CONNECTIONS:
-                await _write(writer, _error("busy: too many control connections, try again"))
-                return
-            self._active += 1
-            try:
-                await self._requests(reader, writer)
-            finally:
-                self._active -= 1
-        except (ConnectionError, asyncio.TimeoutError):
-            pass  # the client went away: nothing to answer
-        finally:
-            writer.close()
-            with contextlib.suppress(ConnectionError):
-                await writer.wait_closed()
+        await self._connections.serve(
+            writer,
+            lambda: self._requests(reader, writer),
+            lambda: _write(writer, _error("busy: too many control connections, try again")),
+        )
 
     async def _requests(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         while True:

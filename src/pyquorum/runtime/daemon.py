@@ -810,6 +810,11 @@ class Daemon:
     def _apply(self, decision: Decision, now: float, run_term: int, what: str) -> None:
         """Carry out the restart policy's answer for a run of ``run_term`` that ended by itself."""
         cfg, term = self.config, self.node.term
+
+        def report(level: int, event: str, **fields: Value) -> None:
+            # an answer for a run of this term: how the run ended and the action, then the answer's own fields
+            log_event(log, level, event, term=term, how=what, action=decision.action.value, **fields)
+
         if decision.action is Action.IGNORE:
             # protocol.md §3.7: a run of an earlier term says nothing about the role we hold now
             log_event(
@@ -817,25 +822,17 @@ class Daemon:
             )
             self.node.script_stopped(now)
         elif decision.action is Action.LEAVE:
-            log_event(
-                log,
+            report(
                 logging.WARNING,
                 "script_exited",
-                term=term,
-                how=what,
-                action="leave",
                 why=decision.why,
                 hint="not restarted; this node stays master",
             )
             self.node.script_stopped(now, restart_after=None)
         elif decision.action is Action.RESIGN:
-            log_event(
-                log,
+            report(
                 logging.ERROR,
                 "script_failing",
-                term=term,
-                how=what,
-                action="resign",
                 failures=decision.failures,
                 why=decision.why,
                 hint="resigning so another node can try",
@@ -843,13 +840,9 @@ class Daemon:
             self.node.script_stopped(now, restart_after=None)
             self.node.resign(now, "script keeps failing")  # a no-op unless master (protocol.md §3.7)
         else:
-            log_event(
-                log,
+            report(
                 logging.WARNING,
                 "script_exited",
-                term=term,
-                how=what,
-                action="restart",
                 restart_in_s=decision.delay_s,
                 failures=decision.failures,
                 max_failures=cfg.max_failures,

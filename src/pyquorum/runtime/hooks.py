@@ -149,7 +149,7 @@ from dataclasses import dataclass
 from typing import Final
 
 from pyquorum.core.node import Event, EventKind, Role, Status
-from pyquorum.runtime.logs import log_event, utc_text
+from pyquorum.runtime.logs import Value, log_event, utc_text
 from pyquorum.supervisor.guard import group_alive, group_members
 from pyquorum.supervisor.run import COMPLAIN_S, POLL_MAX_S, poll_until
 
@@ -254,6 +254,11 @@ class _Pending:
     master: str | None
     timestamp: str  # wall clock, for the hook's PYQUORUM_TIMESTAMP only
     queued_at: float  # time.monotonic()
+
+    @property
+    def master_text(self) -> str:
+        # MASTER as the hook gets it and the log shows it: "-" for none
+        return self.master or "-"
 
 
 def _checked(path: str, timeout_s: float, queue_max: int) -> tuple[str, float, int]:
@@ -379,30 +384,30 @@ class NotifyHooks:
             self._drop(item, "no_event_loop")
             return
         self._queue.append(item)
-        log_event(
-            self._log,
+        self._report(
             logging.DEBUG,
             "hook_queued",
-            seq=item.seq,
-            hook_event=event.value,
-            term=term,
-            master=master or "-",
+            item,
+            master=item.master_text,
             pending=len(self._queue),
         )
         if self._worker is None or self._worker.done():
             self._worker = loop.create_task(self._work(), name="pyquorum-notify-hooks")
         self._wake.set()
 
+    def _report(self, level: int, event: str, item: _Pending, **fields: Value) -> None:
+        # Every line about an event names it first, from its queueing to its hook's end.
+        log_event(
+            self._log, level, event, seq=item.seq, hook_event=item.event.value, term=item.term, **fields
+        )
+
     def _drop(self, item: _Pending, reason: str) -> None:
         self.dropped += 1
-        log_event(
-            self._log,
+        self._report(
             logging.WARNING,
             "hook_dropped",
-            seq=item.seq,
-            hook_event=item.event.value,
-            term=item.term,
-            master=item.master or "-",
+            item,
+            master=item.master_text,
             reason=reason,
             dropped=self.dropped,
         )
@@ -465,7 +470,7 @@ class NotifyHooks:
                 self._log.exception("event=hook_internal_error where=worker seq=%d", item.seq)
 
     def _argv_env(self, item: _Pending) -> tuple[list[str], dict[str, str]]:
-        master = item.master or "-"
+        master = item.master_text
         env = dict(os.environ if self._environ is None else self._environ)
         env.update(
             PYQUORUM_EVENT=item.event.value,
@@ -479,21 +484,19 @@ class NotifyHooks:
 
     async def _deliver(self, item: _Pending) -> None:
         argv, env = self._argv_env(item)
-        fields = {"seq": item.seq, "hook_event": item.event.value, "term": item.term}
         try:
             run = _Run.spawn(argv, env, item, self._log)
         except (OSError, ValueError) as exc:
             self.failed += 1
-            log_event(self._log, logging.ERROR, "hook_start_failed", **fields, error=str(exc))
+            self._report(logging.ERROR, "hook_start_failed", item, error=str(exc))
             return
         self._running = run
         try:
-            log_event(
-                self._log,
+            self._report(
                 logging.INFO,
                 "hook_started",
-                **fields,
-                master=item.master or "-",
+                item,
+                master=item.master_text,
                 pid=run.pid,
                 queued_ms=round((run.started_at - item.queued_at) * 1000.0, 3),
             )
@@ -515,11 +518,10 @@ class NotifyHooks:
         else:
             result = "failed"
             self.failed += 1
-        log_event(
-            self._log,
+        self._report(
             logging.INFO if result == "ok" else logging.WARNING,
             "hook_finished",
-            **fields,
+            item,
             result=result,
             status=status,
             duration_ms=duration_ms,
@@ -585,6 +587,10 @@ class _Run:
             os.close(w)
         return cls(proc, {name: r for name, (r, _) in pipes.items()}, item, logger)
 
+    def _report(self, level: int, event: str, **fields: Value) -> None:
+        # Every line about a run names its event's SEQ first, as the worker's lines do.
+        log_event(self._log, level, event, seq=self.item.seq, **fields)
+
     # ---- the end of a run ----------------------------------------------------------------------
 
     async def finish(self, timeout_at: float, shutdown_at: Callable[[], float]) -> None:
@@ -600,11 +606,9 @@ class _Run:
             kill_at = min(timeout_at, shutdown_at())
             if not killed and now >= kill_at:
                 self.killed_for = "timeout" if now >= timeout_at else "shutdown"
-                log_event(
-                    self._log,
+                self._report(
                     logging.WARNING,
                     "hook_killed",
-                    seq=self.item.seq,
                     reason=self.killed_for,
                     after_s=round(now - self.started_at, 3),
                     pids=",".join(map(str, group_members(self.pid))) or "-",
@@ -625,11 +629,9 @@ class _Run:
             # the next. The main process is a zombie until we reap it, so the group id is still ours.
             left = [pid for pid in group_members(self.pid) if pid != self.pid]
             if left:
-                log_event(
-                    self._log,
+                self._report(
                     logging.WARNING,
                     "hook_left_processes",
-                    seq=self.item.seq,
                     pids=",".join(map(str, left)),
                     action="sigkill",
                 )
@@ -646,11 +648,9 @@ class _Run:
 
     def _complain(self, now: float) -> None:
         self._killpg()
-        log_event(
-            self._log,
+        self._report(
             logging.ERROR,
             "hook_group_alive",
-            seq=self.item.seq,
             pgid=self.pid,
             for_s=round(now - self.started_at, 1),
             pids=",".join(map(str, group_members(self.pid))) or "-",
@@ -741,22 +741,18 @@ class _Run:
                 taken += len(data)
                 self._feed(name, data)
             if name in self._fds:
-                log_event(
-                    self._log,
+                self._report(
                     logging.WARNING,
                     "hook_escaped",
-                    seq=self.item.seq,
                     stream=name,
                     reason="a process that left the hook's process group (setsid) still holds its "
                     "output; it is not killed and no longer read",
                 )
                 self._close(name)
         if self._lines_dropped:
-            log_event(
-                self._log,
+            self._report(
                 logging.WARNING,
                 "hook_output_truncated",
-                seq=self.item.seq,
                 lines_dropped=self._lines_dropped,
                 bytes_dropped=self._bytes_dropped,
                 max_lines=MAX_OUTPUT_LINES,
@@ -800,10 +796,10 @@ class _Run:
             return
         self._lines_left -= 1
         text = line.decode("utf-8", "replace").rstrip("\r")
-        fields: dict[str, str | int | bool] = {"seq": self.item.seq, "stream": name, "line": text}
+        fields: dict[str, Value] = {"stream": name, "line": text}
         if cut:
             fields["cut"] = True
-        log_event(self._log, logging.INFO, "hook_output", **fields)
+        self._report(logging.INFO, "hook_output", **fields)
 
     def _close(self, name: str) -> None:
         fd = self._fds.pop(name, None)

@@ -33,7 +33,6 @@ management network (docs/operations.md).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
 import socket
@@ -43,6 +42,7 @@ from typing import Final
 from pyquorum.core.address import NodeAddress
 from pyquorum.core.errors import ConfigError
 from pyquorum.runtime import metrics
+from pyquorum.runtime.connections import ConnectionLimit
 from pyquorum.runtime.logs import log_event, log_exception
 from pyquorum.runtime.status import Snapshot
 
@@ -73,7 +73,7 @@ class HttpServer:
         self._snapshot = snapshot
         self._registry = metrics.registry(snapshot)
         self._server: asyncio.base_events.Server | None = None
-        self._active = 0
+        self._connections = ConnectionLimit(MAX_CONNECTIONS)
 
     async def start(self) -> None:
         """Listen; ``ConfigError`` saying why if the address cannot be used."""
@@ -98,21 +98,11 @@ class HttpServer:
             log_event(log, logging.INFO, "http_closed", address=str(self.address))
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            if self._active >= MAX_CONNECTIONS:
-                await _respond(writer, 503, b"busy\n", "text/plain; charset=utf-8")
-                return
-            self._active += 1
-            try:
-                await self._one(reader, writer)
-            finally:
-                self._active -= 1
-        except (ConnectionError, asyncio.TimeoutError, asyncio.IncompleteReadError):
-            pass  # the client went away or was too slow: nothing to answer
-        finally:
-            writer.close()
-            with contextlib.suppress(ConnectionError):
-                await writer.wait_closed()
+        await self._connections.serve(
+            writer,
+            lambda: self._one(reader, writer),
+            lambda: _respond(writer, 503, b"busy\n", "text/plain; charset=utf-8"),
+        )
 
     async def _one(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:

@@ -48,6 +48,12 @@ SRC = str(Path(__file__).resolve().parents[2] / "src")
 LOG = logging.getLogger("test_supervisor")
 
 
+# From start() to the SIGTERM at D - G - K: room for the shell of ignores_term to reach its trap. With
+# 0.2 s a loaded CI host (the spawn alone took 216 ms) SIGTERMed the shell before it, and the run ended
+# by that SIGTERM instead of the SIGKILL under test.
+TRAP_ROOM_S = 1.0
+
+
 def ignores_term(ready: Path) -> list[str]:
     """A script that ignores SIGTERM (and so does its sleep); it creates ``ready`` once it does."""
     return ["sh", "-c", f"trap '' TERM; : > {ready}; exec sleep 100"]
@@ -726,7 +732,8 @@ def test_supervisor_logs_every_kill_with_its_lateness_and_slack(
 
     async def scenario() -> None:
         async with harness(ignores_term(ready), tag) as h:
-            deadline = await h.start(G + K + 0.2)
+            deadline = await h.start(G + K + TRAP_ROOM_S)
+            wait_for_file(ready)  # it ignores SIGTERM from here on
             ended = await h.exit()
             assert ended.returncode == -signal.SIGKILL
             assert ended.kill_late_s is not None
@@ -754,7 +761,8 @@ def test_supervisor_reports_a_late_kill_with_its_lateness(
 
     async def scenario() -> None:
         async with harness(ignores_term(ready), tag) as h:
-            deadline = await h.start(G + K + 0.2)
+            deadline = await h.start(G + K + TRAP_ROOM_S)
+            wait_for_file(ready)  # it ignores SIGTERM from here on
             guard_pid = h.sup.guard_pid
             assert guard_pid is not None
             await asyncio.sleep(deadline - K - 0.05 - time.monotonic())  # SIGTERM sent, SIGKILL due in 50 ms

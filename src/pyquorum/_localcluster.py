@@ -231,9 +231,9 @@ class LocalCluster:
         tag = {TAG_VAR: f"{self.tag}-h{node.index}"}
         return {**os.environ, "PYTHONPATH": os.pathsep.join(path), "PYTHONUNBUFFERED": "1", **self.env, **tag}
 
-    def spawn(self, node: Node, out: int | None = None) -> None:
-        """Start the node's daemon (again) in a session of its own, its output appended to its log
-        (or to ``out``). Its pid is its process group's id while it is our unreaped child."""
+    def spawn(self, node: Node) -> None:
+        """Start the node's daemon (again) in a session of its own, its output appended to its log.
+        Its pid is its process group's id while it is our unreaped child."""
         if node.running:
             raise ValueError(f"{node} is already running")
         node.incarnations += 1
@@ -245,7 +245,7 @@ class LocalCluster:
             node.proc = subprocess.Popen(
                 node.argv,
                 stdin=subprocess.DEVNULL,
-                stdout=log if out is None else out,
+                stdout=log,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
                 env=self.node_env(node),

@@ -43,6 +43,8 @@ LOOPBACK = "127.0.0.1"
 # Below the kernel's ephemeral range (32768-60999), where other tests' UDP clients take their ports,
 # and away from DEFAULT_PORT (the demo's).
 PORT_RANGE = (20000, 32000)
+# The Timing fields the daemon takes, by their config-file key (the flag is --key-with-dashes).
+TIMING_KEYS = ("heartbeat_interval", "election_timeout", "stop_timeout", "start_delay")
 
 
 def daemon_argv(
@@ -64,15 +66,8 @@ def daemon_argv(
     argv += ["-b", ip, "-p", port, "--state-dir", str(state_dir)]
     argv += ["-s", str(script)] if script else []
     argv += ["--key-file", str(key_file)] if key_file else []
-    if timing is not None:
-        t = timing
-        argv += [
-            "--heartbeat-interval",
-            repr(t.heartbeat_interval_s),
-            "--election-timeout",
-            repr(t.election_timeout_s),
-        ]
-        argv += ["--stop-timeout", repr(t.stop_timeout_s), "--start-delay", repr(t.start_delay_s)]
+    for key in TIMING_KEYS if timing is not None else ():
+        argv += ["--" + key.replace("_", "-"), repr(getattr(timing, f"{key}_s"))]
     return [*argv, *extra, *peers]
 
 

@@ -48,7 +48,7 @@ from types import TracebackType
 from typing import Any
 
 from pyquorum import keyfile as keyfiles
-from pyquorum._localcluster import LocalCluster, Node, daemon_argv, free_udp_port
+from pyquorum._localcluster import TIMING_KEYS, LocalCluster, Node, daemon_argv, free_udp_port
 from pyquorum.core.lease import Timing
 from tests.harness.procfs import alive, cmdline, freeze, signal_all, stopped, tagged_pids, wait_until
 from tests.harness.runs import RECORD, REGISTER, Run, check_runs, read_register, start_monitor
@@ -261,16 +261,12 @@ class Cluster(LocalCluster):
 
     def config_values(self, node: Node, key_file: Path | None = None) -> dict[str, Any]:
         """What the node's --config file holds: every option the command line would have had."""
-        t: Timing = self.options["timing"]
         values: dict[str, Any] = {
             "bind": node.ip,
             "port": node.port,
             "peers": [p for p in self.members if p != node.name],
             "state_dir": str(node.state_dir),
-            "heartbeat_interval": t.heartbeat_interval_s,
-            "election_timeout": t.election_timeout_s,
-            "stop_timeout": t.stop_timeout_s,
-            "start_delay": t.start_delay_s,
+            **{key: getattr(self.timing, f"{key}_s") for key in TIMING_KEYS},
             "log_level": ["warning", "info", "debug"][min(2, self.options["verbosity"])],
         }
         if self.script is not None:

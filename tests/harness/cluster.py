@@ -166,10 +166,7 @@ class Netns(Backend):
 
 
 def _roles(pids: dict[int, str]) -> str:
-    return (
-        ", ".join(f"{role} {pid}" for pid, role in sorted(pids.items(), key=lambda item: item[1]))
-        or "nothing"
-    )
+    return ", ".join(f"{role} {pid}" for role, pid in sorted((r, p) for p, r in pids.items())) or "nothing"
 
 
 class Cluster(LocalCluster):
@@ -204,7 +201,7 @@ class Cluster(LocalCluster):
         directory = directory or Path(tempfile.mkdtemp(prefix="pyquorum-cluster-"))
         directory.mkdir(parents=True, exist_ok=True)
         super().__init__(directory, addresses, backend.tag(), error=ClusterError)
-        self.script = directory / "workload" if script is True else script or None
+        self.script = install_workload(directory / "workload") if script is True else script or None
         self.with_script = self.script is not None
         if keys is True:
             keyfiles.keygen(keys := directory / "cluster.key")
@@ -227,8 +224,6 @@ class Cluster(LocalCluster):
         self._control: dict[str, dict[str, Any]] = {"*": dict(workload or {})}
         self._depth = 0
         self._closed = False
-        if self.script is not None and script is True:
-            install_workload(self.script)
         self._write_control()
         self._set_argv()
         self.monitor = start_monitor(directory)
@@ -385,14 +380,12 @@ class Cluster(LocalCluster):
         self, timeout_s: float = DEFAULT_WAIT_S, *, after: float = 0.0, node: Node | None = None
     ) -> Run:
         """The first run that started after ``after`` (a ``time.monotonic()``), on ``node`` if given."""
-
-        def probe() -> Run | None:
-            return next(
-                (r for r in self.runs() if r.start > after and node in (None, self.node(r.node))), None
-            )
-
         return self.wait_for(
-            probe, timeout_s, f"script run after {after:.3f}" + (f" on {node}" if node else "")
+            lambda: next(
+                (r for r in self.runs() if r.start > after and node in (None, self.node(r.node))), None
+            ),
+            timeout_s,
+            f"script run after {after:.3f}" + (f" on {node}" if node else ""),
         )
 
     def running(self, *, exclude: Iterable[Node] = (), after: float = 0.0) -> Node | None:
@@ -435,17 +428,9 @@ class Cluster(LocalCluster):
         tag, script = f"{self.tag}-h{node.index}", str(self.script).encode()
         roles = {}
         for pid in (p for p, t in tagged_pids(tag).items() if t == tag):
-            cmd = cmdline(pid)
-            daemon = node.proc is not None and pid == node.proc.pid
-            roles[pid] = (
-                "daemon"
-                if daemon
-                else "guard"
-                if b"guard.py" in cmd
-                else "script"
-                if script in cmd
-                else "other"
-            )
+            cmd, daemon = cmdline(pid), node.proc is not None and pid == node.proc.pid
+            is_a = {"daemon": daemon, "guard": b"guard.py" in cmd, "script": script in cmd}  # first wins
+            roles[pid] = next((role for role, yes in is_a.items() if yes), "other")
         return roles
 
     def up(self) -> list[Node]:
@@ -481,9 +466,6 @@ class Cluster(LocalCluster):
         if not ok:
             raise FaultFailed(evidence)
 
-    def _freeze(self, node: Node) -> dict[int, str]:
-        return freeze(lambda: self.processes(node))
-
     def crash(self, node: Node, *, host: bool = False) -> float:
         """kill -9 of the node's daemon (its guard then stops the script, protocol.md §4.4), or with
         ``host`` of the whole host: every process of the node frozen, then all killed at one moment."""
@@ -491,15 +473,13 @@ class Cluster(LocalCluster):
             raise FaultFailed(f"{node} does not run")
         node.expect_exit = True
         self.paused.pop(node.name, None)
-        victims = self._freeze(node) if host else {node.pid: "daemon"}
+        victims = freeze(lambda: self.processes(node)) if host else {node.pid: "daemon"}
         t = time.monotonic()
         signal_all(victims, signal.SIGKILL)
         code = node.proc.wait(10.0)  # type: ignore[union-attr]
         if host:
             ok = bool(victims) and wait_until(victims, "gone") and not self.processes(node)
-            self._done(
-                ok, f"froze then SIGKILLed {_roles(victims)}: " + ("all gone" if ok else "NOT all gone")
-            )
+            self._done(ok, f"froze then SIGKILLed {_roles(victims)}: {'all' if ok else 'NOT all'} gone")
         else:
             self._done(code == -signal.SIGKILL, f"SIGKILLed daemon {node.pid}: exit status {code}")
         return t
@@ -508,7 +488,7 @@ class Cluster(LocalCluster):
         """SIGSTOP the node's daemon (its guard and script run on), or with ``host`` every process of
         the node: a VM pause (protocol.md §4.5)."""
         t = time.monotonic()
-        victims = self._freeze(node) if host else {node.pid: "daemon"}
+        victims = freeze(lambda: self.processes(node)) if host else {node.pid: "daemon"}
         signal_all(victims, signal.SIGSTOP)
         self.paused[node.name] = host
         ok = bool(victims) and wait_until(victims, "stopped", 2.0) and any(stopped(p) for p in victims)

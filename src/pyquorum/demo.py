@@ -172,11 +172,11 @@ class _Demo:
         victim.expect_exit = True
         victim.proc.kill()
         victim.proc.wait()
-        script_gone_after: list[float] = []
+        gone_after: list[float] = []
 
         def new_master() -> tuple[Node, Status] | None:
-            if not script_gone_after and not alive(old_script):
-                script_gone_after.append(time.monotonic() - t_kill)
+            if not gone_after and not alive(old_script):
+                gone_after.append(time.monotonic() - t_kill)
             found = self.cluster.master_status()
             return found if found is not None and int(found[1]["term"]) > old_term else None
 
@@ -187,14 +187,12 @@ class _Demo:
             f"{new_status['script_pid']}"
         )
         deadline = t_kill + self.timing.stop_timeout_s + RESTART_GRACE_S
-        while not script_gone_after and time.monotonic() < deadline:
+        while not gone_after and time.monotonic() < deadline:
             self._sleep(0.02)
             if not alive(old_script):
-                script_gone_after.append(time.monotonic() - t_kill)
-        if script_gone_after:
-            self._say(
-                f"the old script (pid {old_script}) was gone {script_gone_after[0]:.2f} s after the kill"
-            )
+                gone_after.append(time.monotonic() - t_kill)
+        if gone_after:
+            self._say(f"the old script (pid {old_script}) was gone {gone_after[0]:.2f} s after the kill")
         else:
             problem = f"the old script (pid {old_script}) still runs {deadline - t_kill:.1f} s after the kill"
             self.problems.append(problem)
@@ -241,10 +239,8 @@ class _Demo:
 
     def _note_rejoin(self) -> None:
         node = self.rejoining
-        if node is None:
-            return
-        status = self.cluster.status(node)
-        if status is None or status.get("master") in (None, node.name):
+        status = None if node is None else self.cluster.status(node)
+        if node is None or status is None or status.get("master") in (None, node.name):
             return
         self.rejoining = None
         role, master, term = status.get("role"), status["master"], status["term"]

@@ -26,7 +26,7 @@ Leaving the ``with`` block normally runs ``check()``: no two runs overlapped, to
 register held (runs.py), no Traceback in any log. ``close()`` runs either way: it prints the logs' tails
 and the runs if the block raised, SIGKILLs every daemon and then every process carrying the cluster's
 tag until none is left, stops the monitor, closes the backend (namespaces, rules) and removes the
-temporary directory (``keep=True`` or PQTEST_KEEP=1 keeps it). With ``journal=True`` every start and
+temporary directory (unless PQTEST_KEEP=1). With ``journal=True`` every start and
 every ``note()`` is a line of ``faults.jsonl`` with the state after it: the netns checker's input.
 """
 
@@ -38,6 +38,7 @@ import os
 import random
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -76,8 +77,6 @@ def install_workload(path: Path) -> Path:
 
 def free_tcp_port() -> int:
     """A TCP port the kernel says is free (on every loopback address, as far as it can tell)."""
-    import socket
-
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
@@ -191,7 +190,6 @@ class Cluster(LocalCluster):
         journal: bool = False,
         launch: bool = True,
         check_on_exit: bool = True,
-        keep: bool = False,
         http: bool = False,
         config_file: bool = False,
     ) -> None:
@@ -220,7 +218,7 @@ class Cluster(LocalCluster):
         self.started_at: float | None = None
         self.ready_at: float | None = None
         self.launch, self.check_on_exit = launch, check_on_exit
-        self.keep = keep or os.environ.get("PQTEST_KEEP") == "1"
+        self.keep = os.environ.get("PQTEST_KEEP") == "1"
         self._control: dict[str, dict[str, Any]] = {"*": dict(workload or {})}
         self._depth = 0
         self._closed = False
@@ -525,8 +523,6 @@ class Cluster(LocalCluster):
 
     def restart(self, node: Node, *, wait: bool = True) -> None:
         """Start the node's daemon again (same address, state dir and log), after it exited."""
-        if node.running:
-            raise ValueError(f"{node} is still running")
         self.start([node], wait=wait)
 
     def kill_script(self, node: Node) -> float:

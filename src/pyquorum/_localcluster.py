@@ -43,6 +43,8 @@ LOOPBACK = "127.0.0.1"
 # Below the kernel's ephemeral range (32768-60999), where other tests' UDP clients take their ports,
 # and away from DEFAULT_PORT (the demo's).
 PORT_RANGE = (20000, 32000)
+# The Timing fields the daemon takes, by their config-file key (the flag is --key-with-dashes).
+TIMING_KEYS = ("heartbeat_interval", "election_timeout", "stop_timeout", "start_delay")
 
 
 def daemon_argv(
@@ -64,15 +66,8 @@ def daemon_argv(
     argv += ["-b", ip, "-p", port, "--state-dir", str(state_dir)]
     argv += ["-s", str(script)] if script else []
     argv += ["--key-file", str(key_file)] if key_file else []
-    if timing is not None:
-        t = timing
-        argv += [
-            "--heartbeat-interval",
-            repr(t.heartbeat_interval_s),
-            "--election-timeout",
-            repr(t.election_timeout_s),
-        ]
-        argv += ["--stop-timeout", repr(t.stop_timeout_s), "--start-delay", repr(t.start_delay_s)]
+    for key in TIMING_KEYS if timing is not None else ():
+        argv += ["--" + key.replace("_", "-"), repr(getattr(timing, f"{key}_s"))]
     return [*argv, *extra, *peers]
 
 
@@ -231,9 +226,9 @@ class LocalCluster:
         tag = {TAG_VAR: f"{self.tag}-h{node.index}"}
         return {**os.environ, "PYTHONPATH": os.pathsep.join(path), "PYTHONUNBUFFERED": "1", **self.env, **tag}
 
-    def spawn(self, node: Node, out: int | None = None) -> None:
-        """Start the node's daemon (again) in a session of its own, its output appended to its log
-        (or to ``out``). Its pid is its process group's id while it is our unreaped child."""
+    def spawn(self, node: Node) -> None:
+        """Start the node's daemon (again) in a session of its own, its output appended to its log.
+        Its pid is its process group's id while it is our unreaped child."""
         if node.running:
             raise ValueError(f"{node} is already running")
         node.incarnations += 1
@@ -245,7 +240,7 @@ class LocalCluster:
             node.proc = subprocess.Popen(
                 node.argv,
                 stdin=subprocess.DEVNULL,
-                stdout=log if out is None else out,
+                stdout=log,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
                 env=self.node_env(node),

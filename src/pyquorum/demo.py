@@ -22,7 +22,6 @@ import re
 import shutil
 import signal
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
@@ -30,17 +29,15 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 from types import FrameType
-from typing import IO, Any, TypeVar
+from typing import IO, TypeVar
 
 from pyquorum import keyfile
-from pyquorum._localcluster import LocalCluster, Node, alive, daemon_argv, free_udp_ports
+from pyquorum._localcluster import LOOPBACK, LocalCluster, Node, Status, alive, daemon_argv, free_udp_ports
 from pyquorum.core.address import DEFAULT_PORT
 from pyquorum.core.lease import Timing
 
 __all__ = ["SAMPLE_SCRIPT", "DemoFailed", "free_udp_ports", "run"]
 
-HOST = "127.0.0.1"
-PREFERRED_PORT = DEFAULT_PORT
 NODE_COUNT = 3
 # Generous bounds for a loaded laptop or CI runner; the default timing elects in about 1-2 s.
 ELECTION_WAIT_S = 30.0
@@ -89,7 +86,7 @@ def run(
     interval_s: float = 8.0,
     out: IO[str] | None = None,
     own_process: bool = False,
-    port: int = PREFERRED_PORT,
+    port: int = DEFAULT_PORT,
 ) -> int:
     """Run the demo until Ctrl-C, or until ``rounds`` failovers when ``rounds`` > 0. Returns 0 when
     every failover happened as expected, 1 otherwise. Always stops what it started. The nodes use
@@ -103,53 +100,52 @@ def run(
 
 class _Demo:
     def __init__(self, rounds: int, interval_s: float, out: IO[str], own_process: bool, port: int) -> None:
-        self.rounds = rounds
-        self.port = port
-        self.own_process = own_process
+        self.rounds, self.out, self.own_process = rounds, out, own_process
         self.interval_s = max(interval_s, 1.0)
         self.first_kill_after_s = min(5.0, self.interval_s)
-        self.out = out
-        self.out_lock = threading.Lock()
         self.t0 = time.monotonic()
         self.stopping = False
-        self.tmp: Path | None = None
-        self.cluster: LocalCluster | None = None
-        self.nodes: list[Node] = []
-        self.pumps: list[threading.Thread] = []
         self.problems: list[str] = []
         self.timing = Timing()
         self.rejoining: Node | None = None
-        self._commands: dict[str, list[str]] = {}
+        self.echoed: dict[Node, int] = {}  # how far each node's log has been searched for script lines
+        names = [f"{LOOPBACK}:{p}" for p in free_udp_ports(NODE_COUNT, port)]
+        tmp = Path(tempfile.mkdtemp(prefix="pyquorum-demo-"))  # main() removes it, whatever happens
+        self.cluster = LocalCluster(tmp, names, str(tmp), error=DemoFailed)
 
     # -- the story ---------------------------------------------------------------------------
 
     def main(self) -> int:
-        restore = self._install_signal_handlers()
+        # Signals only set a flag: the story notices within 0.1 s, and cleanup is bounded.
+        signals = (
+            (signal.SIGINT, signal.SIGTERM) if threading.current_thread() is threading.main_thread() else ()
+        )
+        previous = {sig: signal.signal(sig, self._on_signal) for sig in signals}
         if self.own_process:
             _set_child_subreaper(True)
         try:
             self._setup()
             self._story()
-            return 1 if self.problems else 0
         except _Stopped:
             self._say("stopping (Ctrl-C)")
-            return 1 if self.problems else 0
         except DemoFailed as exc:
             self._say(f"DEMO FAILED: {exc}")
             self._show_logs()
             return 1
         finally:
             self._cleanup()
-            restore()
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+        return 1 if self.problems else 0
 
     def _story(self) -> None:
         self._say(
-            f"starting {NODE_COUNT} pyquorum daemons on {HOST}, ports "
-            f"{', '.join(str(n.port) for n in self.nodes)} ({self.timing.describe()})"
+            f"starting {NODE_COUNT} pyquorum daemons on {LOOPBACK}, ports "
+            f"{', '.join(str(n.port) for n in self.cluster.nodes)} ({self.timing.describe()})"
         )
-        for node in self.nodes:
-            self._start(node)
-        master, status = self._wait_for(self._master, ELECTION_WAIT_S, "a first master")
+        for node in self.cluster.nodes:
+            self.cluster.spawn(node)
+        master, status = self._wait(self.cluster.master_status, "a first master")
         self._say(
             f"{master.name} is master (term {status['term']}), running the sample script "
             f"(pid {status['script_pid']})"
@@ -158,14 +154,14 @@ class _Demo:
         next_kill = time.monotonic() + self.first_kill_after_s
         while self.rounds == 0 or len(failovers) < self.rounds:
             self._sleep_until(next_kill)
-            master, status = self._wait_for(self._master, ELECTION_WAIT_S, "a master")
+            master, status = self._wait(self.cluster.master_status, "a master")
             t_kill = time.monotonic()
             failovers.append(self._failover(master, status))
             next_kill = t_kill + self.interval_s
         median = statistics.median(failovers)
         self._say(f"done: {len(failovers)} failover(s), median {median:.2f} s, worst {max(failovers):.2f} s")
 
-    def _failover(self, victim: Node, status: dict[str, Any]) -> float:
+    def _failover(self, victim: Node, status: Status) -> float:
         assert victim.proc is not None
         old_term, old_script = int(status["term"]), status.get("script_pid")
         self._say(
@@ -176,102 +172,65 @@ class _Demo:
         victim.expect_exit = True
         victim.proc.kill()
         victim.proc.wait()
-        script_gone_after: list[float] = []
+        gone_after: list[float] = []
 
-        def new_master() -> tuple[Node, dict[str, Any]] | None:
-            if not script_gone_after and not alive(old_script):
-                script_gone_after.append(time.monotonic() - t_kill)
-            found = self._master()
+        def new_master() -> tuple[Node, Status] | None:
+            if not gone_after and not alive(old_script):
+                gone_after.append(time.monotonic() - t_kill)
+            found = self.cluster.master_status()
             return found if found is not None and int(found[1]["term"]) > old_term else None
 
-        new, new_status = self._wait_for(new_master, ELECTION_WAIT_S, "another node to take over")
+        new, new_status = self._wait(new_master, "another node to take over")
         took = time.monotonic() - t_kill
         self._say(
             f"{new.name} took over after {took:.2f} s: term {new_status['term']}, script pid "
             f"{new_status['script_pid']}"
         )
         deadline = t_kill + self.timing.stop_timeout_s + RESTART_GRACE_S
-        while not script_gone_after and time.monotonic() < deadline:
+        while not gone_after and time.monotonic() < deadline:
             self._sleep(0.02)
             if not alive(old_script):
-                script_gone_after.append(time.monotonic() - t_kill)
-        if script_gone_after:
-            self._say(
-                f"the old script (pid {old_script}) was gone {script_gone_after[0]:.2f} s after the kill"
-            )
+                gone_after.append(time.monotonic() - t_kill)
+        if gone_after:
+            self._say(f"the old script (pid {old_script}) was gone {gone_after[0]:.2f} s after the kill")
         else:
             problem = f"the old script (pid {old_script}) still runs {deadline - t_kill:.1f} s after the kill"
             self.problems.append(problem)
             self._say(f"PROBLEM: {problem}")
-        self._start(victim)
+        self.cluster.spawn(victim)
         self._say(f"restarted {victim.name}")
         self.rejoining = victim
         return took
 
-    # -- set-up, processes, cleanup ----------------------------------------------------------
+    # -- set-up and cleanup ------------------------------------------------------------------
 
     def _setup(self) -> None:
-        self.tmp = Path(tempfile.mkdtemp(prefix="pyquorum-demo-"))
-        script = self.tmp / "sample-script"
+        script, key_file = self.cluster.dir / "sample-script", self.cluster.dir / "cluster.key"
         script.write_text(f"#!{sys.executable}\n{SAMPLE_SCRIPT}", encoding="utf-8")
         script.chmod(0o755)
-        key_file = self.tmp / "cluster.key"
         keyfile.keygen(key_file)
-        names = [f"{HOST}:{port}" for port in free_udp_ports(NODE_COUNT, self.port)]
-        self.cluster = LocalCluster(self.tmp, names, str(self.tmp), error=DemoFailed)
-        self.nodes = self.cluster.nodes
-        for node in self.nodes:
-            peers = [other for other in names if other != node.name]
+        for node in self.cluster.nodes:
+            peers = [other for other in self.cluster.members if other != node.name]
             node.argv = daemon_argv(node.name, peers, node.state_dir, script=script, key_file=key_file)
-        self._commands = {node.name: node.argv for node in self.nodes}
-
-    def _start(self, node: Node) -> None:
-        assert self.cluster is not None
-        self.cluster.spawn(node, subprocess.PIPE)
-        assert node.proc is not None and node.proc.stdout is not None
-        pump = threading.Thread(
-            target=self._pump, args=(node, node.proc.stdout), name=f"pump {node}", daemon=True
-        )
-        self.pumps.append(pump)
-        pump.start()
-
-    def _pump(self, node: Node, pipe: IO[bytes]) -> None:
-        # Runs until every writer of the pipe is gone: the daemon, its guard and its script.
-        with pipe, node.log_path.open("ab") as log:
-            for raw in pipe:
-                log.write(raw)
-                log.flush()
-                match = _SCRIPT_LINE.search(raw.decode("utf-8", "replace"))
-                if match:
-                    self._say(f"  script: {match.group(0)}")
+        self._commands = {node.name: node.argv for node in self.cluster.nodes}
 
     def _cleanup(self) -> None:
         self.stopping = True
-        if self.cluster is not None:
-            # SIGTERM first: each daemon stops its script and resigns, as in production.
-            self.cluster.stop(grace_s=self.timing.stop_timeout_s + RESTART_GRACE_S)
-            leftovers = self.cluster.sweep(timeout_s=3.0)
-            if leftovers:
-                self._say(f"killed {len(leftovers)} leftover process(es) of the demo")
-        for pump in self.pumps:
-            pump.join(timeout=2.0)
+        # SIGTERM first: each daemon stops its script and resigns, as in production.
+        self.cluster.stop(grace_s=self.timing.stop_timeout_s + RESTART_GRACE_S)
+        self._echo_script_lines()
+        if leftovers := self.cluster.sweep(timeout_s=3.0):
+            self._say(f"killed {len(leftovers)} leftover process(es) of the demo")
         if self.own_process:
             _reap_orphans()
             _set_child_subreaper(False)
-        if self.tmp is not None:
-            shutil.rmtree(self.tmp, ignore_errors=True)
-            self._say(f"stopped every process the demo started; removed {self.tmp}")
+        shutil.rmtree(self.cluster.dir, ignore_errors=True)
+        self._say(f"stopped every process the demo started; removed {self.cluster.dir}")
 
     # -- observing ---------------------------------------------------------------------------
 
-    def _master(self) -> tuple[Node, dict[str, Any]] | None:
-        """The node whose daemon says it is master and runs its script (highest term wins)."""
-        assert self.cluster is not None
-        return self.cluster.master_status()
-
-    def _wait_for(self, probe: Callable[[], T | None], timeout_s: float, what: str) -> T:
-        assert self.cluster is not None
-        return self.cluster.wait_for(probe, timeout_s, what, interval_s=0.02, sleep=self._sleep)
+    def _wait(self, probe: Callable[[], T | None], what: str) -> T:
+        return self.cluster.wait_for(probe, ELECTION_WAIT_S, what, interval_s=0.02, sleep=self._sleep)
 
     def _sleep_until(self, moment: float) -> None:
         while (left := moment - time.monotonic()) > 0:
@@ -280,48 +239,43 @@ class _Demo:
 
     def _note_rejoin(self) -> None:
         node = self.rejoining
-        if node is None or self.cluster is None:
-            return
-        status = self.cluster.status(node)
-        if status is None or status.get("master") in (None, node.name):
+        status = None if node is None else self.cluster.status(node)
+        if node is None or status is None or status.get("master") in (None, node.name):
             return
         self.rejoining = None
         role, master, term = status.get("role"), status["master"], status["term"]
         self._say(f"{node.name} rejoined as a {role}, following {master} (term {term})")
 
+    def _echo_script_lines(self) -> None:
+        # The daemons, guards and scripts all append to the node's log; only whole lines are searched.
+        for node in self.cluster.nodes:
+            with contextlib.suppress(OSError), node.log_path.open("rb") as log:
+                log.seek(self.echoed.get(node, 0))
+                text = log.read()
+                text = text[: text.rfind(b"\n") + 1]
+                self.echoed[node] = self.echoed.get(node, 0) + len(text)
+                for match in _SCRIPT_LINE.finditer(text.decode("utf-8", "replace")):
+                    self._say(f"  script: {match.group(0)}")
+
     def _sleep(self, seconds: float) -> None:
         if self.stopping:
             raise _Stopped
         time.sleep(seconds)
+        self._echo_script_lines()
         if self.stopping:
             raise _Stopped
 
     def _say(self, text: str) -> None:
-        with self.out_lock:
-            print(f"[{time.monotonic() - self.t0:6.1f}s] {text}", file=self.out, flush=True)
+        print(f"[{time.monotonic() - self.t0:6.1f}s] {text}", file=self.out, flush=True)
 
     def _show_logs(self, lines: int = 15) -> None:
-        for node in self.nodes:
-            with contextlib.suppress(OSError):
-                tail = node.log_path.read_text(encoding="utf-8", errors="replace").splitlines()[-lines:]
-                self._say(f"last lines of {node.name}'s log:")
-                for line in tail:
-                    print(f"    {line}", file=self.out, flush=True)
+        for node in self.cluster.nodes:
+            self._say(f"last lines of {node.name}'s log:")
+            for line in self.cluster.log(node).splitlines()[-lines:]:
+                print(f"    {line}", file=self.out, flush=True)
 
-    def _install_signal_handlers(self) -> Callable[[], None]:
-        if threading.current_thread() is not threading.main_thread():
-            return lambda: None
-
-        def on_signal(signum: int, frame: FrameType | None) -> None:
-            self.stopping = True  # the main loop notices within 0.1 s; cleanup is bounded
-
-        previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
-
-        def restore() -> None:
-            for sig, handler in previous.items():
-                signal.signal(sig, handler)
-
-        return restore
+    def _on_signal(self, signum: int, frame: FrameType | None) -> None:
+        self.stopping = True
 
 
 def _set_child_subreaper(on: bool) -> None:

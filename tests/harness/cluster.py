@@ -26,7 +26,7 @@ Leaving the ``with`` block normally runs ``check()``: no two runs overlapped, to
 register held (runs.py), no Traceback in any log. ``close()`` runs either way: it prints the logs' tails
 and the runs if the block raised, SIGKILLs every daemon and then every process carrying the cluster's
 tag until none is left, stops the monitor, closes the backend (namespaces, rules) and removes the
-temporary directory (``keep=True`` or PQTEST_KEEP=1 keeps it). With ``journal=True`` every start and
+temporary directory (unless PQTEST_KEEP=1). With ``journal=True`` every start and
 every ``note()`` is a line of ``faults.jsonl`` with the state after it: the netns checker's input.
 """
 
@@ -38,6 +38,7 @@ import os
 import random
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -48,7 +49,7 @@ from types import TracebackType
 from typing import Any
 
 from pyquorum import keyfile as keyfiles
-from pyquorum._localcluster import LocalCluster, Node, daemon_argv, free_udp_port
+from pyquorum._localcluster import TIMING_KEYS, LocalCluster, Node, daemon_argv, free_udp_port
 from pyquorum.core.lease import Timing
 from tests.harness.procfs import alive, cmdline, freeze, signal_all, stopped, tagged_pids, wait_until
 from tests.harness.runs import RECORD, REGISTER, Run, check_runs, read_register, start_monitor
@@ -76,8 +77,6 @@ def install_workload(path: Path) -> Path:
 
 def free_tcp_port() -> int:
     """A TCP port the kernel says is free (on every loopback address, as far as it can tell)."""
-    import socket
-
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
@@ -166,10 +165,7 @@ class Netns(Backend):
 
 
 def _roles(pids: dict[int, str]) -> str:
-    return (
-        ", ".join(f"{role} {pid}" for pid, role in sorted(pids.items(), key=lambda item: item[1]))
-        or "nothing"
-    )
+    return ", ".join(f"{role} {pid}" for role, pid in sorted((r, p) for p, r in pids.items())) or "nothing"
 
 
 class Cluster(LocalCluster):
@@ -194,7 +190,6 @@ class Cluster(LocalCluster):
         journal: bool = False,
         launch: bool = True,
         check_on_exit: bool = True,
-        keep: bool = False,
         http: bool = False,
         config_file: bool = False,
     ) -> None:
@@ -204,7 +199,7 @@ class Cluster(LocalCluster):
         directory = directory or Path(tempfile.mkdtemp(prefix="pyquorum-cluster-"))
         directory.mkdir(parents=True, exist_ok=True)
         super().__init__(directory, addresses, backend.tag(), error=ClusterError)
-        self.script = directory / "workload" if script is True else script or None
+        self.script = install_workload(directory / "workload") if script is True else script or None
         self.with_script = self.script is not None
         if keys is True:
             keyfiles.keygen(keys := directory / "cluster.key")
@@ -223,12 +218,10 @@ class Cluster(LocalCluster):
         self.started_at: float | None = None
         self.ready_at: float | None = None
         self.launch, self.check_on_exit = launch, check_on_exit
-        self.keep = keep or os.environ.get("PQTEST_KEEP") == "1"
+        self.keep = os.environ.get("PQTEST_KEEP") == "1"
         self._control: dict[str, dict[str, Any]] = {"*": dict(workload or {})}
         self._depth = 0
         self._closed = False
-        if self.script is not None and script is True:
-            install_workload(self.script)
         self._write_control()
         self._set_argv()
         self.monitor = start_monitor(directory)
@@ -261,16 +254,12 @@ class Cluster(LocalCluster):
 
     def config_values(self, node: Node, key_file: Path | None = None) -> dict[str, Any]:
         """What the node's --config file holds: every option the command line would have had."""
-        t: Timing = self.options["timing"]
         values: dict[str, Any] = {
             "bind": node.ip,
             "port": node.port,
             "peers": [p for p in self.members if p != node.name],
             "state_dir": str(node.state_dir),
-            "heartbeat_interval": t.heartbeat_interval_s,
-            "election_timeout": t.election_timeout_s,
-            "stop_timeout": t.stop_timeout_s,
-            "start_delay": t.start_delay_s,
+            **{key: getattr(self.timing, f"{key}_s") for key in TIMING_KEYS},
             "log_level": ["warning", "info", "debug"][min(2, self.options["verbosity"])],
         }
         if self.script is not None:
@@ -389,14 +378,12 @@ class Cluster(LocalCluster):
         self, timeout_s: float = DEFAULT_WAIT_S, *, after: float = 0.0, node: Node | None = None
     ) -> Run:
         """The first run that started after ``after`` (a ``time.monotonic()``), on ``node`` if given."""
-
-        def probe() -> Run | None:
-            return next(
-                (r for r in self.runs() if r.start > after and node in (None, self.node(r.node))), None
-            )
-
         return self.wait_for(
-            probe, timeout_s, f"script run after {after:.3f}" + (f" on {node}" if node else "")
+            lambda: next(
+                (r for r in self.runs() if r.start > after and node in (None, self.node(r.node))), None
+            ),
+            timeout_s,
+            f"script run after {after:.3f}" + (f" on {node}" if node else ""),
         )
 
     def running(self, *, exclude: Iterable[Node] = (), after: float = 0.0) -> Node | None:
@@ -439,17 +426,9 @@ class Cluster(LocalCluster):
         tag, script = f"{self.tag}-h{node.index}", str(self.script).encode()
         roles = {}
         for pid in (p for p, t in tagged_pids(tag).items() if t == tag):
-            cmd = cmdline(pid)
-            daemon = node.proc is not None and pid == node.proc.pid
-            roles[pid] = (
-                "daemon"
-                if daemon
-                else "guard"
-                if b"guard.py" in cmd
-                else "script"
-                if script in cmd
-                else "other"
-            )
+            cmd, daemon = cmdline(pid), node.proc is not None and pid == node.proc.pid
+            is_a = {"daemon": daemon, "guard": b"guard.py" in cmd, "script": script in cmd}  # first wins
+            roles[pid] = next((role for role, yes in is_a.items() if yes), "other")
         return roles
 
     def up(self) -> list[Node]:
@@ -485,9 +464,6 @@ class Cluster(LocalCluster):
         if not ok:
             raise FaultFailed(evidence)
 
-    def _freeze(self, node: Node) -> dict[int, str]:
-        return freeze(lambda: self.processes(node))
-
     def crash(self, node: Node, *, host: bool = False) -> float:
         """kill -9 of the node's daemon (its guard then stops the script, protocol.md §4.4), or with
         ``host`` of the whole host: every process of the node frozen, then all killed at one moment."""
@@ -495,15 +471,13 @@ class Cluster(LocalCluster):
             raise FaultFailed(f"{node} does not run")
         node.expect_exit = True
         self.paused.pop(node.name, None)
-        victims = self._freeze(node) if host else {node.pid: "daemon"}
+        victims = freeze(lambda: self.processes(node)) if host else {node.pid: "daemon"}
         t = time.monotonic()
         signal_all(victims, signal.SIGKILL)
         code = node.proc.wait(10.0)  # type: ignore[union-attr]
         if host:
             ok = bool(victims) and wait_until(victims, "gone") and not self.processes(node)
-            self._done(
-                ok, f"froze then SIGKILLed {_roles(victims)}: " + ("all gone" if ok else "NOT all gone")
-            )
+            self._done(ok, f"froze then SIGKILLed {_roles(victims)}: {'all' if ok else 'NOT all'} gone")
         else:
             self._done(code == -signal.SIGKILL, f"SIGKILLed daemon {node.pid}: exit status {code}")
         return t
@@ -512,7 +486,7 @@ class Cluster(LocalCluster):
         """SIGSTOP the node's daemon (its guard and script run on), or with ``host`` every process of
         the node: a VM pause (protocol.md §4.5)."""
         t = time.monotonic()
-        victims = self._freeze(node) if host else {node.pid: "daemon"}
+        victims = freeze(lambda: self.processes(node)) if host else {node.pid: "daemon"}
         signal_all(victims, signal.SIGSTOP)
         self.paused[node.name] = host
         ok = bool(victims) and wait_until(victims, "stopped", 2.0) and any(stopped(p) for p in victims)
@@ -549,8 +523,6 @@ class Cluster(LocalCluster):
 
     def restart(self, node: Node, *, wait: bool = True) -> None:
         """Start the node's daemon again (same address, state dir and log), after it exited."""
-        if node.running:
-            raise ValueError(f"{node} is still running")
         self.start([node], wait=wait)
 
     def kill_script(self, node: Node) -> float:

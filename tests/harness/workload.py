@@ -99,8 +99,10 @@ class _Workload:
         self.stopping = True  # a flag, not an exception: a register write is never cut in half
 
     def run(self) -> int:
-        self.line(f"start cluster={self.cluster}", T0)
+        # The handler before the start line: a test that saw the line may SIGTERM the run at once
+        # and expect the term and exit lines (a run killed by the default action writes neither).
         signal.signal(signal.SIGTERM, self.on_term)
+        self.line(f"start cluster={self.cluster}", T0)
         while not self.stopping:
             if self.control:
                 self.reload()

@@ -212,7 +212,6 @@ class _Demo:
         for node in self.cluster.nodes:
             peers = [other for other in self.cluster.members if other != node.name]
             node.argv = daemon_argv(node.name, peers, node.state_dir, script=script, key_file=key_file)
-        self._commands = {node.name: node.argv for node in self.cluster.nodes}
 
     def _cleanup(self) -> None:
         self.stopping = True

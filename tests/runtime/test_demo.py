@@ -71,8 +71,8 @@ def test_demo_fails_clearly_and_cleans_up_when_a_daemon_dies(
 
     def setup_with_dying_daemons(self: demo._Demo) -> None:
         original_setup(self)
-        for command in self._commands.values():
-            command[:] = [sys.executable, "-c", "print('daemon exploded'); raise SystemExit(3)"]
+        for node in self.cluster.nodes:
+            node.argv = [sys.executable, "-c", "print('daemon exploded'); raise SystemExit(3)"]
 
     monkeypatch.setattr(demo._Demo, "_setup", setup_with_dying_daemons)
     out = io.StringIO()

@@ -63,7 +63,7 @@ import pyquorum
 from pyquorum.core.lease import Timing
 from pyquorum.runtime.storage import PersistedState, StateStore
 from tests.harness.cluster import Cluster, ClusterError, Loopback, Node
-from tests.harness.procfs import cmdline, descendants, rss_mb, stat
+from tests.harness.procfs import cmdline, cpu_ns, descendants, rss_mb, stat
 from tests.timing import DEFAULT
 
 SIZES = (3, 5, 7, 15, 25, 51, 101)
@@ -82,11 +82,6 @@ def pss_mb(pid: int) -> float:
         if line.startswith("Pss:"):
             return int(line.split()[1]) / 1024.0
     raise ProcessLookupError(pid)
-
-
-def cpu_ns(pid: int) -> int:
-    """On-CPU time of ``pid`` so far, in nanoseconds (the first field of /proc/<pid>/schedstat)."""
-    return int(Path(f"/proc/{pid}/schedstat").read_text().split()[0])
 
 
 def ticks(pid: int) -> int:

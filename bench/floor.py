@@ -88,11 +88,6 @@ def serve(
     loop.run_forever()
 
 
-def cpu_ns(pid: int) -> int:
-    """On-CPU time of ``pid`` so far, in nanoseconds (as bench/cost.py reads it)."""
-    return int(Path(f"/proc/{pid}/schedstat").read_text().split()[0])
-
-
 def measure(windows: int, window_s: float, interval_s: float, runtime: str) -> dict[str, tuple[float, float]]:
     """Start the three processes, let them settle, and return role -> (median CPU %, RSS MB)."""
     import random
@@ -100,7 +95,7 @@ def measure(windows: int, window_s: float, interval_s: float, runtime: str) -> d
     import subprocess
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from tests.harness.procfs import rss_mb
+    from tests.harness.procfs import cpu_ns, rss_mb
 
     base = random.randrange(10, 240)
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:

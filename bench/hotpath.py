@@ -42,6 +42,7 @@ from collections import Counter
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from pyquorum import keyfile
@@ -50,6 +51,7 @@ from pyquorum.core.lease import Timing
 from pyquorum.core.messages import Heartbeat, HeartbeatResponse, Message, PreVoteResponse, VoteResponse
 from pyquorum.core.node import HardState, Node
 from pyquorum.wire import Deliver, Endpoint, Handshake, KeyRing, Reject, cluster_fingerprint
+from tests.harness.procfs import cpu_ns
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -167,10 +169,6 @@ def master_path(keyring: KeyRing | None, count: int) -> list[int]:
 
 
 # ---- a real daemon ---------------------------------------------------------------------------------
-
-
-def cpu_ns(pid: int) -> int:
-    return int(Path(f"/proc/{pid}/schedstat").read_text().split()[0])
 
 
 def user_system_ticks(pid: int) -> tuple[int, int]:
